@@ -1,0 +1,165 @@
+"""Command line: argv -> config -> Daemon. Exit codes: 0 ok, 1 runtime failure, 2 bad configuration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .config import (
+    PASSWORD_ENV,
+    DaemonConfig,
+    load_daemon_config,
+    load_stations,
+    looks_like_daemon_config,
+)
+from .errors import ConfigError, RadioError
+from .model import DEFAULT_MODEL, DTYPES
+
+logger = logging.getLogger("radio")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:8000")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="radio", description="Endless MusicGen radio for Icecast.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the station daemon")
+    run.add_argument("--config", help="daemon config YAML (flags override it)")
+    run.add_argument("--stations", help="directory of station YAML files (default: stations)")
+    run.add_argument("--model", help=f"hub id or local checkpoint directory (default: {DEFAULT_MODEL})")
+    run.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    run.add_argument("--dtype", choices=DTYPES, help="decoder dtype (default: auto)")
+    run.add_argument("--seed", type=int, help="sampling seed, for reproducible runs")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--icecast", type=_host_port, metavar="HOST:PORT", help="an existing Icecast server")
+    where.add_argument("--local-icecast", action="store_true", help="start our own icecast2 on loopback")
+    run.add_argument("--port", type=int, help="port for --local-icecast (default 8000, or a free one)")
+    run.add_argument("--icecast-xml", help="icecast.xml template for --local-icecast (default: the repository's)")
+    run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    check = sub.add_parser("check", help="validate station files/directories and daemon configs")
+    check.add_argument("paths", nargs="*", default=["stations"], help="files or directories (default: stations)")
+
+    make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
+    make.add_argument("dir")
+    make.add_argument("--shape", choices=("tiny", "small"), default="tiny")
+    make.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_check(paths: list[str]) -> int:
+    problems: list[str] = []
+    station_paths: list[Path] = []
+    checked = 0
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file() and looks_like_daemon_config(path):
+            checked += 1
+            try:
+                load_daemon_config(path)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        else:
+            station_paths.append(path)
+    stations, station_problems = load_stations(station_paths)
+    problems.extend(station_problems)
+    checked += len(stations)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"ok: {checked} file(s), {len(stations)} station(s)")
+    return EXIT_OK
+
+
+def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    cfg = load_daemon_config(args.config)
+    icecast = cfg.icecast
+    if args.icecast:
+        icecast = replace(icecast, host=args.icecast[0], port=args.icecast[1], local=False)
+    if args.local_icecast:
+        icecast = replace(icecast, local=True, port=args.port or (icecast.port if args.config else 8000))
+    elif args.port:
+        icecast = replace(icecast, port=args.port)
+    cfg = replace(
+        cfg,
+        stations_dir=args.stations or cfg.stations_dir,
+        model=args.model or cfg.model,
+        device=args.device or cfg.device,
+        dtype=args.dtype or cfg.dtype,
+        seed=args.seed if args.seed is not None else cfg.seed,
+        log_level=args.log_level or cfg.log_level,
+        icecast=icecast,
+    )
+    if not icecast.local and not icecast.password:
+        raise ConfigError([f"icecast.password: no source password for {icecast.host}:{icecast.port}; set "
+                           f"{PASSWORD_ENV}, or icecast.password_file in the config, or use --local-icecast"])
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon  # torch and transformers load only when running
+
+    try:
+        cfg = _daemon_config(args)
+    except ConfigError as exc:
+        _setup_logging("INFO")
+        for line in exc.problems:
+            logger.error("%s", line)
+        return EXIT_CONFIG
+    _setup_logging(cfg.log_level)
+    if not Path(cfg.stations_dir).is_dir():
+        logger.error("%s: stations: not a directory; pass --stations DIR", cfg.stations_dir)
+        return EXIT_CONFIG
+    stations, problems = load_stations([cfg.stations_dir])
+    for line in problems:
+        logger.error("%s (station skipped)", line)
+    if not stations:
+        logger.error("%s: no valid station to run; fix the files above or add one (see README)", cfg.stations_dir)
+        return EXIT_CONFIG
+    daemon = Daemon(cfg, stations, icecast_xml=args.icecast_xml)
+    try:
+        daemon.run()
+    except RadioError as exc:
+        logger.error("%s", exc)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.paths)
+    if args.command == "make-test-model":
+        _setup_logging("INFO")
+        from .testing import make_test_model
+
+        out = make_test_model(args.dir, shape=args.shape, seed=args.seed)
+        print(out)
+        return EXIT_OK
+    if args.command == "run":
+        return cmd_run(args)
+    return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Lifecycle: model -> (local Icecast) -> engine and stations -> mounts; stop in reverse, in ``finally``.
+
+Signal handlers only set a flag. Startup happens in a fixed order; a fatal startup error raises one of our
+exceptions, which the CLI turns into one log line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+from .config import DaemonConfig, StationConfig
+from .engine import Engine
+from .errors import RadioError
+from .localicecast import LocalIcecast, find_icecast_xml, free_port
+from .model import MusicModel, MusicgenModel
+from .mount import Mount
+from .station import Station
+
+logger = logging.getLogger(__name__)
+
+ModelFactory = Callable[[DaemonConfig], MusicModel]
+
+
+def load_model(cfg: DaemonConfig) -> MusicModel:
+    return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+
+
+class Daemon:
+    """Owns every running part. ``start``/``stop`` may be used directly (tests); ``run`` blocks until a signal."""
+
+    def __init__(self, config: DaemonConfig, stations: list[StationConfig], model_factory: ModelFactory = load_model,
+                 icecast_xml: str | None = None, stop_deadline: float = 5.0) -> None:
+        self.config = config
+        self.station_configs = stations
+        self.model_factory = model_factory
+        self.icecast_xml = icecast_xml
+        self.stop_deadline = stop_deadline
+        self.model: MusicModel | None = None
+        self.local_icecast: LocalIcecast | None = None
+        self.engine: Engine | None = None
+        self.stations: dict[str, Station] = {}
+        self.mounts: dict[str, Mount] = {}
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        self.model = self.model_factory(cfg)
+        if cfg.icecast.local:
+            self._start_local_icecast()
+        self.engine = Engine(self.model, cfg.engine)
+        rng = random.Random(cfg.seed)
+        for sc in self.station_configs:
+            self.add_station(sc, rng)
+        self.engine.start()
+        for m in self.mounts.values():
+            m.start()
+        base = f"http://{self.config.icecast.host}:{self.config.icecast.port}"
+        for m in self.mounts.values():
+            logger.info("listen: %s%s  (%s)", base, m.mount, m.station.config.name)
+
+    def _start_local_icecast(self) -> None:
+        ic = self.config.icecast
+        port = ic.port
+        if port == 8000 or not port:
+            try:
+                import socket
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port or 8000))
+            except OSError:
+                port = free_port()
+                logger.info("port %d is taken; local Icecast uses %d instead", ic.port, port)
+        self.local_icecast = LocalIcecast(template=find_icecast_xml(self.icecast_xml), port=port,
+                                          source_password=ic.password or None,
+                                          admin_password=ic.admin_password or None,
+                                          min_sources=len(self.station_configs) + 8)
+        self.local_icecast.start()
+        self.config = replace(self.config, icecast=replace(ic, host="127.0.0.1", port=self.local_icecast.port,
+                                                           user="source",
+                                                           password=self.local_icecast.source_password))
+
+    def add_station(self, sc: StationConfig, rng: random.Random | None = None) -> Station:
+        if self.model is None or self.engine is None:
+            raise RadioError("daemon not started")
+        station = Station(sc, self.model.sample_rate, self.model.frame_rate, self.model.num_codebooks,
+                          self.config.engine, rng=random.Random((rng or random.Random()).random()))
+        self.stations[station.key] = station
+        self.engine.add_station(station)
+        self.mounts[station.key] = Mount(station, self.config.icecast)
+        return station
+
+    def stop(self) -> None:
+        """Reverse order: mounts (ffmpeg, shout) -> engine -> local Icecast."""
+        deadline = time.monotonic() + self.stop_deadline
+        threads = [threading.Thread(target=m.stop, args=(2.0,), daemon=True) for m in self.mounts.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        if self.engine is not None:
+            self.engine.stop(timeout=max(0.1, deadline - time.monotonic()))
+        if self.local_icecast is not None:
+            self.local_icecast.cleanup()
+        logger.info("stopped")
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self, status_every: float = 60.0) -> None:
+        """Start, serve until SIGINT/SIGTERM, stop. Exceptions propagate after everything is stopped."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
+        try:
+            self.start()
+            next_status = time.monotonic() + status_every
+            while not self._stop.wait(1.0):
+                if time.monotonic() >= next_status:
+                    self.log_status()
+                    next_status += status_every
+        finally:
+            self.stop()
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        return {
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+            "engine": self.engine.status() if self.engine else {},
+            "stations": [
+                {**st.status(), **(self.mounts[k].status() if k in self.mounts else {})}
+                for k, st in self.stations.items()
+            ],
+        }
+
+    def log_status(self) -> None:
+        for st in self.stations.values():
+            s = st.status()
+            logger.info("%s: buffered %.1fs, generated %.0fs, filled %.1fs, now %r", s["mount"],
+                        s["buffered_seconds"], s["generated_seconds"], s["filled_seconds"], s["now_playing"])

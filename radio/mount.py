@@ -1,0 +1,110 @@
+"""One mount's pipeline: Station queue --real time--> Encoder --> IcecastOutput.
+
+The feeder thread is the mount's clock: it hands the encoder 100 ms blocks, never more than ``lead`` seconds
+ahead of wall time, and never bursts to catch up after being blocked (e.g. while Icecast was away). The
+station fills any block it cannot serve (see ``Station.read``), so the encoder, and Icecast, never starve.
+Now-playing titles travel with the audio: they are announced when their first sample reaches the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .config import IcecastConfig
+from .encoder import Encoder
+from .icecast import IcecastOutput
+from .station import Station
+
+logger = logging.getLogger(__name__)
+
+
+class Mount:
+    """Feeds one station to one Icecast mount."""
+
+    def __init__(self, station: Station, server: IcecastConfig, block_seconds: float = 0.1,
+                 lead_seconds: float = 0.5) -> None:
+        self.station = station
+        self.server = server
+        cfg = station.config
+        self.sample_rate = station.sample_rate
+        self.block = max(1, int(block_seconds * self.sample_rate))
+        self.lead = lead_seconds
+        self.encoder = Encoder(cfg.mount, cfg.format, cfg.bitrate, self.sample_rate, station=cfg.name)
+        self.output = IcecastOutput(server, cfg, self.encoder, self.sample_rate, on_connect=self._on_connect)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.media_seconds = 0.0
+        self.started_wall: float | None = None
+
+    @property
+    def mount(self) -> str:
+        return self.station.mount
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"feed{self.mount}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop feeding, let ffmpeg flush, close the shout connection."""
+        self._stop.set()
+        self.encoder.close(timeout=1.0)  # also unblocks a feeder stuck writing to a full pipe
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.output.stop(timeout)
+
+    def _on_connect(self, connects: int) -> None:
+        # A new source connection must begin with the Ogg headers: start a fresh logical stream.
+        if connects > 1 and self.encoder.chainable:
+            self.encoder.restart("new Icecast connection needs fresh Ogg headers", title=self.output.title)
+
+    def _run(self) -> None:
+        # Go on air only once the station has real audio: its first chunk is short, so this is seconds.
+        while not self.station.has_audio:
+            if self._stop.wait(0.05):
+                return
+        pcm, titles = self.station.read(self.block)
+        title = titles[-1] if titles else self.station.playlist.current.title
+        self.output.title = title
+        self.encoder.start(title)
+        self.output.start()
+        logger.info("%s: on air (%s %d kbit/s)", self.mount, self.station.config.format, self.station.config.bitrate)
+        self.encoder.write(pcm)
+        sent = len(pcm)
+        t0 = time.monotonic()
+        self.started_wall = t0
+        while not self._stop.is_set():
+            ahead = sent / self.sample_rate - (time.monotonic() - t0)
+            if ahead > self.lead:
+                self._stop.wait(ahead - self.lead)
+                continue
+            if ahead < -1.0:
+                # We were blocked (Icecast away, pipes full): resume at real time, do not burst.
+                t0 = time.monotonic() - sent / self.sample_rate
+            pcm, titles = self.station.read(self.block)
+            for t in titles:
+                self._announce(t)
+            self.encoder.write(pcm)
+            sent += len(pcm)
+            self.media_seconds = sent / self.sample_rate
+
+    def _announce(self, title: str) -> None:
+        if self.station.config.format == "opus":
+            # Icecast 2.4 refuses metadata updates for Opus: start a new chained Ogg stream with the title.
+            self.output.title = title
+            self.encoder.rotate(title)
+            logger.info("%s: now playing %r (in-stream)", self.mount, title)
+        else:
+            self.output.set_title(title)
+
+    def status(self) -> dict[str, object]:
+        s = self.output.stats
+        return {
+            "connected": s.connected,
+            "reconnects": s.reconnects,
+            "encoder_restarts": self.encoder.restarts,
+            "bytes_sent": s.bytes_sent,
+            "last_error": s.last_error,
+            "media_seconds": round(self.media_seconds, 1),
+        }

@@ -1,0 +1,269 @@
+"""One station's runtime state: playlist cursor, code context, PCM queue with now-playing marks, filler.
+
+Two threads touch a station: the engine (``push``, ``append_codes``, playlist advance) and the mount's
+feeder (``read``). Everything shared sits behind one lock; no method blocks for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import EngineConfig, PlaylistItem, StationConfig
+from .dsp import equal_power_crossfade
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Segment:
+    pcm: np.ndarray
+    title: str | None  # set on the segment that starts a playlist item
+    pos: int = 0
+
+
+class Playlist:
+    """Cycles or shuffles items; shuffle never plays the same item twice in a row."""
+
+    def __init__(self, items: tuple[PlaylistItem, ...], order: str, rng: random.Random) -> None:
+        self.items = items
+        self.order = order
+        self.rng = rng
+        self.index = 0 if order == "cycle" else rng.randrange(len(items))
+        self.upcoming = self._pick_next()
+
+    def _pick_next(self) -> int:
+        n = len(self.items)
+        if n == 1:
+            return 0
+        if self.order == "cycle":
+            return (self.index + 1) % n
+        choice = self.rng.randrange(n - 1)
+        return choice if choice < self.index else choice + 1
+
+    @property
+    def current(self) -> PlaylistItem:
+        return self.items[self.index]
+
+    @property
+    def next(self) -> PlaylistItem:
+        return self.items[self.upcoming]
+
+    def advance(self) -> PlaylistItem:
+        self.index = self.upcoming
+        self.upcoming = self._pick_next()
+        return self.current
+
+
+class Station:
+    """Runtime state of one station. ``config`` is replaced only by ``apply_config`` (live edits)."""
+
+    def __init__(self, config: StationConfig, sample_rate: int, frame_rate: int, num_codebooks: int,
+                 engine: EngineConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.sample_rate = sample_rate
+        self.frame_rate = frame_rate
+        self.engine_cfg = engine
+        self._lock = threading.Lock()
+        self._rng = rng or random.Random()
+        self.playlist = Playlist(config.playlist, config.order, self._rng)
+        self.codes = np.zeros((num_codebooks, 0), dtype=np.int64)
+        self.context_frames = int(engine.context_seconds * frame_rate)
+        self.frames_in_item = 0
+        self._pending_title: str | None = self.playlist.current.title
+        self._queue: deque[_Segment] = deque()
+        self._queued = 0  # samples in _queue
+        self._reserve = max(1, int(engine.crossfade_ms / 1000 * sample_rate))
+        self._history = np.zeros(0, dtype=np.float32)  # last real audio handed out, for filler
+        self._history_len = int(engine.filler_seconds * sample_rate) + self._reserve
+        self._filler: np.ndarray | None = None
+        self._filler_pos = 0
+        self.now_playing: str | None = None
+        self.started_at: float | None = None
+        # counters for status and metrics
+        self.generated_samples = 0
+        self.filled_samples = 0
+        self.underruns = 0
+        self.chunks = 0
+
+    # -- identity --------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.config.key
+
+    @property
+    def mount(self) -> str:
+        return self.config.mount
+
+    # -- engine side -----------------------------------------------------------------------------------------
+    @property
+    def buffered_seconds(self) -> float:
+        with self._lock:
+            return self._queued / self.sample_rate
+
+    @property
+    def has_audio(self) -> bool:
+        return self.chunks > 0
+
+    def needs_audio(self) -> bool:
+        return self.buffered_seconds < self.engine_cfg.buffer_seconds
+
+    @property
+    def prompt(self) -> str:
+        return self.playlist.current.prompt
+
+    def context(self) -> np.ndarray:
+        return self.codes
+
+    def append_codes(self, new: np.ndarray) -> None:
+        """Keep the last ``context_seconds`` of codes; count frames into the current playlist item."""
+        self.codes = np.concatenate([self.codes, new], axis=1)[:, -self.context_frames:]
+        self.frames_in_item += new.shape[1]
+        if self.frames_in_item >= self.playlist.current.duration * self.frame_rate:
+            self.next_item()
+
+    def next_item(self) -> None:
+        """Move generation to the next item. The code context stays: the music segues into the new prompt."""
+        item = self.playlist.advance()
+        self.frames_in_item = 0
+        self._pending_title = item.title
+        logger.info("%s: next item %r", self.mount, item.title)
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Queue freshly generated PCM (already joined); it carries the item title if it starts one."""
+        if not len(pcm):
+            return
+        with self._lock:
+            self._queue.append(_Segment(np.asarray(pcm, dtype=np.float32), self._pending_title))
+            self._pending_title = None
+            self._queued += len(pcm)
+            self.generated_samples += len(pcm)
+            self.chunks += 1
+
+    # -- listener side ---------------------------------------------------------------------------------------
+    def read(self, n: int) -> tuple[np.ndarray, list[str]]:
+        """Exactly ``n`` samples for the encoder, and the titles that start within them.
+
+        When the queue runs dry the station plays *filler*: a loop of its recent real audio, entered and left
+        with equal-power crossfades, so a slow generator never causes dead air. Filled time is counted.
+        """
+        out: list[np.ndarray] = []
+        titles: list[str] = []
+        need = n
+        with self._lock:
+            if self.started_at is None:
+                self.started_at = time.monotonic()
+            while need > 0:
+                if self._filler is not None:
+                    if self._queued >= 2 * self._reserve:
+                        out.append(self._leave_filler(titles))
+                        need -= self._reserve
+                        continue
+                    take = self._filler_take(need)
+                    self.filled_samples += len(take)
+                    out.append(take)
+                    need -= len(take)
+                elif self._queued > self._reserve:
+                    take = self._take(min(need, self._queued - self._reserve), titles)
+                    self._remember(take)
+                    out.append(take)
+                    need -= len(take)
+                else:
+                    self._enter_filler(titles)
+        pcm = np.concatenate(out) if out else np.zeros(0, np.float32)
+        if len(pcm) > n:  # the exit crossfade may overshoot by < one reserve; keep it for next time
+            extra = pcm[n:]
+            with self._lock:
+                self._history = self._history[: len(self._history) - len(extra)]
+                self._queue.appendleft(_Segment(extra.copy(), None))
+                self._queued += len(extra)
+            pcm = pcm[:n]
+        return pcm, titles
+
+    def _take(self, n: int, titles: list[str]) -> np.ndarray:
+        parts = []
+        while n > 0 and self._queue:
+            seg = self._queue[0]
+            if seg.pos == 0 and seg.title is not None:
+                titles.append(seg.title)
+                self.now_playing = seg.title
+            k = min(n, len(seg.pcm) - seg.pos)
+            parts.append(seg.pcm[seg.pos: seg.pos + k])
+            seg.pos += k
+            n -= k
+            self._queued -= k
+            if seg.pos >= len(seg.pcm):
+                self._queue.popleft()
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def _remember(self, pcm: np.ndarray) -> None:
+        self._history = np.concatenate([self._history, pcm])[-self._history_len:]
+
+    def _enter_filler(self, titles: list[str]) -> None:
+        reserve = self._take(self._queued, titles)  # what is left: at most one reserve
+        self.underruns += 1
+        history = np.concatenate([self._history, reserve])
+        xf = self._reserve
+        if len(history) < 4 * xf:
+            # Nothing played yet: silence is all that exists. It still counts as filled time.
+            self._filler = np.zeros(self.sample_rate // 10, dtype=np.float32)
+            self._filler_pos = 0
+            if len(reserve):
+                self._filler[: len(reserve)] = reserve
+            logger.debug("%s: no audio yet, filling with silence", self.mount)
+            return
+        # One loop cycle: the loop's wrap point crossfades its end into its start, so it repeats seamlessly;
+        # the entry is that same crossfade, starting from the real audio we were about to run out of.
+        cycle = np.concatenate([equal_power_crossfade(history[-xf:], history[:xf]), history[xf:-xf]])
+        self._filler = cycle.astype(np.float32)
+        self._filler_pos = 0
+        logger.info("%s: generator behind real time, filling from the last %.1f s", self.mount,
+                    len(history) / self.sample_rate)
+
+    def _filler_take(self, n: int) -> np.ndarray:
+        if self._filler is None:
+            raise RuntimeError("filler read while not filling")
+        parts = []
+        while n > 0:
+            k = min(n, len(self._filler) - self._filler_pos)
+            parts.append(self._filler[self._filler_pos: self._filler_pos + k])
+            self._filler_pos = (self._filler_pos + k) % len(self._filler)
+            n -= k
+        return np.concatenate(parts)
+
+    def _leave_filler(self, titles: list[str]) -> np.ndarray:
+        xf = self._reserve
+        fill = self._filler_take(xf)
+        self.filled_samples += xf
+        fresh = self._take(xf, titles)
+        self._filler = None
+        logger.info("%s: fresh audio is back after filling", self.mount)
+        mixed = equal_power_crossfade(fill, fresh)
+        self._remember(mixed)
+        return mixed
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            buffered = self._queued / self.sample_rate
+            filling = self._filler is not None
+        return {
+            "name": self.config.name,
+            "mount": self.mount,
+            "format": self.config.format,
+            "bitrate": self.config.bitrate,
+            "now_playing": self.now_playing,
+            "generating": self.playlist.current.title,
+            "next": self.playlist.next.title,
+            "buffered_seconds": round(buffered, 3),
+            "generated_seconds": round(self.generated_samples / self.sample_rate, 3),
+            "filled_seconds": round(self.filled_samples / self.sample_rate, 3),
+            "underruns": self.underruns,
+            "filling": filling,
+        }

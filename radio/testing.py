@@ -1,0 +1,153 @@
+"""Random-weight MusicGen checkpoints for tests and benchmarks.
+
+`make_test_model` writes a directory that `MusicgenForConditionalGeneration.from_pretrained` and
+`AutoProcessor.from_pretrained` load offline, exactly like a downloaded checkpoint. The weights are
+random, so the audio is noise-like; the shapes (and so the compute cost) are real:
+
+* ``tiny``: a few hundred kB, generates in milliseconds. For tests.
+* ``small``: exactly facebook/musicgen-small's shapes (T5-base text encoder, 32 kHz EnCodec with 4 codebooks
+  at 50 Hz, a 24-layer 1024-wide decoder). About 2.4 GB in fp32. For ``radio bench`` only.
+
+Nothing in the daemon's hot path imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SHAPES = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The handful of numbers that decide a MusicGen checkpoint's cost."""
+
+    t5_d_model: int
+    t5_layers: int
+    t5_heads: int
+    t5_d_kv: int
+    t5_d_ff: int
+    t5_vocab: int
+    codebook_size: int
+    codebook_dim: int
+    encodec_filters: int
+    encodec_hidden: int
+    encodec_lstm_layers: int
+    dec_hidden: int
+    dec_layers: int
+    dec_heads: int
+    dec_ffn: int
+
+
+_SHAPES: dict[str, Shape] = {
+    "tiny": Shape(
+        t5_d_model=16, t5_layers=1, t5_heads=2, t5_d_kv=8, t5_d_ff=32, t5_vocab=512,
+        codebook_size=64, codebook_dim=8, encodec_filters=2, encodec_hidden=8, encodec_lstm_layers=1,
+        dec_hidden=32, dec_layers=2, dec_heads=2, dec_ffn=64,
+    ),
+    # facebook/musicgen-small: t5-base, encodec_32khz, 300M decoder.
+    "small": Shape(
+        t5_d_model=768, t5_layers=12, t5_heads=12, t5_d_kv=64, t5_d_ff=3072, t5_vocab=32128,
+        codebook_size=2048, codebook_dim=128, encodec_filters=64, encodec_hidden=128, encodec_lstm_layers=2,
+        dec_hidden=1024, dec_layers=24, dec_heads=16, dec_ffn=4096,
+    ),
+}
+
+# Words a station prompt is likely to use, so the in-process tokenizer splits prompts into word pieces
+# rather than single letters (the token count then resembles a real T5 tokenizer's).
+_WORDS = (
+    "music lofi hip hop jazz piano drums bass guitar synth ambient techno house rock pop classical strings "
+    "orchestra violin cello slow fast tempo beat beats soft warm mellow chill night rain rainy vinyl crackle "
+    "rhodes chords brushed funk disco electronic acoustic dark bright happy sad epic cinematic pads drone "
+    "deep space retro 80s 90s wave dream the and with of a in on at for bpm minor major key melody"
+).split()
+
+
+def build_tokenizer(vocab_limit: int):  # -> transformers.T5Tokenizer
+    """A T5 (unigram) tokenizer built in-process: special tokens, single characters, common words."""
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {p for p, _ in pieces}
+    for word in _WORDS:
+        for piece in ("\u2581" + word, word):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -2.0 - len(pieces) * 1e-3))
+    for ch in string.ascii_lowercase + string.digits + string.punctuation:
+        for piece in ("\u2581" + ch, ch):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -10.0))
+    pieces.append(("\u2581", -5.0))
+    extra_ids = 100 if vocab_limit >= len(pieces) + 100 else 0
+    if len(pieces) + extra_ids > vocab_limit:
+        raise ValueError(f"tokenizer needs {len(pieces) + extra_ids} ids but the text encoder has {vocab_limit}")
+    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids)
+
+
+def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight MusicGen checkpoint (model, generation config, processor) to ``out_dir``."""
+    import torch
+    from transformers import (
+        EncodecConfig,
+        EncodecFeatureExtractor,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+        T5Config,
+    )
+
+    if shape not in _SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: use one of {', '.join(SHAPES)}")
+    s = _SHAPES[shape]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    text = T5Config(
+        vocab_size=s.t5_vocab, d_model=s.t5_d_model, d_kv=s.t5_d_kv, d_ff=s.t5_d_ff, num_layers=s.t5_layers,
+        num_heads=s.t5_heads, relative_attention_num_buckets=32, feed_forward_proj="relu",
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    # 11 bits per codebook entry at 50 Hz for 2048 entries: 4 codebooks = 2.2 kbit/s, as in encodec_32khz.
+    bits = (s.codebook_size - 1).bit_length()
+    audio = EncodecConfig(
+        sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4],
+        target_bandwidths=[4 * bits * 50 / 1000.0], codebook_size=s.codebook_size, codebook_dim=s.codebook_dim,
+        num_filters=s.encodec_filters, hidden_size=s.encodec_hidden, num_lstm_layers=s.encodec_lstm_layers,
+        norm_type="weight_norm", pad_mode="reflect", use_causal_conv=False, normalize=False,
+        chunk_length_s=None, overlap=None,
+    )
+    decoder = MusicgenDecoderConfig(
+        vocab_size=s.codebook_size, hidden_size=s.dec_hidden, num_hidden_layers=s.dec_layers,
+        num_attention_heads=s.dec_heads, ffn_dim=s.dec_ffn, num_codebooks=4, max_position_embeddings=2048,
+        pad_token_id=s.codebook_size, bos_token_id=s.codebook_size, decoder_start_token_id=s.codebook_size,
+        audio_channels=1,
+    )
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+    model = MusicgenForConditionalGeneration(config).eval()
+    if model.audio_encoder.quantizer.num_quantizers != 4:
+        raise RuntimeError("test model EnCodec does not have 4 codebooks; shape table is wrong")
+
+    gen = model.generation_config
+    gen.do_sample = True
+    gen.guidance_scale = 3.0
+    gen.top_k = 250
+    gen.max_length = 1500
+    gen.pad_token_id = s.codebook_size
+    gen.bos_token_id = s.codebook_size
+    gen.decoder_start_token_id = s.codebook_size
+    model.save_pretrained(out)
+
+    tokenizer = build_tokenizer(s.t5_vocab)
+    processor = MusicgenProcessor(feature_extractor=EncodecFeatureExtractor(sampling_rate=32000), tokenizer=tokenizer)
+    processor.save_pretrained(out)
+    logger.info("wrote %s test model to %s", shape, out)
+    return out
