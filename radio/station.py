@@ -88,7 +88,8 @@ class Station:
         self.started_at: float | None = None
         # counters for status and metrics
         self.generated_samples = 0
-        self.filled_samples = 0
+        self.emitted_samples = 0  # handed to the encoder
+        self.real_samples = 0  # of those, taken from generated audio (the rest is filler)
         self.underruns = 0
         self.chunks = 0
 
@@ -166,7 +167,6 @@ class Station:
                         need -= self._reserve
                         continue
                     take = self._filler_take(need)
-                    self.filled_samples += len(take)
                     out.append(take)
                     need -= len(take)
                 elif self._queued > self._reserve:
@@ -177,14 +177,21 @@ class Station:
                 else:
                     self._enter_filler(titles)
         pcm = np.concatenate(out) if out else np.zeros(0, np.float32)
-        if len(pcm) > n:  # the exit crossfade may overshoot by < one reserve; keep it for next time
-            extra = pcm[n:]
-            with self._lock:
+        with self._lock:
+            if len(pcm) > n:  # the exit crossfade may overshoot by < one reserve; keep it for next time
+                extra = pcm[n:]
                 self._history = self._history[: len(self._history) - len(extra)]
                 self._queue.appendleft(_Segment(extra.copy(), None))
                 self._queued += len(extra)
-            pcm = pcm[:n]
+                self.real_samples -= len(extra)
+                pcm = pcm[:n]
+            self.emitted_samples += len(pcm)
         return pcm, titles
+
+    @property
+    def filled_samples(self) -> int:
+        """The deficit: samples handed out that were not generated audio (filler, or silence before any)."""
+        return max(0, self.emitted_samples - self.real_samples)
 
     def _take(self, n: int, titles: list[str]) -> np.ndarray:
         parts = []
@@ -198,6 +205,7 @@ class Station:
             seg.pos += k
             n -= k
             self._queued -= k
+            self.real_samples += k
             if seg.pos >= len(seg.pcm):
                 self._queue.popleft()
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
@@ -240,7 +248,6 @@ class Station:
     def _leave_filler(self, titles: list[str]) -> np.ndarray:
         xf = self._reserve
         fill = self._filler_take(xf)
-        self.filled_samples += xf
         fresh = self._take(xf, titles)
         self._filler = None
         logger.info("%s: fresh audio is back after filling", self.mount)

@@ -151,3 +151,49 @@ def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> 
     processor.save_pretrained(out)
     logger.info("wrote %s test model to %s", shape, out)
     return out
+
+
+class SineModel:
+    """A fake :class:`~radio.model.MusicModel`: a continuous sine across chunks, for engine tests.
+
+    Codes carry the absolute frame index (so a continuation's position is read off its context), and the PCM
+    of frame f is the sine at samples [f*640, (f+1)*640): chunks decoded with overlap line up exactly, and any
+    repeated or missing sample at a join shows as a phase jump. ``delay`` makes it slower (seconds per call).
+    """
+
+    sample_rate = 32000
+    frame_rate = 50
+    samples_per_frame = 640
+    num_codebooks = 4
+
+    def __init__(self, freq: float = 440.0, amplitude: float = 0.5, delay: float = 0.0) -> None:
+        self.freq = freq
+        self.amplitude = amplitude
+        self.delay = delay
+        self.calls: list[tuple[list, int]] = []  # (requests, frames) per batched call
+
+    def pcm_for_frames(self, start: int, stop: int):  # -> np.ndarray
+        import numpy as np
+
+        n = np.arange(start * self.samples_per_frame, stop * self.samples_per_frame, dtype=np.float64)
+        return (self.amplitude * np.sin(2 * np.pi * self.freq * n / self.sample_rate)).astype(np.float32)
+
+    def continue_batch(self, requests, frames: int):
+        import time
+
+        import numpy as np
+
+        from .model import ContinuationResult
+
+        self.calls.append((list(requests), frames))
+        if self.delay:
+            time.sleep(self.delay)
+        results = []
+        for r in requests:
+            T = r.context.shape[1]
+            start = int(r.context[0, -1]) + 1 if T else 0
+            codes = np.tile(np.arange(start, start + frames, dtype=np.int64), (self.num_codebooks, 1))
+            ov = min(r.overlap, T)
+            results.append(ContinuationResult(codes=codes, pcm=self.pcm_for_frames(start - ov, start + frames),
+                                              overlap=ov))
+        return results

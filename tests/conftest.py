@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random-weight checkpoint, a real icecast2 on a free loopback port, listeners."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radio.localicecast import LocalIcecast, mounts
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from radio.testing import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("tiny-model"), shape="tiny", seed=0)
+
+
+@pytest.fixture
+def icecast(tmp_path: Path):
+    """A real icecast2 on 127.0.0.1 and a free port, config in a temp dir, stopped by PID afterwards."""
+    if shutil.which("icecast2") is None:
+        pytest.fail("icecast2 is not installed (apt-get install icecast2)")
+    server = LocalIcecast(workdir=tmp_path / "icecast", source_password="test-source-pw", min_sources=16)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def write_station(directory: Path, filename: str, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+def mount_info(server: LocalIcecast, mount: str) -> dict:
+    return mounts(server.status()).get(mount, {})
+
+
+def listen(url: str, seconds: float, out_rate: int = 16000, timeout: float | None = None) -> np.ndarray:
+    """Decode ``seconds`` of a mount with ffmpeg, as a listener would; returns mono float samples."""
+    proc = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", url, "-t", str(seconds),
+         "-f", "s16le", "-ac", "1", "-ar", str(out_rate), "pipe:1"],
+        capture_output=True, timeout=timeout or seconds + 30,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return np.frombuffer(proc.stdout, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def probe(url: str) -> dict:
+    """ffprobe's view of a mount's first audio stream (codec, sample rate) and its tags."""
+    proc = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name,sample_rate:stream_tags:format_tags",
+         "-of", "json", url], capture_output=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return json.loads(proc.stdout)
+
+
+def fetch_bytes(url: str, seconds: float) -> bytes:
+    """Raw bytes of a mount for ``seconds``, as a player receives them."""
+    chunks = []
+    deadline = time.monotonic() + seconds
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        while time.monotonic() < deadline:
+            data = resp.read1(4096) if hasattr(resp, "read1") else resp.read(4096)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)

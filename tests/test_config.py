@@ -1,0 +1,129 @@
+"""`radio check` and the config layer: every problem, with file and line, in one run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from radio.cli import main
+from radio.config import load_daemon_config, load_station, parse_duration
+from radio.errors import ConfigError
+
+from .conftest import write_station
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """
+name: Good
+mount: /good.mp3
+format: mp3
+playlist:
+  - title: One
+    prompt: mellow jazz piano
+    duration: 90s
+"""
+
+# filename -> (text, expected line, expected key, a phrase the message must contain)
+BROKEN = {
+    "syntax.yaml": ("name: x\nmount: /x.mp3\nplaylist: [\n  {prompt: a, duration: 3\n", 5, "yaml", "syntax error"),
+    "unknown.yaml": ("name: x\nmount: /unknown.mp3\nformt: mp3\nplaylist:\n  - {prompt: a, duration: 3}\n",
+                     3, "formt", "did you mean 'format'"),
+    "wrongtype.yaml": ("name: x\nmount: /wrongtype.mp3\nbitrate: loud\nplaylist:\n  - {prompt: a, duration: 3}\n",
+                       3, "bitrate", "whole number"),
+    "badformat.yaml": ("name: x\nmount: /badformat.mp4\nformat: mp4\nplaylist:\n  - {prompt: a, duration: 3}\n",
+                       3, "format", "'mp4' is not one of mp3, vorbis, opus"),
+    "noslash.yaml": ("name: x\nmount: noslash.mp3\nplaylist:\n  - {prompt: a, duration: 3}\n",
+                     2, "mount", "must start with '/'"),
+    "emptylist.yaml": ("name: x\nmount: /emptylist.mp3\nplaylist: []\n", 3, "playlist", "is empty"),
+    "negative.yaml": ("name: x\nmount: /negative.mp3\nplaylist:\n  - prompt: a\n    duration: -3m\n",
+                      5, "playlist[0].duration", "greater than 0"),
+    "emptyprompt.yaml": ("name: x\nmount: /emptyprompt.mp3\nplaylist:\n  - title: t\n    prompt: '  '\n"
+                         "    duration: 3\n", 5, "playlist[0].prompt", "must not be empty"),
+    "zz_duplicate.yaml": ("name: dup\nmount: /good.mp3\nplaylist:\n  - {prompt: a, duration: 3}\n",
+                          2, "mount", "already used"),
+}
+
+
+def test_example_stations_are_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(REPO / "stations")]) == 0
+    out = capsys.readouterr().out
+    assert "3 station(s)" in out
+    formats = {load_station(p).format for p in (REPO / "stations").glob("*.yaml")}
+    assert formats == {"mp3", "vorbis", "opus"}
+
+
+def test_check_reports_every_broken_file_with_line_and_exits_2(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    write_station(tmp_path, "good.yaml", GOOD)
+    for name, (text, *_rest) in BROKEN.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert main(["check", str(tmp_path)]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    for name, (_text, line, key, phrase) in BROKEN.items():
+        expected = f"{tmp_path / name}:{line}: {key}: "
+        hits = [entry for entry in lines if entry.startswith(expected)]
+        assert hits, f"no '{expected}...' line in:\n" + "\n".join(lines)
+        assert phrase in hits[0], hits[0]
+    assert not any(entry.startswith(str(tmp_path / "good.yaml")) for entry in lines)
+    # every line has the path:line: key: message shape
+    assert all(re.match(r"^.+:\d+: [\w.\[\]]+: .+", entry) for entry in lines), lines
+
+
+def test_all_problems_of_one_file_are_reported_at_once(tmp_path: Path) -> None:
+    path = write_station(tmp_path, "many.yaml", """
+        name: ""
+        mount: bad
+        format: wav
+        generation: {temprature: 2, top_k: 0}
+        playlist:
+          - prompt: ok
+            duration: 3 parsecs
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_station(path)
+    keys = [p.split(": ")[1] for p in info.value.problems]
+    assert keys == ["name", "mount", "format", "generation.temprature", "generation.top_k",
+                    "playlist[0].duration"], info.value.problems
+
+
+def test_clean_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_station(tmp_path, "good.yaml", GOOD)
+    assert main(["check", str(path)]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,seconds", [(90, 90.0), ("90", 90.0), ("90s", 90.0), ("3m", 180.0),
+                                          ("1m30s", 90.0), ("1h", 3600.0), (2.5, 2.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "3 parsecs", "", True, None, "m"])
+def test_not_durations(text: object) -> None:
+    assert parse_duration(text) is None
+
+
+def test_daemon_config_reads_password_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    cfg_path = tmp_path / "radio.yaml"
+    cfg_path.write_text("stations: st\nmodel: /models/x\nicecast: {host: 10.0.0.5, port: 8001, password_file: pw}\n"
+                        "engine: {chunk_seconds: 2.5}\n")
+    monkeypatch.delenv("RADIO_SOURCE_PASSWORD", raising=False)
+    cfg = load_daemon_config(cfg_path)
+    assert cfg.icecast.password == "from-file"
+    assert cfg.icecast.port == 8001 and cfg.engine.chunk_seconds == 2.5
+    assert cfg.stations_dir == str(tmp_path / "st")
+    assert "from-file" not in repr(cfg)  # secrets stay out of logs
+    monkeypatch.setenv("RADIO_SOURCE_PASSWORD", "from-env")
+    assert load_daemon_config(cfg_path).icecast.password == "from-env"
+
+
+def test_daemon_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path = tmp_path / "radio.yaml"
+    cfg_path.write_text("stations: st\nmodel: x\nicecast:\n  prot: 8000\nengine: {chunk_seconds: -1}\n")
+    assert main(["check", str(cfg_path)]) == 2
+    out = capsys.readouterr().out
+    assert f"{cfg_path}:4: icecast.prot: unknown key; did you mean 'port'?" in out
+    assert f"{cfg_path}:5: engine.chunk_seconds:" in out

@@ -1,0 +1,157 @@
+"""Engine scheduling and joins, and station buffering, with a fake generator (fast, exact)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from radio.config import EngineConfig, PlaylistItem, StationConfig
+from radio.engine import Engine
+from radio.model import Sampling
+from radio.station import Playlist, Station
+from radio.testing import SineModel
+
+
+def station_config(mount: str, items: tuple[PlaylistItem, ...] | None = None, **kw) -> StationConfig:
+    items = items or (PlaylistItem("one", "prompt one", 60.0), PlaylistItem("two", "prompt two", 60.0))
+    base = dict(name=mount.strip("/"), mount=mount, format="mp3", bitrate=128, description="", genre="", url="",
+                order="cycle", sampling=Sampling(), playlist=items, path=f"/st/{mount.strip('/')}.yaml")
+    base.update(kw)
+    return StationConfig(**base)
+
+
+def make(model: SineModel, cfg: EngineConfig, *mounts: str, **kw) -> tuple[Engine, list[Station]]:
+    engine = Engine(model, cfg)
+    stations = []
+    for m in mounts:
+        st = Station(station_config(m, **kw), model.sample_rate, model.frame_rate, model.num_codebooks, cfg)
+        engine.add_station(st)
+        stations.append(st)
+    return engine, stations
+
+
+def drain(station: Station) -> np.ndarray:
+    """Everything a listener can take right now without touching the filler reserve."""
+    n = int(round(station.buffered_seconds * station.sample_rate)) - station._reserve
+    pcm, _ = station.read(n)
+    return pcm
+
+
+def test_chunks_join_without_jumps_gaps_or_repeats() -> None:
+    model = SineModel(freq=440.0, amplitude=0.5)
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.1, buffer_seconds=100, overlap_frames=5,
+                       crossfade_ms=20)
+    engine, (st,) = make(model, cfg, "/a.mp3")
+    for _ in range(12):
+        assert engine.run_once()
+    out = drain(st)
+    ideal = model.pcm_for_frames(0, len(out) // 640 + 1)[: len(out)]
+    generated = sum(frames for _, frames in model.calls) * 640
+    held = 20 * 32  # the last chunk's crossfade tail waits for the next chunk
+    assert len(out) == generated - held - st._reserve  # nothing repeated, nothing dropped
+
+    # Sample-to-sample jumps: at the chunk boundaries no larger than inside a chunk.
+    jumps = np.abs(np.diff(out))
+    inside = np.abs(np.diff(ideal)).max()
+    boundaries, pos = [], 0
+    for _, frames in model.calls[:-1]:
+        pos += frames * 640
+        boundaries.append(pos - held)  # where the crossfade into the next chunk starts
+    for b in boundaries:
+        window = jumps[max(0, b - 3): b + held + 3]
+        assert window.max() <= inside * 1.05, (b, window.max(), inside)
+    # Outside crossfades the signal is the sine itself, in phase (a lost or doubled sample would shift it).
+    # Two decodes of the same codes are fully correlated: the constant-power fade keeps their sum exact (no
+    # +3 dB bump), so the joined signal IS the sine.
+    np.testing.assert_allclose(out, ideal, atol=1e-4)
+
+
+def test_all_stations_go_in_one_batch_and_continue_from_their_codes() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=0.4, first_chunk_seconds=0.1, buffer_seconds=100, overlap_frames=4)
+    engine, stations = make(model, cfg, "/a.mp3", "/b.ogg", "/c.opus")
+    for _ in range(4):
+        engine.run_once()
+    assert len(model.calls) == 4
+    for requests, _frames in model.calls:
+        assert len(requests) == 3  # one call serves every station
+    # call n+1's context for a station ends with the codes call n produced for it
+    for (prev, prev_frames), (nxt, _) in zip(model.calls, model.calls[1:]):
+        for p, n in zip(prev, nxt):
+            last = int(p.context[0, -1]) if p.context.shape[1] else -1
+            expected = np.arange(last + 1, last + 1 + prev_frames)
+            np.testing.assert_array_equal(n.context[0, -prev_frames:], expected)
+    assert [r.prompt for r in model.calls[0][0]] == ["prompt one"] * 3
+
+
+def test_first_chunk_is_short_then_grows() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=4.0, first_chunk_seconds=0.5, buffer_seconds=100)
+    engine, _ = make(model, cfg, "/a.mp3")
+    for _ in range(5):
+        engine.run_once()
+    assert [frames for _, frames in model.calls] == [25, 50, 100, 200, 200]
+
+
+def test_hungriest_station_first_and_full_stations_wait() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=1.0, buffer_seconds=1.5, max_batch=1)
+    engine, (a, b) = make(model, cfg, "/a.mp3", "/b.mp3")
+    engine.run_once()
+    engine.run_once()
+    assert a.buffered_seconds > 0 and b.buffered_seconds > 0
+    a.read(int(0.5 * 32000))  # a listener drains a: now it is the hungriest
+    engine.run_once()
+    assert model.calls[-1][0][0].prompt == "prompt one"
+    assert model.calls[-1][0][0].context[0, -1] == a.codes[0, -51]  # it was a's context
+    while engine.run_once():
+        pass
+    assert not engine.pick_batch()  # everyone at target: the engine idles
+
+
+def test_items_advance_by_duration_and_keep_the_context() -> None:
+    model = SineModel()
+    items = (PlaylistItem("first", "p1", 1.0), PlaylistItem("second", "p2", 1.0))
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=100)
+    engine, (st,) = make(model, cfg, "/a.mp3", items=items)
+    for _ in range(5):
+        engine.run_once()
+    prompts = [c[0][0].prompt for c in model.calls]
+    assert prompts == ["p1", "p1", "p2", "p2", "p1"]
+    # the first chunk of the new item continues the old item's codes: a segue, not a restart
+    assert model.calls[2][0][0].context.shape[1] == 50
+    n = int(round(st.buffered_seconds * 32000)) - st._reserve
+    pcm, titles = st.read(n)
+    assert titles == ["first", "second", "first"]
+
+
+def test_shuffle_never_repeats_an_item() -> None:
+    items = tuple(PlaylistItem(str(i), f"p{i}", 1.0) for i in range(3))
+    pl = Playlist(items, "shuffle", random.Random(5))
+    seen = [pl.index]
+    for _ in range(300):
+        pl.advance()
+        seen.append(pl.index)
+    assert all(a != b for a, b in zip(seen, seen[1:]))
+    assert set(seen) == {0, 1, 2}
+
+
+def test_underrun_fills_with_recent_audio_and_counts_the_deficit() -> None:
+    model = SineModel(freq=220.0)
+    cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=1.0, buffer_seconds=100, filler_seconds=0.5)
+    engine, (st,) = make(model, cfg, "/a.mp3")
+    engine.run_once()
+    have = int(round(st.buffered_seconds * 32000))
+    pcm, _ = st.read(have + 32000)  # one second more than exists
+    assert len(pcm) == have + 32000
+    tail = pcm[have:]
+    assert np.sqrt(np.mean(tail ** 2)) > 0.2  # not silence: the recent past, looped
+    assert np.abs(np.diff(pcm)).max() < 0.1  # entered with a crossfade, no click
+    assert st.status()["filled_seconds"] == pytest.approx(1.0, abs=0.01)
+    assert st.underruns == 1 and st.status()["filling"]
+    engine.run_once()  # fresh audio arrives: crossfade back out of the filler
+    more, _ = st.read(16000)
+    assert np.abs(np.diff(np.concatenate([pcm[-1:], more]))).max() < 0.1
+    assert not st.status()["filling"]
