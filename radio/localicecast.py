@@ -98,6 +98,10 @@ def render_config(template: Path, workdir: Path, port: int, source_password: str
     if owner is not None:
         security.remove(owner)
     if as_root if as_root is not None else os.geteuid() == 0:
+        blocked = [p for p in workdir.resolve().parents if not p.stat().st_mode & 0o001]
+        if blocked:
+            raise IcecastError(f"icecast2 runs as nobody when started by root, and cannot reach {workdir}: "
+                               f"{blocked[0]} is not world-traversable; use a work directory under /tmp")
         owner = ET.SubElement(security, "changeowner")
         _set(owner, "user", "nobody")
         _set(owner, "group", "nogroup")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -24,11 +25,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def icecast(tmp_path: Path):
+def icecast():
     """A real icecast2 on 127.0.0.1 and a free port, config in a temp dir, stopped by PID afterwards."""
     if shutil.which("icecast2") is None:
         pytest.fail("icecast2 is not installed (apt-get install icecast2)")
-    server = LocalIcecast(workdir=tmp_path / "icecast", source_password="test-source-pw", min_sources=16)
+    # its own work dir under /tmp: as root, icecast2 drops to nobody, who cannot enter pytest's tmp_path
+    server = LocalIcecast(source_password="test-source-pw", min_sources=16)
     server.start()
     try:
         yield server
@@ -48,14 +50,18 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
     last = None
     while time.monotonic() < deadline:
         last = predicate()
-        if last:
+        if len(last) if hasattr(last, "__len__") else last:  # arrays and lists: non-empty counts
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
 
 
 def mount_info(server: LocalIcecast, mount: str) -> dict:
-    return mounts(server.status()).get(mount, {})
+    info = dict(mounts(server.status()).get(mount, {}))
+    if isinstance(info.get("title"), str):
+        # status-json.xsl writes characters outside Latin-1 as XML character references (&#9749;)
+        info["title"] = html.unescape(info["title"])
+    return info
 
 
 def listen(url: str, seconds: float, out_rate: int = 16000, timeout: float | None = None) -> np.ndarray:
