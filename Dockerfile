@@ -1,0 +1,43 @@
+# radio: endless MusicGen stations for Icecast.
+#
+#   docker build -t radio .                                  # the daemon (CPU)
+#   docker build -t radio-icecast --target icecast .          # a matching icecast2
+#   docker run --rm -e RADIO_SOURCE_PASSWORD=... -v hf-cache:/cache radio --icecast icecast:8000
+#
+# GPU: build FROM a CUDA runtime image instead, e.g.
+#   docker build --build-arg BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 -t radio:cuda .
+# and run with --gpus all. The torch wheel on PyPI for this pin includes CUDA support.
+# For a smaller CPU-only image, point TORCH_INDEX_URL at PyTorch's CPU wheel index.
+
+ARG BASE=python:3.11-slim-bookworm
+
+FROM debian:bookworm-slim AS icecast
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends icecast2 \
+    && rm -rf /var/lib/apt/lists/* && mkdir -p /var/log/icecast2 && chown icecast2 /var/log/icecast2
+COPY icecast.xml /etc/icecast2/icecast.xml
+# Passwords in icecast.xml are placeholders: mount your own icecast.xml over /etc/icecast2/icecast.xml.
+RUN sed -i 's|<bind-address>127.0.0.1</bind-address>|<bind-address>0.0.0.0</bind-address>|' /etc/icecast2/icecast.xml
+EXPOSE 8000
+USER icecast2
+CMD ["icecast2", "-c", "/etc/icecast2/icecast.xml"]
+
+FROM ${BASE} AS radio
+ARG TORCH_INDEX_URL=""
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ffmpeg libshout-dev pkg-config gcc python3-venv python3-dev icecast2 \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/cache \
+    PYTHONUNBUFFERED=1
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
+COPY pyproject.toml README.md icecast.xml ./
+COPY radio ./radio
+RUN pip install --no-cache-dir . && useradd --system --create-home radio && mkdir -p /cache && chown radio /cache
+COPY stations /stations
+VOLUME ["/cache"]
+USER radio
+# Refuse to start on invalid stations (exit 2) before loading any model.
+ENTRYPOINT ["sh", "-c", "radio check /stations && exec radio run --stations /stations \"$@\"", "radio"]
+CMD ["--local-icecast"]
