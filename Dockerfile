@@ -2,7 +2,7 @@
 #
 #   docker build -t radio .                                  # the daemon (CPU)
 #   docker build -t radio-icecast --target icecast .          # a matching icecast2
-#   docker run --rm -e RADIO_SOURCE_PASSWORD=... -v hf-cache:/cache radio --icecast icecast:8000
+#   docker run --rm -e RADIO_SOURCE_PASSWORD=... -v hf-cache:/cache radio --icecast HOST:8000
 #
 # GPU: build FROM a CUDA runtime image instead, e.g.
 #   docker build --build-arg BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 -t radio:cuda .
@@ -16,7 +16,9 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
     && rm -rf /var/lib/apt/lists/* && mkdir -p /var/log/icecast2 && chown icecast2 /var/log/icecast2
 COPY icecast.xml /etc/icecast2/icecast.xml
 # Passwords in icecast.xml are placeholders: mount your own icecast.xml over /etc/icecast2/icecast.xml.
-RUN sed -i 's|<bind-address>127.0.0.1</bind-address>|<bind-address>0.0.0.0</bind-address>|' /etc/icecast2/icecast.xml
+# Listen on all interfaces of the container; run as icecast2 directly (no <changeowner> needed).
+RUN sed -i -e 's|<bind-address>127.0.0.1</bind-address>|<bind-address>0.0.0.0</bind-address>|' \
+        -e '/<changeowner>/,/<\/changeowner>/d' /etc/icecast2/icecast.xml
 EXPOSE 8000
 USER icecast2
 CMD ["icecast2", "-c", "/etc/icecast2/icecast.xml"]
@@ -40,4 +42,5 @@ VOLUME ["/cache"]
 USER radio
 # Refuse to start on invalid stations (exit 2) before loading any model.
 ENTRYPOINT ["sh", "-c", "radio check /stations && exec radio run --stations /stations \"$@\"", "radio"]
-CMD ["--local-icecast"]
+# Default: the Icecast of the compose file; `--local-icecast` runs a private one inside the container instead.
+CMD ["--icecast", "icecast:8000"]

@@ -60,10 +60,20 @@ class Engine:
 
     # -- scheduling ------------------------------------------------------------------------------------------
     def pick_batch(self) -> list[Station]:
-        """Stations below their buffer target, least audio buffered first, at most ``max_batch``."""
-        hungry = [s for s in self.stations() if s.needs_audio()]
-        hungry.sort(key=lambda s: (s.has_audio, s.buffered_seconds))
-        return hungry[: self.config.max_batch]
+        """The stations to continue in the next step, least audio buffered first, at most ``max_batch``.
+
+        A step happens when any station is below its buffer target. It then takes along every station with
+        room for one more chunk (buffered < target + chunk): an extra row costs almost nothing, and it keeps
+        the stations in step, so they keep meeting in the same batch instead of drifting into one-row steps.
+        Queues stay bounded at about target + 2 chunks.
+        """
+        stations = self.stations()
+        if not any(s.needs_audio() for s in stations):
+            return []
+        limit = self.config.buffer_seconds + self.config.chunk_seconds
+        batch = [s for s in stations if s.buffered_seconds < limit]
+        batch.sort(key=lambda s: (s.has_audio, s.buffered_seconds))
+        return batch[: self.config.max_batch]
 
     def run_once(self) -> bool:
         """One batched step. Returns False when no station needed audio."""

@@ -86,6 +86,21 @@ def test_all_stations_go_in_one_batch_and_continue_from_their_codes() -> None:
     assert [r.prompt for r in model.calls[0][0]] == ["prompt one"] * 3
 
 
+def test_stations_stay_in_one_batch_while_listeners_drain_them_unevenly() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=1.0, buffer_seconds=3.0)
+    engine, stations = make(model, cfg, "/a.mp3", "/b.mp3", "/c.mp3")
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        engine.run_once()
+        for st in stations:  # each listener takes a slightly different amount each round
+            st.read(int(rng.uniform(0.2, 0.5) * 32000))
+    sizes = [len(reqs) for reqs, _ in model.calls]
+    assert sizes.count(3) >= 0.9 * len(sizes), sizes
+    for st in stations:  # bounded: never far beyond target + 2 chunks
+        assert st.buffered_seconds <= cfg.buffer_seconds + 2 * cfg.chunk_seconds
+
+
 def test_first_chunk_is_short_then_grows() -> None:
     model = SineModel()
     cfg = EngineConfig(chunk_seconds=4.0, first_chunk_seconds=0.5, buffer_seconds=100)
