@@ -45,6 +45,7 @@ class PlaylistItem:
     title: str
     prompt: str
     duration: float  # seconds
+    blend: float = 0.0  # seconds over which the text conditioning moves from the previous item's prompt
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,8 @@ def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[float], str
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
                 "playlist")
 GENERATION_KEYS = ("temperature", "top_k", "guidance")
-ITEM_KEYS = ("title", "prompt", "duration")
+ITEM_KEYS = ("title", "prompt", "duration", "transition")
+TRANSITION_KEYS = ("blend",)
 
 
 def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
@@ -419,8 +421,18 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
             title = it.get("title", "str", None, check=_text_check(200))
             duration = it.get("duration", "duration", required=True,
                               check=_range(0.0, MAX_DURATION_S, lo_open=True))
+            blend = 0.0
+            tr_node = it.node("transition")
+            if tr_node is not None:
+                if not isinstance(tr_node, yaml.MappingNode):
+                    it.err("transition", "must be a mapping like {blend: 8s}")
+                else:
+                    tr = _Mapping(tr_node, problems, f"{prefix}.transition", TRANSITION_KEYS)
+                    blend = tr.get("blend", "duration", 0.0, check=_range(0.0, 600.0)) or 0.0
+                    if duration is not None and blend > duration:
+                        tr.err("blend", f"{blend:g}s is longer than the item ({duration:g}s)")
             if prompt is not None and duration is not None:
-                items.append(PlaylistItem(title=title or prompt[:80], prompt=prompt, duration=duration))
+                items.append(PlaylistItem(title=title or prompt[:80], prompt=prompt, duration=duration, blend=blend))
 
     if len(problems.items) > before:
         return None

@@ -53,6 +53,9 @@ class Engine:
         with self._lock:
             self._stations.pop(key, None)
             self._tails.pop(key, None)
+        forget = getattr(self.model, "forget", None)
+        if forget is not None:
+            forget(key)  # next engine step is on this thread or after it: the model's lock serialises
 
     def stations(self) -> list[Station]:
         with self._lock:
@@ -86,9 +89,12 @@ class Engine:
         youngest = min(s.chunks for s in batch)
         seconds = min(self.config.chunk_seconds, self.config.first_chunk_seconds * 2 ** youngest)
         frames = max(1, int(round(seconds * fps)))
-        requests = [ContinuationRequest(context=s.context(), prompt=s.prompt, sampling=s.config.sampling,
-                                        overlap=min(self.config.overlap_frames, s.context().shape[1]))
-                    for s in batch]
+        requests = []
+        for s in batch:
+            prompt, blend_from, blend = s.conditioning(frames)
+            requests.append(ContinuationRequest(context=s.context(), prompt=prompt, sampling=s.config.sampling,
+                                                overlap=min(self.config.overlap_frames, s.context().shape[1]),
+                                                key=s.key, blend_from=blend_from, blend=blend))
         t0 = time.monotonic()
         results = self.model.continue_batch(requests, frames)
         wall = time.monotonic() - t0
@@ -102,7 +108,7 @@ class Engine:
         self.steps += 1
         self.last_batch = [s.mount for s in batch]
         self.last_step_seconds = wall
-        self._recent.append((len(batch) * frames / fps, wall))
+        self._recent.append((sum(r.codes.shape[1] for r in results) / fps, wall))
         logger.debug("step %d: %d stations x %d frames in %.2fs", self.steps, len(batch), frames, wall)
         return True
 

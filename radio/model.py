@@ -59,15 +59,22 @@ class ContinuationRequest:
     prompt: str
     sampling: Sampling = field(default_factory=Sampling)
     overlap: int = 0
+    key: str = ""  # the station; a model may keep per-station state (KV cache) under it
+    blend_from: str | None = None  # during a prompt blend: the previous prompt...
+    blend: float = 1.0  # ...and the weight of the new one (0 = old prompt only, 1 = new prompt only)
 
 
 @dataclass
 class ContinuationResult:
-    """New codes ``(codebooks, frames)`` and float32 mono PCM for ``overlap + frames`` frames."""
+    """New codes ``(codebooks, n)`` and float32 mono PCM for ``overlap + n`` frames.
+
+    ``n`` is at least the frames asked for; rows that continue from a live cache while another row warms up
+    may get a few more (the warm-up steps are not wasted on them)."""
 
     codes: np.ndarray
     pcm: np.ndarray
     overlap: int
+    fresh: bool = True  # the station's context was (re)prefilled for this chunk (new, reset, or changed)
 
 
 class MusicModel(Protocol):
@@ -143,7 +150,7 @@ class MusicgenModel:
     """
 
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
-                 text_cache_size: int = 256) -> None:
+                 text_cache_size: int = 256, window_frames: int | None = None) -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -193,6 +200,16 @@ class MusicgenModel:
         self._lock = threading.Lock()
         self.calls = 0  # batched continuation calls so far (status and tests)
         self.last_batch_size = 0
+        self.last_steps = 0
+        self.resets = 0
+        # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
+        self.window_frames = min(window_frames or 30 * self.frame_rate, self.max_positions - 8)
+        from .decoding import DecodeState  # torch-heavy: imported only when a real model is used
+
+        dcfg = model.config.decoder
+        self._state = DecodeState(num_layers=dcfg.num_hidden_layers, heads=dcfg.num_attention_heads,
+                                  head_dim=dcfg.hidden_size // dcfg.num_attention_heads, num_codebooks=self.num_codebooks,
+                                  pad=self.pad_id, dtype=self.dtype, device=self.device)
 
     # -- text conditioning ----------------------------------------------------------------------------------
     def _project(self, hidden):  # torch.Tensor -> torch.Tensor
@@ -230,84 +247,177 @@ class MusicgenModel:
         with self._lock:
             self.calls += 1
             self.last_batch_size = len(requests)
-            new_codes = self._generate_codes(requests, frames)
+            generated = self._generate_codes(requests, frames)
+            new_codes = [c for c, _ in generated]
             pcm = self._decode(requests, new_codes)
-        return [ContinuationResult(codes=c, pcm=p, overlap=min(r.overlap, r.context.shape[1]))
-                for r, c, p in zip(requests, new_codes, pcm)]
+        return [ContinuationResult(codes=c, pcm=p, overlap=min(r.overlap, r.context.shape[1]), fresh=fresh)
+                for r, (c, fresh), p in zip(requests, generated, pcm)]
 
-    def _generate_codes(self, requests: Sequence[ContinuationRequest], frames: int) -> list[np.ndarray]:
+    def forget(self, key: str) -> None:
+        """Drop a station's decode state (it is rebuilt from its codes if it comes back)."""
+        with self._lock:
+            keep = [i for i, row in enumerate(self._state.rows) if row.key != key]
+            if len(keep) != len(self._state.rows):
+                self._state.assemble(keep, [], None, 0, [], self._state.cfg, self._state.capacity)
+
+    def _generate_codes(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
+        """Decode ``frames`` (or more) new frames for every request; returns (codes, was_fresh) per request."""
+        from .decoding import Row, delayed_column, forced_warmup
+
+        torch = self._torch
+        K, pad = self.num_codebooks, self.pad_id
+        state = self._state
+        use_cfg = any(r.sampling.guidance > 1.0 for r in requests)
+        keys = [r.key or f"\0anon{id(r)}:{i}" for i, r in enumerate(requests)]
+        window = self.window_frames
+        existing = {row.key: i for i, row in enumerate(state.rows)}
+
+        # Which rows continue from their cache, which are (re)prefilled from their station's codes.
+        keep_idx: list[int] = []
+        fresh_req: list[int] = []
+        for i, (key, r) in enumerate(zip(keys, requests)):
+            j = existing.get(key)
+            if j is not None and state.cfg == use_cfg and state.matches(state.rows[j], r.context):
+                keep_idx.append(j)
+            else:
+                fresh_req.append(i)
+        worst = frames + K - 1
+        # Chunks each kept row can still run before it outgrows the window (< 0: it must reset now).
+        room = {j: (window - worst - state.tokens(j)) // max(1, frames) for j in keep_idx}
+        hard = [j for j in keep_idx if room[j] < 0]
+        if not hard:
+            # At most one prefill per chunk: if the rows queued for a reset could not all get their turn
+            # (the p-th in line needs p chunks of room), reset the first in line now.
+            line = sorted(keep_idx, key=lambda j: room[j])
+            if any(room[j] < p for p, j in enumerate(line)):
+                hard = [line[0]]
+        for j in hard:
+            self.resets += 1
+            logger.debug("window reset for %s after %d frames", state.rows[j].key, state.tokens(j))
+        keep_idx = [j for j in keep_idx if j not in hard]
+        fresh_req += [keys.index(state.rows[j].key) for j in hard]
+        fresh_req.sort()
+        steps = frames + (K - 1 if fresh_req else 0)
+        self.last_steps = steps
+
+        kept_keys = {state.rows[j].key for j in keep_idx}
+        fresh_rows, fresh_ctx = [], []
+        for i in fresh_req:
+            ctx = np.asarray(requests[i].context, dtype=np.int64)
+            ctx = ctx[:, max(0, ctx.shape[1] - max(0, window - steps - 1)):]
+            fresh_ctx.append(ctx)
+            T = ctx.shape[1]
+            fresh_rows.append(Row(key=keys[i], context_frames=T, next_column=delayed_column(ctx, T, pad),
+                                  forced=forced_warmup(ctx, pad)))
+        capacity = window + K + 2
+        if fresh_rows or len(keep_idx) != len(state.rows) or state.length + steps > state.capacity:
+            fresh_kv, fresh_len, fresh_offsets = self._prefill(fresh_rows, fresh_ctx, [requests[i] for i in fresh_req],
+                                                               use_cfg)
+            state.assemble(keep_idx, fresh_rows, fresh_kv, fresh_len, fresh_offsets, use_cfg, capacity)
+        order = {row.key: n for n, row in enumerate(state.rows)}
+        by_row = sorted(range(len(requests)), key=lambda i: order[keys[i]])
+        row_requests = [requests[i] for i in by_row]
+
+        B = len(state.rows)
+        dev = self.device
+        guidance = torch.tensor([r.sampling.guidance for r in row_requests], dtype=torch.float32, device=dev)
+        temperature = torch.tensor([r.sampling.temperature for r in row_requests], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([max(1, min(r.sampling.top_k, self.vocab_size)) for r in row_requests], device=dev)
+        enc, enc_mask = self._text_batch(row_requests, use_cfg)
+        cache = state.cache()
+        offsets = state.physical_offsets().to(dev)
+        rows = state.physical
+        next_cols = np.stack([row.next_column for row in state.rows])
+        decoder = self.model.decoder
+        out = np.empty((B, K, steps), dtype=np.int64)
+        try:
+            with torch.inference_mode():
+                for j in range(steps):
+                    tok = torch.from_numpy(next_cols).to(dev)
+                    if use_cfg:
+                        tok = torch.cat([tok, tok])
+                    L = state.length
+                    mask = (torch.arange(L + 1, device=dev)[None, :] >= offsets[:, None]).long()
+                    self._positions.position_ids = (L - offsets)[:, None]
+                    res = decoder(input_ids=tok.reshape(rows * K, 1), attention_mask=mask, encoder_hidden_states=enc,
+                                  encoder_attention_mask=enc_mask, past_key_values=cache, use_cache=True)
+                    state.sync_length(cache)
+                    logits = res.logits[:, -1, :].float().reshape(rows, K, -1)
+                    sampled = self._sample(logits, B, use_cfg, guidance, temperature, top_k).cpu().numpy()
+                    for b, row in enumerate(state.rows):
+                        if row.steps < K - 1:
+                            f = row.forced[:, row.steps]
+                            sampled[b] = np.where(f >= 0, f, sampled[b])
+                        row.steps += 1
+                    out[:, :, j] = sampled
+                    next_cols = sampled
+        finally:
+            self._positions.position_ids = None
+        results: dict[str, tuple[np.ndarray, bool]] = {}
+        for b, row in enumerate(state.rows):
+            row.next_column = next_cols[b].copy()
+            row.columns.extend(out[b, :, j] for j in range(steps))
+            complete = len(row.columns) - (K - 1)
+            new = np.stack([[row.columns[m + k][k] for m in range(complete)] for k in range(K)]).astype(np.int64) \
+                if complete > 0 else np.zeros((K, 0), np.int64)
+            row.columns = row.columns[max(0, complete):]
+            req = row_requests[b]
+            row.tail = np.concatenate([np.asarray(req.context, dtype=np.int64), new], axis=1)[:, -4:]
+            results[row.key] = (new, row.key not in kept_keys)
+        return [results[k] for k in keys]
+
+    def _prefill(self, rows: list, contexts: list[np.ndarray], requests: Sequence[ContinuationRequest],
+                 use_cfg: bool):
+        """Run fresh rows' contexts (all but their last column) through the decoder; return their KV."""
+        from .decoding import delayed_column
+
         torch = self._torch
         K, pad, dev = self.num_codebooks, self.pad_id, self.device
-        B = len(requests)
-        # Keep the window inside the model's positional table: prompt + new frames + delay tail.
-        limit = self.max_positions - frames - K - 1
-        contexts = [np.asarray(r.context, dtype=np.int64)[:, -limit:] if limit > 0 else
-                    np.zeros((K, 0), np.int64) for r in requests]
         lengths = [c.shape[1] for c in contexts]
-        L = max(lengths) + 1  # + the BOS column
-
-        # Delay pattern: position p of codebook k holds frame p-1-k; earlier positions are pad (= BOS).
-        ids = torch.full((B, K, L), pad, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        offsets = torch.zeros((B, 1), dtype=torch.long)
-        # forced[i, k, j]: codebook k at generation step j < k still belongs to the known context.
-        forced = torch.full((B, K, K), pad, dtype=torch.long)
+        P = max(lengths, default=0)
+        if not rows or P == 0:
+            return None, 0, [0] * len(rows)
+        B = len(rows)
+        ids = torch.full((B, K, P), pad, dtype=torch.long)
+        offsets = torch.zeros(B, dtype=torch.long)
         for i, ctx in enumerate(contexts):
             T = ctx.shape[1]
-            off = L - (T + 1)
+            off = P - T
             offsets[i] = off
-            mask[i, off:] = 1
-            c = torch.from_numpy(ctx)
-            for k in range(K):
-                n = max(0, T - k)  # frames of codebook k that fit before the generation start
-                if n:
-                    ids[i, k, off + 1 + k: off + 1 + k + n] = c[k, :n]
-                for j in range(k):
-                    f = T + j - k
-                    if f >= 0:
-                        forced[i, k, j] = c[k, f]
-        ids, mask, forced, offsets = ids.to(dev), mask.to(dev), forced.to(dev), offsets.to(dev)
+            for col in range(T):  # columns 0..T-1; column T is fed by the first step
+                ids[i, :, off + col] = torch.from_numpy(delayed_column(ctx, col, pad))
+        offs = torch.cat([offsets, offsets]) if use_cfg else offsets
+        ids = torch.cat([ids, ids]) if use_cfg else ids
+        phys = ids.shape[0]
+        mask = (torch.arange(P)[None, :] >= offs[:, None]).long()
+        enc, enc_mask = self._text_batch(requests, use_cfg)
+        self._positions.position_ids = (torch.arange(P)[None, :] - offs[:, None]).to(dev)
+        try:
+            with torch.inference_mode():
+                res = self.model.decoder.model(input_ids=ids.reshape(phys * K, P).to(dev), attention_mask=mask.to(dev),
+                                               encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
+                                               use_cache=True)
+        finally:
+            self._positions.position_ids = None
+        layers = res.past_key_values.self_attention_cache.layers
+        return [(layer.keys, layer.values) for layer in layers], P, [int(o) for o in offsets]
 
-        guidance = torch.tensor([r.sampling.guidance for r in requests], dtype=torch.float32, device=dev)
-        temperature = torch.tensor([r.sampling.temperature for r in requests], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([max(1, min(r.sampling.top_k, self.vocab_size)) for r in requests], device=dev)
-        use_cfg = bool((guidance > 1.0).any())
+    def conditioning(self, request: ContinuationRequest):  # -> torch.Tensor (tokens, hidden)
+        """Text states for a request; during a blend, the old and new prompts' states interpolated."""
+        new = self.encode_text(request.prompt)
+        if not request.blend_from or request.blend >= 1.0:
+            return new
+        old = self.encode_text(request.blend_from)
+        n = max(old.shape[0], new.shape[0])
+        a = float(min(1.0, max(0.0, request.blend)))
+        mixed = self._torch.zeros((n, new.shape[1]), dtype=new.dtype, device=new.device)
+        mixed[: old.shape[0]] += (1.0 - a) * old
+        mixed[: new.shape[0]] += a * new
+        return mixed
 
-        enc, enc_mask = self._text_batch([r.prompt for r in requests], use_cfg)
-        rows = 2 * B if use_cfg else B
-        dec_ids = (torch.cat([ids, ids]) if use_cfg else ids).reshape(rows * K, L)
-        dec_mask = torch.cat([mask, mask]) if use_cfg else mask
-        row_offsets = torch.cat([offsets, offsets]) if use_cfg else offsets
-        positions = torch.arange(L, device=dev)[None, :] - row_offsets
-
-        steps = frames + K - 1
-        out = torch.empty((B, K, steps), dtype=torch.long, device=dev)
-        past = None
-        decoder = self.model.decoder
-        with torch.inference_mode():
-            for j in range(steps):
-                self._positions.position_ids = positions
-                res = decoder(input_ids=dec_ids, attention_mask=dec_mask, encoder_hidden_states=enc,
-                              encoder_attention_mask=enc_mask, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                logits = res.logits[:, -1, :].float().reshape(rows, K, -1)
-                tok = self._sample(logits, B, use_cfg, guidance, temperature, top_k)
-                if j < K - 1:
-                    keep = torch.arange(K, device=dev) <= j  # codebooks already past their delay
-                    tok = torch.where(keep[None, :], tok, forced[:, :, j])
-                out[:, :, j] = tok
-                step_ids = torch.cat([tok, tok]) if use_cfg else tok
-                dec_ids = step_ids.reshape(rows * K, 1)
-                dec_mask = torch.cat([dec_mask, torch.ones((rows, 1), dtype=dec_mask.dtype, device=dev)], dim=1)
-                positions = positions[:, -1:] + 1
-        self._positions.position_ids = None
-        # Undo the delay: new frame f of codebook k was produced at step f + k.
-        result = torch.stack([out[:, k, k:k + frames] for k in range(K)], dim=1).cpu().numpy()
-        return [result[i] for i in range(B)]
-
-    def _text_batch(self, prompts: Sequence[str], use_cfg: bool):
+    def _text_batch(self, requests: Sequence[ContinuationRequest], use_cfg: bool):
         torch = self._torch
-        states = [self.encode_text(p) for p in prompts]
+        states = [self.conditioning(r) for r in requests]
         S = max(s.shape[0] for s in states)
         D = states[0].shape[1]
         enc = torch.zeros((len(states), S, D), dtype=self.dtype, device=self.device)

@@ -76,6 +76,7 @@ class Station:
         self.codes = np.zeros((num_codebooks, 0), dtype=np.int64)
         self.context_frames = int(engine.context_seconds * frame_rate)
         self.frames_in_item = 0
+        self.blend_from: str | None = None  # previous prompt while the current item blends in
         self._pending_title: str | None = self.playlist.current.title
         self._queue: deque[_Segment] = deque()
         self._queued = 0  # samples in _queue
@@ -119,6 +120,20 @@ class Station:
     def prompt(self) -> str:
         return self.playlist.current.prompt
 
+    def conditioning(self, frames: int) -> tuple[str, str | None, float]:
+        """(prompt, blend_from, blend weight) for a chunk of ``frames`` starting now.
+
+        During an item's ``transition.blend`` the weight of the new prompt rises linearly from 0 to 1 over the
+        blend time (taken at the chunk's middle), so the music drifts instead of switching.
+        """
+        item = self.playlist.current
+        if not self.blend_from or item.blend <= 0:
+            return item.prompt, None, 1.0
+        weight = (self.frames_in_item + frames / 2) / (item.blend * self.frame_rate)
+        if weight >= 1.0:
+            return item.prompt, None, 1.0
+        return item.prompt, self.blend_from, max(0.0, weight)
+
     def context(self) -> np.ndarray:
         return self.codes
 
@@ -131,8 +146,10 @@ class Station:
 
     def next_item(self) -> None:
         """Move generation to the next item. The code context stays: the music segues into the new prompt."""
+        previous = self.playlist.current.prompt
         item = self.playlist.advance()
         self.frames_in_item = 0
+        self.blend_from = previous if item.blend > 0 and previous != item.prompt else None
         self._pending_title = item.title
         logger.info("%s: next item %r", self.mount, item.title)
 

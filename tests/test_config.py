@@ -127,3 +127,24 @@ def test_daemon_config_errors_name_the_key(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert f"{cfg_path}:4: icecast.prot: unknown key; did you mean 'port'?" in out
     assert f"{cfg_path}:5: engine.chunk_seconds:" in out
+
+
+def test_transition_blend_is_read_and_checked(tmp_path: Path) -> None:
+    path = write_station(tmp_path, "blend.yaml", """
+        name: Blend
+        mount: /blend.mp3
+        playlist:
+          - {prompt: a, duration: 1m}
+          - prompt: b
+            duration: 1m
+            transition: {blend: 8s}
+          - prompt: c
+            duration: 5s
+            transition: {blend: 8s, fade: 2}
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_station(path)
+    assert sorted(p.split(": ")[1] for p in info.value.problems) == ["playlist[2].transition.blend",
+                                                                     "playlist[2].transition.fade"]
+    path.write_text(path.read_text().replace("duration: 5s", "duration: 30s").replace(", fade: 2", ""))
+    assert [i.blend for i in load_station(path).playlist] == [0.0, 8.0, 8.0]

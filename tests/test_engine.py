@@ -170,3 +170,21 @@ def test_underrun_fills_with_recent_audio_and_counts_the_deficit() -> None:
     more, _ = st.read(16000)
     assert np.abs(np.diff(np.concatenate([pcm[-1:], more]))).max() < 0.1
     assert not st.status()["filling"]
+
+
+def test_blend_transition_moves_from_old_prompt_to_new_monotonically() -> None:
+    model = SineModel()
+    items = (PlaylistItem("first", "old prompt", 1.0), PlaylistItem("second", "new prompt", 6.0, blend=3.0))
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=100)
+    engine, _ = make(model, cfg, "/a.mp3", items=items)
+    for _ in range(14):
+        engine.run_once()
+    reqs = [c[0][0] for c in model.calls]
+    assert [r.prompt for r in reqs[:2]] == ["old prompt"] * 2 and reqs[0].blend_from is None
+    blending = [r for r in reqs[2:] if r.blend_from is not None]
+    assert all(r.blend_from == "old prompt" and r.prompt == "new prompt" for r in blending)
+    weights = [r.blend for r in blending]
+    assert len(weights) == 6 and weights[0] > 0  # 3 s of blend in 0.5 s chunks
+    assert all(a < b for a, b in zip(weights, weights[1:])) and weights[-1] < 1.0
+    after = reqs[2 + len(blending)]
+    assert after.prompt == "new prompt" and after.blend_from is None and after.blend == 1.0

@@ -112,3 +112,86 @@ def test_pcm_covers_overlap_plus_new_frames(model: MusicgenModel) -> None:
 def test_text_encodings_are_cached(model: MusicgenModel) -> None:
     first = model.encode_text("a brand new prompt")
     assert model.encode_text("a brand new prompt") is first
+
+
+def _station_run(model: MusicgenModel, key: str, context: np.ndarray, chunks: list[int], keep: int | None = None,
+                 prompt: str = "lofi piano"):
+    """Drive the model like the engine drives one station: context grows by what the model returns."""
+    ctx = context
+    results = []
+    for frames in chunks:
+        request = ContinuationRequest(ctx if keep is None else ctx[:, -keep:], prompt, GREEDY, key=key)
+        res = model.continue_batch([request], frames)[0]
+        results.append((request, res))
+        ctx = np.concatenate([ctx, res.codes], axis=1)
+    return results
+
+
+def test_cached_chunks_equal_one_long_generation_with_one_step_per_frame(model: MusicgenModel) -> None:
+    ctx = np.random.default_rng(11).integers(0, model.vocab_size, (4, 25))
+    runs = _station_run(model, "station-a", ctx, [10, 10, 10, 10])
+    assert [r.fresh for _, r in runs] == [True, False, False, False]  # prefilled once, then cache only
+    assert model.last_steps == 10  # steady state: exactly one decoder step per new frame
+    joined = np.concatenate([r.codes for _, r in runs], axis=1)
+    assert joined.shape[1] == 40
+    one_shot = model.continue_batch([ContinuationRequest(ctx, "lofi piano", GREEDY)], 40)[0].codes
+    np.testing.assert_array_equal(joined, one_shot)
+
+
+def test_window_reset_reprefills_with_the_delay_pattern_right(tiny_model_dir: Path) -> None:
+    small_window = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=1, window_frames=40)
+    ctx = np.random.default_rng(5).integers(0, small_window.vocab_size, (4, 12))
+    runs = _station_run(small_window, "st", ctx, [6] * 12, keep=12)
+    resets = [i for i, (_, r) in enumerate(runs) if r.fresh and i > 0]
+    assert resets, "the window never reset"
+    assert small_window.resets == len(resets)
+    for i in resets:
+        request, res = runs[i]
+        # a reset row continues exactly like a brand-new row given the same (kept) context
+        fresh = small_window.continue_batch([ContinuationRequest(request.context, "lofi piano", GREEDY)], 6)[0]
+        np.testing.assert_array_equal(res.codes[:, :6], fresh.codes)
+    # between resets a row never holds more than the window
+    assert small_window._state.length <= 40 + 4 + 2
+
+
+def test_resets_of_rows_started_together_are_spread_over_chunks(tiny_model_dir: Path) -> None:
+    m = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=2, window_frames=60)
+    ctxs = {k: np.zeros((4, 0), np.int64) for k in "abc"}
+    fresh_per_call = []
+    for _ in range(30):
+        reqs = [ContinuationRequest(ctxs[k][:, -10:], "ambient", GREEDY, key=k) for k in "abc"]
+        res = m.continue_batch(reqs, 5)
+        for k, r in zip("abc", res):
+            ctxs[k] = np.concatenate([ctxs[k], r.codes], axis=1)
+        fresh_per_call.append(sum(r.fresh for r in res))
+    assert fresh_per_call[0] == 3
+    assert max(fresh_per_call[1:]) == 1, fresh_per_call  # never two prefills in one chunk
+    assert sum(fresh_per_call[1:]) >= 3  # every row was reset at least once
+
+
+def test_a_changed_context_is_recognised_and_reprefilled(model: MusicgenModel) -> None:
+    ctx = np.random.default_rng(1).integers(0, model.vocab_size, (4, 10))
+    runs = _station_run(model, "st-b", ctx, [5, 5])
+    assert [r.fresh for _, r in runs] == [True, False]
+    other = np.random.default_rng(2).integers(0, model.vocab_size, (4, 10))  # e.g. the station was reset
+    res = model.continue_batch([ContinuationRequest(other, "lofi piano", GREEDY, key="st-b")], 5)[0]
+    assert res.fresh
+
+
+def test_blend_moves_conditioning_monotonically_from_old_to_new(model: MusicgenModel) -> None:
+    old, new = model.encode_text("dark ambient drone"), model.encode_text("fast happy disco with bright synth")
+    n = max(old.shape[0], new.shape[0])
+
+    def padded(t):
+        out = torch.zeros((n, t.shape[1]))
+        out[: t.shape[0]] = t.float()
+        return out
+
+    distances = []
+    for a in np.linspace(0, 1, 9):
+        cond = model.conditioning(ContinuationRequest(np.zeros((4, 0), np.int64), "fast happy disco with bright synth",
+                                                      GREEDY, blend_from="dark ambient drone", blend=float(a)))
+        distances.append(float((padded(cond) - padded(new)).norm()))
+    assert distances[0] == pytest.approx(float((padded(old) - padded(new)).norm()), rel=1e-5)
+    assert distances[-1] == pytest.approx(0.0, abs=1e-5)
+    assert all(x > y for x, y in zip(distances, distances[1:]))

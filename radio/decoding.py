@@ -1,0 +1,210 @@
+"""The persistent batched decode state behind ``MusicgenModel.continue_batch``.
+
+Every station is a *row*. A row keeps its self-attention KV cache alive across chunks, so a steady-state
+chunk costs exactly one decoder step per new frame: no re-prefill of the context, no repeated steps.
+
+Layout. All rows share one KV buffer per layer, shape ``(physical_rows, heads, capacity, head_dim)``,
+preallocated so a step writes in place (transformers' DynamicCache concatenates, copying the whole cache
+every step). Rows are right-aligned: row i's tokens occupy columns ``[offset[i], length)``; columns before
+``offset[i]`` are masked padding. Position ids are per row (column - offset), so a row always sees its
+own BOS at position 0, whatever its neighbours do. With classifier-free guidance, physical row ``i + B`` is
+the unconditional twin of row ``i``.
+
+Delay pattern. MusicGen predicts codebook k of frame f at column f + 1 + k (column 0 is BOS). A row is
+*fresh* after a prefill of its context (T frames = columns 0..T-1 in the cache; column T is fed by the first
+step). Its first K-1 steps produce columns in which the higher codebooks still belong to the known context:
+those are *forced* from the context instead of sampled. A fresh row therefore yields its first frame after K
+steps; afterwards every step completes one frame.
+
+Window. MusicGen was trained on 30 s windows. When a row's cache would outgrow ``window`` frames, the row is
+reset: re-prefilled from its last ``context_seconds`` of codes. Resets are spread out, one row per chunk, so a
+batch never stalls on several prefills at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+
+logger = logging.getLogger(__name__)
+
+
+class BufferLayer(DynamicLayer):
+    """A self-attention cache layer over a preallocated buffer: ``update`` writes in place, returns views."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.buf_k = keys
+        self.buf_v = values
+        self.length = length
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor:
+        return self.buf_k[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:  # DynamicLayer.__init__ assigns; the buffer is the truth
+        pass
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor:
+        return self.buf_v[:, :, : self.length]
+
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        end = self.length + n
+        if end > self.buf_k.shape[2]:
+            raise RuntimeError(f"KV buffer full ({self.buf_k.shape[2]} columns)")
+        self.buf_k[:, :, self.length:end] = key_states
+        self.buf_v[:, :, self.length:end] = value_states
+        self.length = end
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+
+@dataclass
+class Row:
+    """One station's decode state."""
+
+    key: str
+    context_frames: int  # T at the last prefill
+    next_column: np.ndarray  # (K,) the column the next step feeds
+    forced: np.ndarray  # (K, K): forced[k, j] = value of codebook k at warm-up step j, or -1 (sample)
+    steps: int = 0  # steps since the last prefill
+    columns: list[np.ndarray] = field(default_factory=list)  # generated columns not yet fully turned into frames
+    tail: np.ndarray | None = None  # last emitted frames, to recognise the station's context next time
+
+
+def delayed_column(context: np.ndarray, column: int, pad: int) -> np.ndarray:
+    """Column ``column`` of the delay pattern over ``context`` (K, T): codebook k holds frame column-1-k."""
+    K, T = context.shape
+    out = np.full(K, pad, dtype=np.int64)
+    for k in range(K):
+        f = column - 1 - k
+        if 0 <= f < T:
+            out[k] = context[k, f]
+    return out
+
+
+def forced_warmup(context: np.ndarray, pad: int) -> np.ndarray:
+    """forced[k, j]: at warm-up step j (column T+1+j), codebook k > j still belongs to the context."""
+    K, T = context.shape
+    forced = np.full((K, K), -1, dtype=np.int64)
+    for j in range(K - 1):
+        for k in range(j + 1, K):
+            f = T + j - k
+            forced[k, j] = context[k, f] if f >= 0 else pad
+    return forced
+
+
+class DecodeState:
+    """Rows, their shared KV buffers, and the bookkeeping to add, drop and reset rows."""
+
+    def __init__(self, num_layers: int, heads: int, head_dim: int, num_codebooks: int, pad: int, dtype: torch.dtype,
+                 device: str) -> None:
+        self.num_layers = num_layers
+        self.heads = heads
+        self.head_dim = head_dim
+        self.K = num_codebooks
+        self.pad = pad
+        self.dtype = dtype
+        self.device = device
+        self.rows: list[Row] = []
+        self.cfg = False
+        self.length = 0
+        self.capacity = 0
+        self.offsets = torch.zeros(0, dtype=torch.long)
+        self.k_bufs: list[torch.Tensor] = []
+        self.v_bufs: list[torch.Tensor] = []
+
+    # -- shape ------------------------------------------------------------------------------------------------
+    @property
+    def physical(self) -> int:
+        return len(self.rows) * (2 if self.cfg else 1)
+
+    def tokens(self, i: int) -> int:
+        """Tokens in row i's cache (its window so far)."""
+        return self.length - int(self.offsets[i])
+
+    def physical_offsets(self) -> torch.Tensor:
+        return torch.cat([self.offsets, self.offsets]) if self.cfg else self.offsets
+
+    def matches(self, row: Row, context: np.ndarray) -> bool:
+        """Is ``context`` (what the station says it has) the continuation of what this row produced?"""
+        if row.tail is None:
+            return False
+        n = min(row.tail.shape[1], context.shape[1])
+        return n > 0 and np.array_equal(row.tail[:, -n:], context[:, -n:])
+
+    # -- rebuilding ---------------------------------------------------------------------------------------------
+    def assemble(self, keep: list[int], fresh: list[Row], fresh_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                 fresh_len: int, fresh_offsets: list[int], cfg: bool, capacity: int) -> None:
+        """New buffers holding rows ``keep`` (indices into the current rows) followed by ``fresh`` rows.
+
+        ``fresh_kv``: per layer (keys, values) of the fresh rows' prefill, shape (phys_fresh, H, fresh_len, d),
+        right-aligned with ``fresh_offsets``. Kept rows are compacted: columns no kept row uses are dropped.
+        """
+        old_rows, old_cfg, old_len = self.rows, self.cfg, self.length
+        if keep and old_cfg != cfg:
+            raise ValueError("cannot keep rows across a change of guidance layout")
+        start = min((int(self.offsets[i]) for i in keep), default=old_len)
+        kept_len = old_len - start
+        new_len = max(kept_len, fresh_len)
+        if new_len > capacity:
+            raise ValueError(f"rows need {new_len} columns, capacity is {capacity}")
+        B_keep, B_fresh = len(keep), len(fresh)
+        B = B_keep + B_fresh
+        mult = 2 if cfg else 1
+        old_B = len(old_rows)
+
+        def phys(indices: list[int], base_b: int) -> list[int]:
+            return indices + ([i + base_b for i in indices] if cfg else [])
+
+        src = phys(keep, old_B)
+        dst_keep = phys(list(range(B_keep)), B)
+        dst_fresh = phys(list(range(B_keep, B)), B)
+        k_bufs, v_bufs = [], []
+        for layer in range(self.num_layers):
+            kb = torch.zeros((B * mult, self.heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
+            vb = torch.zeros_like(kb)
+            if src and kept_len:
+                kb[dst_keep, :, new_len - kept_len:new_len] = self.k_bufs[layer][src, :, start:old_len]
+                vb[dst_keep, :, new_len - kept_len:new_len] = self.v_bufs[layer][src, :, start:old_len]
+            if fresh and fresh_kv is not None and fresh_len:
+                fk, fv = fresh_kv[layer]
+                kb[dst_fresh, :, new_len - fresh_len:new_len] = fk.to(self.dtype)
+                vb[dst_fresh, :, new_len - fresh_len:new_len] = fv.to(self.dtype)
+            k_bufs.append(kb)
+            v_bufs.append(vb)
+        offsets = [int(self.offsets[i]) - start + (new_len - kept_len) for i in keep]
+        offsets += [o + (new_len - fresh_len) for o in fresh_offsets]
+        self.rows = [old_rows[i] for i in keep] + list(fresh)
+        self.cfg = cfg
+        self.length = new_len
+        self.capacity = capacity
+        self.offsets = torch.tensor(offsets, dtype=torch.long)
+        self.k_bufs, self.v_bufs = k_bufs, v_bufs
+
+    def cache(self) -> EncoderDecoderCache:
+        """A transformers cache over our buffers; the cross-attention half is recomputed on its first use."""
+        self_attn = DynamicCache()
+        self_attn.layers = [BufferLayer(k, v, self.length) for k, v in zip(self.k_bufs, self.v_bufs)]
+        return EncoderDecoderCache(self_attn, DynamicCache())
+
+    def sync_length(self, cache: EncoderDecoderCache) -> None:
+        self.length = cache.self_attention_cache.layers[0].get_seq_length()
