@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate station files/directories and daemon configs")
     check.add_argument("paths", nargs="*", default=["stations"], help="files or directories (default: stations)")
+
+    bench = sub.add_parser("bench", help="measure generation speed against the prototype loop and raw generate")
+    src = bench.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory or hub id")
+    src.add_argument("--shape", choices=("tiny", "small"), default="tiny",
+                     help="use (and make once, in ~/.cache/radio) a random-weight checkpoint of this shape")
+    bench.add_argument("--mounts", default="1,2,3,4,8", help="comma-separated mount counts (default 1,2,3,4,8)")
+    bench.add_argument("--frames", type=int, default=100, help="frames per chunk (50 = 1 s; default 100)")
+    bench.add_argument("--chunks", type=int, default=3, help="measured steady-state chunks (default 3)")
+    bench.add_argument("--proto-steps", type=int, default=2, help="measured prototype rounds (default 2)")
+    bench.add_argument("--dtypes", default="float32,auto", help="dtypes for our engine (default float32,auto)")
+    bench.add_argument("--scenarios", default="prototype,generate,ours")
+    bench.add_argument("--json", help="also write the report as JSON to this file")
 
     make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
     make.add_argument("dir")
@@ -145,6 +159,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    from .bench import format_table, run_bench, write_json
+
+    try:
+        mounts = [int(x) for x in args.mounts.split(",") if x.strip()]
+        if not mounts or min(mounts) < 1:
+            raise ValueError
+    except ValueError:
+        logger.error("--mounts: %r is not a list of positive whole numbers, e.g. 1,2,4,8", args.mounts)
+        return EXIT_CONFIG
+    model = args.model
+    if model is None:
+        from .testing import make_test_model
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "radio" / "test-models"
+        model_dir = cache / f"{args.shape}-seed0"
+        if not (model_dir / "model.safetensors").exists() and not any(model_dir.glob("*.safetensors*")):
+            logger.info("writing a random-weight %s checkpoint to %s (once)", args.shape, model_dir)
+            make_test_model(model_dir, shape=args.shape, seed=0)
+        model = str(model_dir)
+    try:
+        report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
+                           dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
+                           scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()))
+    except RadioError as exc:
+        logger.error("%s", exc)
+        return EXIT_RUNTIME
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
@@ -158,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     return EXIT_CONFIG
 
 

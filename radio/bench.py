@@ -1,0 +1,311 @@
+"""``radio bench``: how fast the engine turns decode steps into audio, against honest baselines.
+
+Scenarios, each at several mount counts (one text prompt per mount, guidance 3, sampling on):
+
+* ``prototype``: the loop this project replaced, reimplemented as it ran: every step re-encodes the last 4 s of
+  waveform per mount through the processor and EnCodec, re-runs the text encoder, generates 100 new tokens
+  with ``generate`` and decodes prompt + new audio. fp32.
+* ``generate``: raw ``model.generate`` of the same number of new frames from text only: the ceiling for a
+  design that calls ``generate`` per chunk (no context at all).
+* ``ours``: ``MusicgenModel.continue_batch`` in steady state (every mount with 10 s of context, KV caches
+  live), in fp32 and in the ``auto`` dtype.
+
+Figures: aggregate audio seconds per wall second, wall seconds per decode step, time to first audio of a new
+station joining the batch, peak RSS; then the ratios the engine is held to. Random-weight checkpoints have the
+real shapes, so the timings are the real ones (``radio make-test-model --shape small``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .model import ContinuationRequest, MusicgenModel, Sampling
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = [
+    "lofi hip hop, rainy night piano, soft vinyl crackle",
+    "deep ambient drone, slow evolving synth pads",
+    "smooth jazz trio, upright bass, brushed drums",
+    "upbeat funk, slap bass, bright horns",
+    "epic cinematic strings, big drums",
+    "retro 80s synthwave, gated drums",
+    "acoustic guitar folk, warm and mellow",
+    "minimal techno, deep kick, hypnotic",
+]
+SAMPLING = Sampling(temperature=1.0, top_k=250, guidance=3.0)
+
+
+@dataclass
+class Result:
+    scenario: str
+    dtype: str
+    mounts: int
+    audio_per_wall: float  # aggregate audio seconds per wall second
+    seconds_per_step: float  # wall seconds per decoder step (batched)
+    ttfa_seconds: float | None  # time to first audio of a new station joining the batch
+    peak_rss_mb: float
+
+
+class RssSampler:
+    """Peak resident set size over a block (ru_maxrss cannot be reset, so sample /proc)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "python": platform.python_version()}
+
+
+def _text_inputs(model: MusicgenModel, prompts: list[str]) -> dict[str, Any]:
+    return dict(model.tokenizer(prompts, padding=True, return_tensors="pt"))
+
+
+def bench_prototype(model: MusicgenModel, mounts: int, steps: int, progress: Callable[[str], None]) -> Result:
+    """The prototype's loop: waveform re-prompt through the processor, 100 tokens, decode prompt + new."""
+    import torch
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model.name if Path(model.name).exists() else model.name)
+    sr = model.sample_rate
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(mounts)]
+    audio: list[np.ndarray] | None = None
+    produced = 0.0
+    wall = 0.0
+    with RssSampler() as rss:
+        for i in range(steps + 1):  # the first (text-only) round is warm-up
+            t0 = time.monotonic()
+            inputs = processor(audio=audio, text=prompts, padding=True, sampling_rate=sr, return_tensors="pt")
+            if audio is not None:
+                inputs["input_values"] = inputs["input_values"].to(torch.float32)
+            with torch.inference_mode():
+                out = model.model.generate(**inputs, max_new_tokens=100, do_sample=True, guidance_scale=3.0,
+                                           top_k=250)
+            start = audio[0].shape[0] if audio is not None else 0
+            new = out[:, 0, start:].float().numpy()
+            audio = [out[b, 0, -4 * sr:].float().numpy() for b in range(mounts)]
+            dt = time.monotonic() - t0
+            if i > 0:
+                produced += mounts * new.shape[1] / sr
+                wall += dt
+            progress(f"prototype x{mounts}: round {i}/{steps} {dt:.1f}s")
+    return Result("prototype", "float32", mounts, produced / wall, wall / (steps * 100), None, rss.peak / 2**20)
+
+
+def bench_generate(model: MusicgenModel, mounts: int, frames: int, progress: Callable[[str], None]) -> Result:
+    import torch
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(mounts)]
+    inputs = _text_inputs(model, prompts)
+    # Our decoder runs in the chosen dtype while the text encoder and EnCodec stay fp32; autocast lets the
+    # stock generate() run across that mix (a no-op for fp32).
+    autocast = torch.autocast(device_type="cuda" if str(model.device).startswith("cuda") else "cpu",
+                              dtype=model.dtype, enabled=model.dtype != torch.float32)
+    with RssSampler() as rss, torch.inference_mode(), autocast:
+        model.model.generate(**inputs, max_new_tokens=8, do_sample=True, guidance_scale=3.0)  # warm-up
+        t0 = time.monotonic()
+        model.model.generate(**inputs, max_new_tokens=frames + model.num_codebooks - 1, do_sample=True,
+                             guidance_scale=3.0, top_k=250)
+        wall = time.monotonic() - t0
+    progress(f"generate x{mounts}: {wall:.1f}s")
+    steps = frames + model.num_codebooks - 1
+    return Result("generate", _dtype_name(model), mounts, mounts * frames / model.frame_rate / wall, wall / steps,
+                  None, rss.peak / 2**20)
+
+
+def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: int = 5) -> float:
+    """Seconds for one bare decoder forward (2 rows per mount, one token, ``context`` cached tokens)."""
+    import torch
+
+    rows = 2 * mounts
+    K = model.num_codebooks
+    dec = model.model.decoder
+    enc = torch.zeros((rows, 12, dec.config.hidden_size), dtype=model.dtype, device=model.device)
+    ids = torch.randint(0, model.vocab_size, (rows * K, context), device=model.device)
+    with torch.inference_mode():
+        res = dec(input_ids=ids, encoder_hidden_states=enc, use_cache=True)
+        cache = res.past_key_values
+        step = ids[:, -1:]
+        dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)  # warm-up
+        t0 = time.monotonic()
+        for _ in range(repeats):
+            dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)
+        return (time.monotonic() - t0) / repeats
+
+
+def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, first_frames: int,
+               progress: Callable[[str], None]) -> Result:
+    rng = np.random.default_rng(0)
+    context_frames = 10 * model.frame_rate
+    ctx = {f"m{i}": rng.integers(0, model.vocab_size, (model.num_codebooks, context_frames)) for i in range(mounts)}
+
+    def step(keys: list[str], n: int) -> float:
+        reqs = [ContinuationRequest(ctx[k][:, -context_frames:], PROMPTS[int(k[1:]) % len(PROMPTS)], SAMPLING,
+                                    overlap=10, key=k) for k in keys]
+        t0 = time.monotonic()
+        res = model.continue_batch(reqs, n)
+        dt = time.monotonic() - t0
+        for k, r in zip(keys, res):
+            ctx[k] = np.concatenate([ctx[k], r.codes], axis=1)[:, -context_frames:]
+        return dt
+
+    keys = list(ctx)
+    with RssSampler() as rss:
+        progress(f"ours x{mounts} ({_dtype_name(model)}): warm-up (prefill of {context_frames} frames per mount)")
+        step(keys, frames)  # prefill + warm-up
+        wall, steps, audio = 0.0, 0, 0.0
+        for c in range(chunks):
+            dt = step(keys, frames)
+            wall += dt
+            steps += model.last_steps
+            audio += mounts * frames / model.frame_rate
+            progress(f"ours x{mounts} ({_dtype_name(model)}): chunk {c + 1}/{chunks} {dt:.1f}s")
+        # A new station joins the running batch: its first audio arrives after one short chunk.
+        ctx["m99"] = np.zeros((model.num_codebooks, 0), np.int64)
+        ttfa = step(keys + ["m99"], first_frames)
+        model.forget("m99")
+        del ctx["m99"]
+    return Result("ours", _dtype_name(model), mounts, audio / wall, wall / steps, ttfa, rss.peak / 2**20)
+
+
+def _dtype_name(model: MusicgenModel) -> str:
+    return str(model.dtype).replace("torch.", "")
+
+
+def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
+              first_seconds: float = 1.0, dtypes: tuple[str, ...] = ("float32", "auto"),
+              scenarios: tuple[str, ...] = ("prototype", "generate", "ours"),
+              progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
+    """Run every scenario and return the report (also what ``--json`` writes)."""
+    results: list[Result] = []
+    raw_steps: dict[str, float] = {}
+    models: dict[str, MusicgenModel] = {}
+    for dtype in dtypes:
+        m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0)
+        name = _dtype_name(m)
+        if name in models:
+            continue
+        models[name] = m
+        first_frames = max(1, int(first_seconds * m.frame_rate))
+        for n in mounts:
+            if "prototype" in scenarios and name == "float32":
+                results.append(bench_prototype(m, n, proto_steps, progress))
+            if "generate" in scenarios:
+                results.append(bench_generate(m, n, frames, progress))
+            if "ours" in scenarios:
+                results.append(bench_ours(m, n, frames, chunks, first_frames, progress))
+                raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, 10 * m.frame_rate + frames)
+    report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(),
+              "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
+                           "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds},
+              "results": [asdict(r) for r in results], "raw_decode_step_seconds": raw_steps}
+    report["ratios"] = ratios(results, raw_steps, first_seconds)
+    return report
+
+
+def _find(results: list[Result], scenario: str, dtype: str | None, mounts: int) -> Result | None:
+    for r in results:
+        if r.scenario == scenario and r.mounts == mounts and (dtype is None or r.dtype == dtype):
+            return r
+    return None
+
+
+def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    mounts = sorted({r.mounts for r in results})
+    ref = 3 if 3 in mounts else (mounts[len(mounts) // 2] if mounts else 0)
+    proto = _find(results, "prototype", "float32", ref)
+    dtypes = sorted({r.dtype for r in results if r.scenario == "ours"})
+    for dtype in dtypes:
+        ours = _find(results, "ours", dtype, ref)
+        if proto and ours:
+            out[f"ours_{dtype}_vs_prototype_at_{ref}_mounts"] = round(ours.audio_per_wall / proto.audio_per_wall, 2)
+        for n in mounts:
+            o = _find(results, "ours", dtype, n)
+            raw = raw_steps.get(f"{dtype}:{n}")
+            if o and raw:
+                out[f"step_overhead_{dtype}_{n}_mounts"] = round(o.seconds_per_step / raw, 3)
+            if o and raw and o.ttfa_seconds is not None:
+                budget = (first_seconds * 50 + 3) * raw + 2.0
+                out[f"ttfa_{dtype}_{n}_mounts_vs_budget"] = f"{o.ttfa_seconds:.2f}s / {budget:.2f}s"
+        one, four = _find(results, "ours", dtype, 1), _find(results, "ours", dtype, 4)
+        if one and four:
+            out[f"batching_efficiency_{dtype}_4_vs_1"] = round(four.audio_per_wall / (4 * one.audio_per_wall), 3)
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"radio bench  {report['date']}  model={report['model']}",
+             f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
+             f"{report['machine']['torch']}",
+             "",
+             f"{'scenario':<10} {'dtype':<9} {'mounts':>6} {'audio s/s':>10} {'s/step':>8} {'ttfa s':>7} "
+             f"{'RSS MB':>8}"]
+    for r in report["results"]:
+        ttfa = f"{r['ttfa_seconds']:.2f}" if r["ttfa_seconds"] is not None else "-"
+        lines.append(f"{r['scenario']:<10} {r['dtype']:<9} {r['mounts']:>6} {r['audio_per_wall']:>10.3f} "
+                     f"{r['seconds_per_step']:>8.3f} {ttfa:>7} {r['peak_rss_mb']:>8.0f}")
+    lines.append("")
+    for k, v in report["ratios"].items():
+        lines.append(f"{k:<45} {v}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
