@@ -86,7 +86,8 @@ class EngineConfig:
 
     chunk_seconds: float = 4.0  # new audio per batched step in steady state
     first_chunk_seconds: float = 1.0  # a new station's first step: short, so it is on air quickly
-    context_seconds: float = 10.0  # codes kept per station and fed back to the model
+    context_seconds: float = 10.0  # codes kept per station; what a window reset re-prefills
+    window_seconds: float = 30.0  # longest context a station's KV cache grows to before a reset
     buffer_seconds: float = 12.0  # PCM a station tries to keep ahead of real time
     max_batch: int = 16
     overlap_frames: int = 10  # context frames decoded again in front of a chunk, to warm EnCodec up
@@ -574,6 +575,10 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
                 if v is not None:
                     values[name] = v
             engine = EngineConfig(**values)
+            if engine.window_seconds < engine.context_seconds + 2 * engine.chunk_seconds:
+                en.err("window_seconds", f"{engine.window_seconds:g} is too short: it must be at least "
+                                         "context_seconds + 2 x chunk_seconds "
+                                         f"({engine.context_seconds + 2 * engine.chunk_seconds:g})")
     cfg = DaemonConfig(
         stations_dir=stations,
         model=m.get("model", "str", DEFAULT_MODEL),

@@ -28,7 +28,8 @@ ModelFactory = Callable[[DaemonConfig], MusicModel]
 
 
 def load_model(cfg: DaemonConfig) -> MusicModel:
-    return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                         window_seconds=cfg.engine.window_seconds)
 
 
 class Daemon:

@@ -1,0 +1,31 @@
+"""`radio bench` runs end to end on the tiny shape (the small shape is for runs by hand)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "radio.cli", "bench", "--shape", "tiny", "--mounts", "1,3,4",
+                           "--frames", "20", "--chunks", "2", "--proto-steps", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "audio s/s" in proc.stdout and "prototype" in proc.stdout
+    report = json.loads(out.read_text())
+    scenarios = {(r["scenario"], r["dtype"], r["mounts"]) for r in report["results"]}
+    assert {("prototype", "float32", 3), ("generate", "float32", 3), ("ours", "float32", 3)} <= scenarios
+    for r in report["results"]:
+        assert r["audio_per_wall"] > 0 and r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0
+        if r["scenario"] == "ours":
+            assert r["ttfa_seconds"] is not None and r["ttfa_seconds"] > 0
+    ratios = report["ratios"]
+    assert "ours_float32_vs_prototype_at_3_mounts" in ratios
+    assert "batching_efficiency_float32_4_vs_1" in ratios
+    assert report["machine"]["cores"] >= 1
+    assert (tmp_path / "cache" / "radio" / "test-models" / "tiny-seed0" / "config.json").exists()
