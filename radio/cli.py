@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", default="float32,auto", help="dtypes for our engine (default float32,auto)")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
     bench.add_argument("--json", help="also write the report as JSON to this file")
+
+    soak = sub.add_parser("soak", help="run the daemon for a long time and report underruns, drift, RSS growth")
+    soak_src = soak.add_mutually_exclusive_group()
+    soak_src.add_argument("--model", help="checkpoint directory or hub id (default: the tiny test model)")
+    soak_src.add_argument("--shape", choices=("tiny", "small"), default="tiny")
+    soak.add_argument("--minutes", type=float, default=30.0)
+    soak.add_argument("--stations", type=int, default=4)
+    soak.add_argument("--warmup", type=float, default=60.0, help="seconds before measuring (default 60)")
+    soak.add_argument("--json", help="also write the report as JSON to this file")
 
     make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
     make.add_argument("dir")
@@ -172,14 +180,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     model = args.model
     if model is None:
-        from .testing import make_test_model
+        from .testing import cached_test_model
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "radio" / "test-models"
-        model_dir = cache / f"{args.shape}-seed0"
-        if not (model_dir / "model.safetensors").exists() and not any(model_dir.glob("*.safetensors*")):
-            logger.info("writing a random-weight %s checkpoint to %s (once)", args.shape, model_dir)
-            make_test_model(model_dir, shape=args.shape, seed=0)
-        model = str(model_dir)
+        model = str(cached_test_model(args.shape))
     try:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
@@ -191,6 +194,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
     return EXIT_OK
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    from .soak import format_soak, run_soak, write_json
+    from .testing import cached_test_model
+
+    if args.stations < 1 or args.minutes <= 0:
+        logger.error("--stations must be >= 1 and --minutes > 0")
+        return EXIT_CONFIG
+    model = args.model or str(cached_test_model(args.shape))
+    try:
+        report = run_soak(model, args.minutes, args.stations, warmup=args.warmup)
+    except RadioError as exc:
+        logger.error("%s", exc)
+        return EXIT_RUNTIME
+    print(format_soak(report))
+    if args.json:
+        write_json(report, args.json)
+    return EXIT_OK if all(report["targets"].values()) else EXIT_RUNTIME
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command == "soak":
+        return cmd_soak(args)
     return EXIT_CONFIG
 
 

@@ -63,6 +63,7 @@ class StationConfig:
     sampling: Sampling
     playlist: tuple[PlaylistItem, ...]
     path: str = ""
+    apply: str = "next"  # live edits of the playlist: "next" (at the end of the current item) or "now"
 
     @property
     def key(self) -> str:
@@ -93,6 +94,7 @@ class EngineConfig:
     overlap_frames: int = 10  # context frames decoded again in front of a chunk, to warm EnCodec up
     crossfade_ms: float = 40.0  # equal-power crossfade at chunk joins (taken from the overlap)
     filler_seconds: float = 4.0  # recent audio looped when a station's buffer runs dry
+    silence_seconds: float = 10.0  # generated near-silence (< -60 dBFS) longer than this is skipped
 
 
 @dataclass(frozen=True)
@@ -164,10 +166,10 @@ def _compose(path: Path, problems: _Problems) -> yaml.Node | None:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        problems.add(None, "file", f"cannot read: {exc.strerror}")
+        problems.add(1, "file", f"cannot read: {exc.strerror}")
         return None
     if size > MAX_FILE_BYTES:
-        problems.add(None, "file", f"is {size} bytes; the limit is {MAX_FILE_BYTES} bytes")
+        problems.add(1, "file", f"is {size} bytes; the limit is {MAX_FILE_BYTES} bytes")
         return None
     try:
         raw = path.read_bytes()
@@ -177,7 +179,7 @@ def _compose(path: Path, problems: _Problems) -> yaml.Node | None:
         problems.add(line, "file", "is not UTF-8 text; save it as UTF-8")
         return None
     except OSError as exc:
-        problems.add(None, "file", f"cannot read: {exc.strerror}")
+        problems.add(1, "file", f"cannot read: {exc.strerror}")
         return None
     if "\x00" in text:
         problems.add(text[: text.index("\x00")].count("\n") + 1, "file", "contains NUL bytes; it is not YAML text")
@@ -190,10 +192,10 @@ def _compose(path: Path, problems: _Problems) -> yaml.Node | None:
         problems.add(line, "yaml", f"syntax error: {exc.problem or exc.context}; check indentation and quoting")
         return None
     except yaml.YAMLError as exc:
-        problems.add(None, "yaml", f"syntax error: {exc}")
+        problems.add(1, "yaml", f"syntax error: {exc}")
         return None
     except RecursionError:
-        problems.add(None, "yaml", f"nested too deeply; flatten it")
+        problems.add(1, "yaml", f"nested deeper than {MAX_DEPTH} levels; flatten it")
         return None
     if node is None:
         problems.add(1, "file", "is empty; see stations/*.yaml for examples")
@@ -353,7 +355,8 @@ def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[float], str
 # Stations
 
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
-                "playlist")
+                "playlist", "apply")
+APPLY = ("next", "now")
 GENERATION_KEYS = ("temperature", "top_k", "guidance")
 ITEM_KEYS = ("title", "prompt", "duration", "transition")
 TRANSITION_KEYS = ("blend",)
@@ -383,6 +386,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     genre = m.get("genre", "str", "", check=_text_check(200, allow_empty=True))
     url = m.get("url", "str", "", check=_text_check(500, allow_empty=True))
     order = m.get("order", "str", "cycle", check=_in(ORDERS))
+    apply = m.get("apply", "str", "next", check=_in(APPLY))
 
     sampling = Sampling()
     gen_node = m.node("generation")
@@ -439,7 +443,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
         return None
     return StationConfig(name=name, mount=mount, format=fmt, bitrate=bitrate, description=description,
                          genre=genre, url=url, order=order, sampling=sampling, playlist=tuple(items),
-                         path=str(path))
+                         path=str(path), apply=apply)
 
 
 def load_station(path: str | Path) -> StationConfig:

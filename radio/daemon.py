@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from .config import DaemonConfig, StationConfig
+from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
 from .engine import Engine
 from .errors import RadioError
 from .localicecast import LocalIcecast, find_icecast_xml, free_port
@@ -49,6 +49,9 @@ class Daemon:
         self.mounts: dict[str, Mount] = {}
         self.started = time.monotonic()
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._stop_or_reload = threading.Event()
+        self._files: dict[str, tuple[int, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,12 +93,81 @@ class Daemon:
     def add_station(self, sc: StationConfig, rng: random.Random | None = None) -> Station:
         if self.model is None or self.engine is None:
             raise RadioError("daemon not started")
+        if len(self.stations) >= MAX_STATIONS:
+            raise RadioError(f"{sc.path}: more than {MAX_STATIONS} stations; split them over several daemons")
         station = Station(sc, self.model.sample_rate, self.model.frame_rate, self.model.num_codebooks,
                           self.config.engine, rng=random.Random((rng or random.Random()).random()))
         self.stations[station.key] = station
         self.engine.add_station(station)
         self.mounts[station.key] = Mount(station, self.config.icecast)
         return station
+
+    # -- live edits -------------------------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, tuple[int, int]]:
+        try:
+            return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in station_files(self.config.stations_dir)}
+        except OSError:
+            return {}
+
+    def reload(self) -> None:
+        """Re-read the stations directory and apply it file by file.
+
+        A valid changed file is applied to its station only (a changed mount, format, bitrate or stream
+        metadata restarts that one mount; prompts and sampling change without a restart). A new file starts a
+        station, a removed file stops one. An invalid file is logged with file:line and its running version
+        keeps playing.
+        """
+        self._files = self._snapshot()
+        stations, problems = load_stations([self.config.stations_dir])
+        bad = {line.split(":", 1)[0] for line in problems}
+        for line in problems:
+            running = line.split(":", 1)[0] in self.stations
+            logger.error("%s (%s)", line, "the running version keeps playing" if running else "not started")
+        wanted = {sc.key: sc for sc in stations}
+        for key in list(self.stations):
+            if key not in self._files and key not in bad:
+                self.remove_station(key)
+            elif key in wanted and wanted[key] != self.stations[key].config:
+                self.update_station(wanted[key])
+        for key, sc in wanted.items():
+            if key in self.stations:
+                continue
+            clash = [st for st in self.stations.values() if st.mount == sc.mount]
+            if clash:
+                logger.error("%s: mount: %s is already used by %s; not started", sc.path, sc.mount, clash[0].key)
+                continue
+            try:
+                station = self.add_station(sc)
+            except RadioError as exc:
+                logger.error("%s", exc)
+                continue
+            self.mounts[station.key].start()
+            logger.info("%s: new station %r on %s", sc.path, sc.name, sc.mount)
+
+    def update_station(self, sc: StationConfig) -> None:
+        station = self.stations[sc.key]
+        old = station.config
+        if sc.mount != old.mount and any(st.mount == sc.mount for st in self.stations.values()):
+            logger.error("%s: mount: %s is already used by another station; change not applied", sc.path, sc.mount)
+            return
+        station.apply_config(sc)
+        stream = ("mount", "format", "bitrate", "name", "description", "genre", "url")
+        if any(getattr(sc, f) != getattr(old, f) for f in stream):
+            logger.info("%s: stream settings changed; restarting %s", sc.path, sc.mount)
+            self.mounts[sc.key].stop()
+            self.mounts[sc.key] = Mount(station, self.config.icecast)
+            self.mounts[sc.key].start()
+        else:
+            logger.info("%s: applied", sc.path)
+
+    def remove_station(self, key: str) -> None:
+        station = self.stations.pop(key)
+        mount = self.mounts.pop(key, None)
+        if mount is not None:
+            mount.stop()
+        if self.engine is not None:
+            self.engine.remove_station(key)
+        logger.info("%s: file removed; %s stopped", key, station.mount)
 
     def stop(self) -> None:
         """Reverse order: mounts (ffmpeg, shout) -> engine -> local Icecast."""
@@ -112,16 +184,35 @@ class Daemon:
         logger.info("stopped")
 
     def request_stop(self, *_: object) -> None:
+        """Signal handlers only set flags; the main loop does the work."""
         self._stop.set()
+        self._stop_or_reload.set()
 
-    def run(self, status_every: float = 60.0) -> None:
-        """Start, serve until SIGINT/SIGTERM, stop. Exceptions propagate after everything is stopped."""
+    def request_reload(self, *_: object) -> None:
+        self._reload.set()
+        self._stop_or_reload.set()
+
+    def run(self, status_every: float = 60.0, watch_every: float = 1.0) -> None:
+        """Start, serve until SIGINT/SIGTERM, stop. SIGHUP (or an edited station file) reloads stations.
+        Exceptions propagate after everything is stopped."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
         try:
             self.start()
+            self._files = self._snapshot()
             next_status = time.monotonic() + status_every
-            while not self._stop.wait(1.0):
+            while not self._stop.is_set():
+                self._stop_or_reload.wait(watch_every)
+                self._stop_or_reload.clear()
+                if self._stop.is_set():
+                    break
+                if self._reload.is_set():
+                    self._reload.clear()
+                    logger.info("SIGHUP: reloading %s", self.config.stations_dir)
+                    self.reload()
+                elif self._snapshot() != self._files:
+                    self.reload()
                 if time.monotonic() >= next_status:
                     self.log_status()
                     next_status += status_every

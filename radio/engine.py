@@ -17,9 +17,9 @@ from collections import deque
 import numpy as np
 
 from .config import EngineConfig
-from .dsp import equal_power_crossfade
+from .dsp import equal_power_crossfade, rms
 from .model import ContinuationRequest, MusicModel
-from .station import Station
+from .station import SILENCE_RMS, Station
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +103,28 @@ class Engine:
         for station, result in zip(batch, results):
             if station.key not in live:
                 continue  # removed while we generated
-            station.push(self._join(station.key, result.pcm, result.overlap))
+            joined = self._join(station.key, result.pcm, result.overlap)
+            station.push(joined)
             station.append_codes(result.codes)
+            self._watch_silence(station, joined, result.codes.shape[1])
         self.steps += 1
         self.last_batch = [s.mount for s in batch]
         self.last_step_seconds = wall
         self._recent.append((sum(r.codes.shape[1] for r in results) / fps, wall))
         logger.debug("step %d: %d stations x %d frames in %.2fs", self.steps, len(batch), frames, wall)
         return True
+
+    def _watch_silence(self, station: Station, pcm: np.ndarray, frames: int) -> None:
+        """MusicGen continuations can fade into silence and stay there: after ``silence_seconds`` of it, skip
+        the silent audio still queued and let the next chunk start from a fresh context."""
+        station.silent_frames = station.silent_frames + frames if rms(pcm) < SILENCE_RMS else 0
+        if station.silent_frames < self.config.silence_seconds * self.model.frame_rate:
+            return
+        seconds = station.silent_frames / self.model.frame_rate
+        dropped = station.restart_context()
+        self._tails.pop(station.key, None)
+        logger.warning("%s: %.0f s of near-silence from the generator; skipped %.1f s and starting from a "
+                       "fresh context", station.mount, seconds, dropped)
 
     def _join(self, key: str, pcm: np.ndarray, overlap: int) -> np.ndarray:
         spf = self.model.samples_per_frame

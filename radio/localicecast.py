@@ -160,11 +160,7 @@ class LocalIcecast:
 
     def status(self) -> dict | None:
         """status-json.xsl as a dict, or None while Icecast does not answer."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/status-json.xsl", timeout=2) as resp:
-                return json.loads(resp.read().decode("utf-8", "replace"))
-        except (OSError, ValueError):
-            return None
+        return fetch_status(self.url)
 
     def error_log_tail(self, lines: int = 5) -> str:
         log = self.workdir / "log" / "error.log"
@@ -195,6 +191,15 @@ class LocalIcecast:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def fetch_status(base_url: str) -> dict | None:
+    """An Icecast's status-json.xsl as a dict; None when it does not answer (or answers half-written JSON)."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/status-json.xsl", timeout=2) as resp:
+            return json.loads(resp.read().decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return None
 
 
 def mounts(status: dict | None) -> dict[str, dict]:

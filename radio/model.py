@@ -213,6 +213,26 @@ class MusicgenModel:
         self._state = DecodeState(num_layers=dcfg.num_hidden_layers, heads=dcfg.num_attention_heads,
                                   head_dim=dcfg.hidden_size // dcfg.num_attention_heads, num_codebooks=self.num_codebooks,
                                   pad=self.pad_id, dtype=self.dtype, device=self.device)
+        self.nonfinite = 0  # chunks whose audio had NaN/inf (replaced by silence)
+        if self.dtype != torch.float32 and not self._outputs_finite():
+            logger.warning("model %s gives non-finite outputs in %s; falling back to float32", name,
+                           str(self.dtype).replace("torch.", ""))
+            self.dtype = torch.float32
+            model.decoder.to(torch.float32)
+            if hasattr(model, "enc_to_dec_proj"):
+                model.enc_to_dec_proj.to(torch.float32)
+            self._state.dtype = torch.float32
+            self._text_cache.clear()
+
+    def _outputs_finite(self) -> bool:
+        """One decoder step in the chosen dtype: are the logits finite? (Reduced precision can overflow.)"""
+        torch = self._torch
+        K = self.num_codebooks
+        states = self.encode_text("a short check of the decoder")[None]
+        with torch.inference_mode():
+            ids = torch.full((K, 1), self.pad_id, dtype=torch.long, device=self.device)
+            logits = self.model.decoder(input_ids=ids, encoder_hidden_states=states).logits
+        return bool(torch.isfinite(logits).all())
 
     # -- text conditioning ----------------------------------------------------------------------------------
     def _project(self, hidden):  # torch.Tensor -> torch.Tensor
@@ -468,6 +488,10 @@ class MusicgenModel:
                 codes = torch.from_numpy(np.stack([seqs[i] for i in idx])).to(self.device)[None]
                 audio = self.model.audio_encoder.decode(codes, audio_scales=[None] * len(idx)).audio_values
                 audio = audio[:, 0].float().cpu().numpy()
+                if not np.isfinite(audio).all():
+                    self.nonfinite += 1
+                    logger.error("decoded audio has non-finite samples (%d times so far); silenced", self.nonfinite)
+                    audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
                 for j, i in enumerate(idx):
                     out[i] = np.ascontiguousarray(audio[j, : seqs[i].shape[1] * self.samples_per_frame],
                                                   dtype=np.float32)

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import EngineConfig, PlaylistItem, StationConfig
-from .dsp import equal_power_crossfade
+from .dsp import equal_power_crossfade, rms
 
 logger = logging.getLogger(__name__)
+
+
+SILENCE_RMS = 10 ** (-60 / 20)  # -60 dBFS: "near-silent" for the watchdog
 
 
 @dataclass
@@ -26,6 +29,7 @@ class _Segment:
     pcm: np.ndarray
     title: str | None  # set on the segment that starts a playlist item
     pos: int = 0
+    silent: bool = False
 
 
 class Playlist:
@@ -77,6 +81,9 @@ class Station:
         self.context_frames = int(engine.context_seconds * frame_rate)
         self.frames_in_item = 0
         self.blend_from: str | None = None  # previous prompt while the current item blends in
+        self._next_playlist: Playlist | None = None  # an edited playlist waiting for the current item to end
+        self.silent_frames = 0  # consecutive generated frames of near-silence (watchdog)
+        self.silence_skips = 0
         self._pending_title: str | None = self.playlist.current.title
         self._queue: deque[_Segment] = deque()
         self._queued = 0  # samples in _queue
@@ -147,18 +154,68 @@ class Station:
     def next_item(self) -> None:
         """Move generation to the next item. The code context stays: the music segues into the new prompt."""
         previous = self.playlist.current.prompt
-        item = self.playlist.advance()
+        if self._next_playlist is not None:  # an edit waited for this moment
+            self.playlist, self._next_playlist = self._next_playlist, None
+            item = self.playlist.current
+        else:
+            item = self.playlist.advance()
         self.frames_in_item = 0
         self.blend_from = previous if item.blend > 0 and previous != item.prompt else None
         self._pending_title = item.title
         logger.info("%s: next item %r", self.mount, item.title)
+
+    def apply_config(self, config: StationConfig) -> None:
+        """A validated edit of this station's file. Sampling applies from the next chunk; a changed playlist
+        takes over at the end of the current item (``apply: next``) or at once (``apply: now``)."""
+        old = self.config
+        self.config = config
+        if config.playlist == old.playlist and config.order == old.order:
+            return
+        playlist = Playlist(config.playlist, config.order, self._rng)
+        current = self.playlist.current
+        same = [i for i, it in enumerate(config.playlist) if (it.title, it.prompt) == (current.title, current.prompt)]
+        if config.apply == "now":
+            previous = current.prompt
+            self.playlist = playlist
+            self._next_playlist = None
+            self.frames_in_item = 0
+            self._pending_title = playlist.current.title
+            self.blend_from = previous if playlist.current.blend > 0 and previous != playlist.current.prompt else None
+            logger.info("%s: playlist changed, now %r", self.mount, playlist.current.title)
+        elif same:
+            # The item on air is still in the playlist: keep playing it, continue from there.
+            playlist.index = same[0]
+            playlist.upcoming = playlist._pick_next()
+            self.playlist = playlist
+            self._next_playlist = None
+            logger.info("%s: playlist changed; %r continues", self.mount, current.title)
+        else:
+            self._next_playlist = playlist
+            logger.info("%s: playlist changed; %r follows the current item", self.mount, playlist.current.title)
+
+    def restart_context(self) -> float:
+        """Forget the code context (the next chunk starts fresh) and drop queued near-silent audio.
+        Returns the seconds dropped."""
+        self.codes = self.codes[:, :0]
+        self.silent_frames = 0
+        self.silence_skips += 1
+        dropped = 0
+        with self._lock:
+            while self._queue and self._queue[-1].pos == 0 and self._queue[-1].silent:
+                seg = self._queue.pop()
+                self._queued -= len(seg.pcm)
+                dropped += len(seg.pcm)
+                if seg.title is not None:
+                    self._pending_title = seg.title
+        return dropped / self.sample_rate
 
     def push(self, pcm: np.ndarray) -> None:
         """Queue freshly generated PCM (already joined); it carries the item title if it starts one."""
         if not len(pcm):
             return
         with self._lock:
-            self._queue.append(_Segment(np.asarray(pcm, dtype=np.float32), self._pending_title))
+            pcm = np.asarray(pcm, dtype=np.float32)
+            self._queue.append(_Segment(pcm, self._pending_title, silent=rms(pcm) < SILENCE_RMS))
             self._pending_title = None
             self._queued += len(pcm)
             self.generated_samples += len(pcm)
@@ -284,10 +341,11 @@ class Station:
             "bitrate": self.config.bitrate,
             "now_playing": self.now_playing,
             "generating": self.playlist.current.title,
-            "next": self.playlist.next.title,
+            "next": (self._next_playlist.current if self._next_playlist else self.playlist.next).title,
             "buffered_seconds": round(buffered, 3),
             "generated_seconds": round(self.generated_samples / self.sample_rate, 3),
             "filled_seconds": round(self.filled_samples / self.sample_rate, 3),
             "underruns": self.underruns,
+            "silence_skips": self.silence_skips,
             "filling": filling,
         }

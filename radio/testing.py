@@ -153,6 +153,18 @@ def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> 
     return out
 
 
+def cached_test_model(shape: str = "tiny", seed: int = 0) -> Path:
+    """A test checkpoint under the user's cache directory, written on first use."""
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "radio" / "test-models"
+    out = base / f"{shape}-seed{seed}"
+    if not (out / "config.json").exists() or not any(out.glob("*.safetensors*")):
+        logger.info("writing a random-weight %s checkpoint to %s (once)", shape, out)
+        make_test_model(out, shape=shape, seed=seed)
+    return out
+
+
 class SineModel:
     """A fake :class:`~radio.model.MusicModel`: a continuous sine across chunks, for engine tests.
 

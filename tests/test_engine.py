@@ -188,3 +188,38 @@ def test_blend_transition_moves_from_old_prompt_to_new_monotonically() -> None:
     assert all(a < b for a, b in zip(weights, weights[1:])) and weights[-1] < 1.0
     after = reqs[2 + len(blending)]
     assert after.prompt == "new prompt" and after.blend_from is None and after.blend == 1.0
+
+
+def test_silence_watchdog_skips_silent_audio_and_starts_a_fresh_context() -> None:
+    model = SineModel(amplitude=0.0)  # a generator that has faded into silence
+    cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=1.0, buffer_seconds=100, silence_seconds=3.0)
+    engine, (st,) = make(model, cfg, "/a.mp3")
+    for _ in range(3):
+        engine.run_once()
+    assert st.silence_skips == 1
+    assert st.codes.shape[1] == 0  # the next chunk starts from a fresh context
+    assert st.buffered_seconds < 0.1  # the queued silence was dropped
+    engine.run_once()
+    assert model.calls[-1][0][0].context.shape[1] == 0
+    model.amplitude = 0.5  # audible again: the counter stays at rest
+    for _ in range(5):
+        engine.run_once()
+    assert st.silence_skips == 1
+
+
+def test_edited_playlist_waits_for_the_current_item_or_applies_now() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=100)
+    items = (PlaylistItem("one", "p1", 1.0), PlaylistItem("two", "p2", 1.0))
+    engine, (st,) = make(model, cfg, "/a.mp3", items=items)
+    engine.run_once()
+    new_items = (PlaylistItem("three", "p3", 1.0), PlaylistItem("four", "p4", 1.0))
+    st.apply_config(station_config("/a.mp3", items=new_items))  # apply: next (default)
+    assert st.prompt == "p1" and st.status()["next"] == "three"
+    for _ in range(2):
+        engine.run_once()
+    assert st.prompt == "p3"
+    st.apply_config(station_config("/a.mp3", items=items, apply="now"))
+    assert st.prompt == "p1"
+    engine.run_once()
+    assert model.calls[-1][0][0].prompt == "p1"
