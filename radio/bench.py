@@ -171,18 +171,24 @@ def bench_generate(model: MusicgenModel, mounts: int, frames: int, progress: Cal
 
 
 def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: int = 5) -> float:
-    """Seconds for one bare decoder forward (2 rows per mount, one token, ``context`` cached tokens)."""
+    """Seconds for one bare transformers decoder forward: 2 rows per mount (guidance), one new token, over a
+    DynamicCache already holding ``context`` tokens (random KV: the cost does not depend on the values)."""
     import torch
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     rows = 2 * mounts
     K = model.num_codebooks
     dec = model.model.decoder
-    enc = torch.zeros((rows, 12, dec.config.hidden_size), dtype=model.dtype, device=model.device)
-    ids = torch.randint(0, model.vocab_size, (rows * K, context), device=model.device)
+    cfg = dec.config
+    heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // heads
+    kv = [(torch.randn(rows, heads, context, head_dim, dtype=model.dtype, device=model.device),
+           torch.randn(rows, heads, context, head_dim, dtype=model.dtype, device=model.device))
+          for _ in range(cfg.num_hidden_layers)]
+    cache = EncoderDecoderCache(DynamicCache(ddp_cache_data=kv), DynamicCache())
+    enc = torch.zeros((rows, 12, cfg.hidden_size), dtype=model.dtype, device=model.device)
+    step = torch.randint(0, model.vocab_size, (rows * K, 1), device=model.device)
     with torch.inference_mode():
-        res = dec(input_ids=ids, encoder_hidden_states=enc, use_cache=True)
-        cache = res.past_key_values
-        step = ids[:, -1:]
         dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)  # warm-up
         t0 = time.monotonic()
         for _ in range(repeats):

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (
+    API_TOKEN_ENV,
     PASSWORD_ENV,
     DaemonConfig,
     load_daemon_config,
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local-icecast", action="store_true", help="start our own icecast2 on loopback")
     run.add_argument("--port", type=int, help="port for --local-icecast (default 8000, or a free one)")
     run.add_argument("--icecast-xml", help="icecast.xml template for --local-icecast (default: the repository's)")
+    run.add_argument("--api", type=_host_port, metavar="HOST:PORT",
+                     help="control API and web player address (default 127.0.0.1:8765)")
+    run.add_argument("--no-api", action="store_true", help="do not start the control API")
+    run.add_argument("--public-url", help="how listeners reach Icecast, for the web player's links "
+                                          "(default http://HOST:PORT of --icecast)")
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     check = sub.add_parser("check", help="validate station files/directories and daemon configs")
@@ -118,12 +124,23 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
     icecast = cfg.icecast
     if args.icecast:
         icecast = replace(icecast, host=args.icecast[0], port=args.icecast[1], local=False)
+    if args.public_url:
+        icecast = replace(icecast, public_url=args.public_url)
     if args.local_icecast:
         icecast = replace(icecast, local=True, port=args.port or (icecast.port if args.config else 8000))
     elif args.port:
         icecast = replace(icecast, port=args.port)
+    api = cfg.api
+    if args.api:
+        api = replace(api, host=args.api[0], port=args.api[1])
+    if args.no_api:
+        api = replace(api, enabled=False)
+    if api.enabled and not api.loopback and not api.token:
+        raise ConfigError([f"api.host: {api.host} is not loopback: set {API_TOKEN_ENV} (or api.token_file in the "
+                           "config) so that writes need a token"])
     cfg = replace(
         cfg,
+        api=api,
         stations_dir=args.stations or cfg.stations_dir,
         model=args.model or cfg.model,
         device=args.device or cfg.device,

@@ -28,6 +28,7 @@ FORMATS = ("mp3", "vorbis", "opus")
 ORDERS = ("cycle", "shuffle")
 BITRATES = {"mp3": (32, 320), "vorbis": (48, 500), "opus": (16, 256)}
 PASSWORD_ENV = "RADIO_SOURCE_PASSWORD"
+API_TOKEN_ENV = "RADIO_API_TOKEN"
 
 # Limits that keep a hostile or broken file from hurting the process.
 MAX_FILE_BYTES = 256 * 1024
@@ -79,6 +80,25 @@ class IcecastConfig:
     password: str = field(default="", repr=False)
     local: bool = False  # start our own icecast2 from icecast.xml
     admin_password: str = field(default="", repr=False)
+    public_url: str = ""  # where listeners reach Icecast (web player links); default http://host:port
+
+    @property
+    def listen_base(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The control API and web player."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str = field(default="", repr=False)  # required for writes when set; required to bind non-loopback
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,7 @@ class DaemonConfig:
     seed: int | None = None
     icecast: IcecastConfig = field(default_factory=IcecastConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     log_level: str = "INFO"
     path: str = ""
 
@@ -512,8 +533,9 @@ def _mount_line(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Daemon config
 
-DAEMON_KEYS = ("stations", "model", "device", "dtype", "seed", "icecast", "engine", "log_level")
-ICECAST_KEYS = ("host", "port", "user", "password", "password_file", "local", "admin_password")
+DAEMON_KEYS = ("stations", "model", "device", "dtype", "seed", "icecast", "engine", "api", "log_level")
+ICECAST_KEYS = ("host", "port", "user", "password", "password_file", "local", "admin_password", "public_url")
+API_KEYS = ("enabled", "host", "port", "token_file")
 ENGINE_KEYS = tuple(f for f in EngineConfig.__dataclass_fields__)
 
 
@@ -535,8 +557,9 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     """Read the daemon config file (or defaults when ``path`` is None). The source password comes from
     $RADIO_SOURCE_PASSWORD, else the file's ``icecast.password_file``, else ``icecast.password``."""
     env_password = os.environ.get(PASSWORD_ENV, "")
+    env_token = os.environ.get(API_TOKEN_ENV, "")
     if path is None:
-        return DaemonConfig(icecast=IcecastConfig(password=env_password))
+        return DaemonConfig(icecast=IcecastConfig(password=env_password), api=ApiConfig(token=env_token))
     problems = _Problems(str(path))
     root = _compose(Path(path), problems)
     if root is not None and not isinstance(root, yaml.MappingNode):
@@ -564,7 +587,22 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
                 password=password,
                 local=ic.get("local", "bool", False),
                 admin_password=ic.get("admin_password", "str", ""),
+                public_url=ic.get("public_url", "str", "", check=_text_check(500, allow_empty=True)),
             )
+    api = ApiConfig(token=env_token)
+    node = m.node("api")
+    if node is not None:
+        if not isinstance(node, yaml.MappingNode):
+            m.err("api", "must be a mapping like {host: 127.0.0.1, port: 8765}")
+        else:
+            ap = _Mapping(node, problems, "api", API_KEYS)
+            api = ApiConfig(enabled=ap.get("enabled", "bool", True),
+                            host=ap.get("host", "str", "127.0.0.1", check=_text_check(255)),
+                            port=ap.get("port", "int", 8765, check=_range(0, 65535)),
+                            token=env_token or _read_secret_file(ap, "token_file", base))
+            if api.enabled and not api.loopback and not api.token:
+                ap.err("host", f"{api.host} is not loopback: set ${API_TOKEN_ENV} or api.token_file, so writes "
+                               "need a token")
     engine = EngineConfig()
     node = m.node("engine")
     if node is not None:
@@ -591,6 +629,7 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
         seed=m.get("seed", "int", None),
         icecast=icecast,
         engine=engine,
+        api=api,
         log_level=m.get("log_level", "str", "INFO", check=_in(("DEBUG", "INFO", "WARNING", "ERROR"))),
         path=str(path),
     )

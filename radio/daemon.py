@@ -17,7 +17,8 @@ from typing import Callable
 from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
 from .engine import Engine
 from .errors import RadioError
-from .localicecast import LocalIcecast, find_icecast_xml, free_port
+from .api import ApiServer
+from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts
 from .model import MusicModel, MusicgenModel
 from .mount import Mount
 from .station import Station
@@ -43,6 +44,8 @@ class Daemon:
         self.icecast_xml = icecast_xml
         self.stop_deadline = stop_deadline
         self.model: MusicModel | None = None
+        self.api: ApiServer | None = None
+        self._listeners: tuple[float, dict[str, int]] = (0.0, {})
         self.local_icecast: LocalIcecast | None = None
         self.engine: Engine | None = None
         self.stations: dict[str, Station] = {}
@@ -66,9 +69,16 @@ class Daemon:
         self.engine.start()
         for m in self.mounts.values():
             m.start()
-        base = f"http://{self.config.icecast.host}:{self.config.icecast.port}"
+        base = self.config.icecast.listen_base
         for m in self.mounts.values():
             logger.info("listen: %s%s  (%s)", base, m.mount, m.station.config.name)
+        if self.config.api.enabled:
+            try:
+                self.api = ApiServer(self.config.api, self)
+            except OSError as exc:
+                raise RadioError(f"control API cannot listen on {self.config.api.host}:{self.config.api.port}: "
+                                 f"{exc.strerror}; use --api HOST:PORT or --no-api") from exc
+            self.api.start()
 
     def _start_local_icecast(self) -> None:
         ic = self.config.icecast
@@ -170,8 +180,11 @@ class Daemon:
         logger.info("%s: file removed; %s stopped", key, station.mount)
 
     def stop(self) -> None:
-        """Reverse order: mounts (ffmpeg, shout) -> engine -> local Icecast."""
+        """Reverse order: API -> mounts (ffmpeg, shout) -> engine -> local Icecast."""
         deadline = time.monotonic() + self.stop_deadline
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         threads = [threading.Thread(target=m.stop, args=(2.0,), daemon=True) for m in self.mounts.values()]
         for t in threads:
             t.start()
@@ -220,15 +233,56 @@ class Daemon:
             self.stop()
 
     # -- status ----------------------------------------------------------------------------------------------
+    def _listener_counts(self) -> dict[str, int]:
+        """Listeners per mount from Icecast's status-json.xsl (cached for two seconds)."""
+        at, counts = self._listeners
+        if time.monotonic() - at < 2.0:
+            return counts
+        ic = self.config.icecast
+        counts = {m: int(src.get("listeners", 0) or 0)
+                  for m, src in mounts(fetch_status(f"http://{ic.host}:{ic.port}")).items()}
+        self._listeners = (time.monotonic(), counts)
+        return counts
+
     def status(self) -> dict[str, object]:
-        return {
-            "uptime_seconds": round(time.monotonic() - self.started, 1),
-            "engine": self.engine.status() if self.engine else {},
-            "stations": [
-                {**st.status(), **(self.mounts[k].status() if k in self.mounts else {})}
-                for k, st in self.stations.items()
-            ],
-        }
+        """Everything the API and the periodic log show; built from public methods only."""
+        listeners = self._listener_counts()
+        base = self.config.icecast.listen_base
+        stations = []
+        for key, st in list(self.stations.items()):
+            mount = self.mounts.get(key)
+            stations.append({
+                **st.status(), **(mount.status() if mount else {}),
+                "id": st.mount.lstrip("/"), "description": st.config.description, "genre": st.config.genre,
+                "listen_url": f"{base}{st.mount}", "listeners": listeners.get(st.mount),
+            })
+        engine = self.engine.status() if self.engine else {}
+        if engine:
+            engine["batch_size"] = len(engine.get("last_batch", []))
+        return {"uptime_seconds": round(time.monotonic() - self.started, 1), "engine": engine,
+                "stations": stations}
+
+    def _station(self, station_id: str) -> Station | None:
+        mount = "/" + station_id.strip("/")
+        return next((st for st in self.stations.values() if st.mount == mount), None)
+
+    def _station_status(self, station: Station) -> dict[str, object]:
+        return next(s for s in self.status()["stations"] if s["mount"] == station.mount)  # type: ignore[index]
+
+    def set_prompt(self, station_id: str, prompt: str, title: str | None, duration: float | None,
+                   blend: float) -> dict[str, object] | None:
+        station = self._station(station_id)
+        if station is None:
+            return None
+        station.play_now(prompt, title, duration, blend)
+        return self._station_status(station)
+
+    def skip(self, station_id: str) -> dict[str, object] | None:
+        station = self._station(station_id)
+        if station is None:
+            return None
+        station.skip()
+        return self._station_status(station)
 
     def log_status(self) -> None:
         for st in self.stations.values():

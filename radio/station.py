@@ -51,15 +51,18 @@ class Playlist:
         choice = self.rng.randrange(n - 1)
         return choice if choice < self.index else choice + 1
 
+    override: PlaylistItem | None = None  # a one-off item set through the control API
+
     @property
     def current(self) -> PlaylistItem:
-        return self.items[self.index]
+        return self.override or self.items[self.index]
 
     @property
     def next(self) -> PlaylistItem:
         return self.items[self.upcoming]
 
     def advance(self) -> PlaylistItem:
+        self.override = None  # a one-off item ends like any other: the upcoming item follows
         self.index = self.upcoming
         self.upcoming = self._pick_next()
         return self.current
@@ -163,6 +166,26 @@ class Station:
         self.blend_from = previous if item.blend > 0 and previous != item.prompt else None
         self._pending_title = item.title
         logger.info("%s: next item %r", self.mount, item.title)
+
+    def play_now(self, prompt: str, title: str | None = None, duration: float | None = None,
+                 blend: float = 0.0) -> PlaylistItem:
+        """Switch generation to a one-off prompt at the next chunk (control API). It plays for ``duration``
+        (default: the current item's), then the playlist resumes. The music keeps its context (a segue), or
+        blends over ``blend`` seconds."""
+        previous = self.playlist.current
+        item = PlaylistItem(title=title or prompt[:80], prompt=prompt, duration=duration or previous.duration,
+                            blend=blend)
+        self.playlist.override = item
+        self.frames_in_item = 0
+        self._pending_title = item.title
+        self.blend_from = previous.prompt if blend > 0 and previous.prompt != prompt else None
+        logger.info("%s: prompt set to %r", self.mount, item.title)
+        return item
+
+    def skip(self) -> PlaylistItem:
+        """Move generation to the next item now (control API)."""
+        self.next_item()
+        return self.playlist.current
 
     def apply_config(self, config: StationConfig) -> None:
         """A validated edit of this station's file. Sampling applies from the next chunk; a changed playlist
