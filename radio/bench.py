@@ -197,9 +197,9 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
 
 
 def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, first_frames: int,
-               progress: Callable[[str], None]) -> Result:
+               progress: Callable[[str], None], context_seconds: float = 10.0) -> Result:
     rng = np.random.default_rng(0)
-    context_frames = 10 * model.frame_rate
+    context_frames = int(context_seconds * model.frame_rate)
     # Start mid-window: a station's cache cycles between 10 s (after a reset) and the 30 s window, so 20 s of
     # cached context is the average a steady-state step attends over.
     start_frames = min(2 * context_frames, model.window_frames - 2 * (frames + model.num_codebooks))
@@ -244,7 +244,7 @@ def _dtype_name(model: MusicgenModel) -> str:
 
 
 def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
-              first_seconds: float = 1.0, dtypes: tuple[str, ...] = ("float32", "auto"),
+              first_seconds: float = 1.0, dtypes: tuple[str, ...] = ("float32", "auto"), context_seconds: float = 10.0,
               scenarios: tuple[str, ...] = ("prototype", "generate", "ours"),
               progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
@@ -252,7 +252,8 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
     raw_steps: dict[str, float] = {}
     models: dict[str, MusicgenModel] = {}
     for dtype in dtypes:
-        m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0)
+        # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds
+        m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=3 * context_seconds)
         name = _dtype_name(m)
         if name in models:
             continue
@@ -264,10 +265,11 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
             if "generate" in scenarios:
                 results.append(bench_generate(m, n, frames, progress))
             if "ours" in scenarios:
-                results.append(bench_ours(m, n, frames, chunks, first_frames, progress))
-                raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, 20 * m.frame_rate + frames)
+                results.append(bench_ours(m, n, frames, chunks, first_frames, progress, context_seconds))
+                raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, int(2 * context_seconds * m.frame_rate) + frames)
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(),
               "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
+                           "context_seconds": context_seconds, "window_seconds": 3 * context_seconds,
                            "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds},
               "results": [asdict(r) for r in results], "raw_decode_step_seconds": raw_steps}
     report["ratios"] = ratios(results, raw_steps, first_seconds)

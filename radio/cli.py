@@ -7,6 +7,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from .config import (
     API_TOKEN_ENV,
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--proto-steps", type=int, default=2, help="measured prototype rounds (default 2)")
     bench.add_argument("--dtypes", default="float32,auto", help="dtypes for our engine (default float32,auto)")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
+    bench.add_argument("--context-seconds", type=float, default=10.0,
+                       help="engine context kept per station; the window is 3x this (default 10 -> 30 s)")
     bench.add_argument("--json", help="also write the report as JSON to this file")
 
     soak = sub.add_parser("soak", help="run the daemon for a long time and report underruns, drift, RSS growth")
@@ -203,14 +206,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
-                           scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()))
+                           scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
+                           context_seconds=args.context_seconds)
     except RadioError as exc:
         logger.error("%s", exc)
         return EXIT_RUNTIME
-    print(format_table(report))
-    if args.json:
-        write_json(report, args.json)
+    _emit(format_table(report), report, args.json, write_json)
     return EXIT_OK
+
+
+def _emit(table: str, report: dict, json_path: str | None, write_json: Callable[[dict, str], None]) -> None:
+    print(table)
+    if json_path:
+        write_json(report, json_path)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -227,9 +235,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     except RadioError as exc:
         logger.error("%s", exc)
         return EXIT_RUNTIME
-    print(format_soak(report))
-    if args.json:
-        write_json(report, args.json)
+    _emit(format_soak(report), report, args.json, write_json)
     return EXIT_OK if all(report["targets"].values()) else EXIT_RUNTIME
 
 

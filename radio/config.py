@@ -65,6 +65,9 @@ class StationConfig:
     playlist: tuple[PlaylistItem, ...]
     path: str = ""
     apply: str = "next"  # live edits of the playlist: "next" (at the end of the current item) or "now"
+    loudness: float | None = -16.0  # LUFS target of the mount's encoder; None: no normalisation
+    idents: tuple[str, ...] = ()  # audio files (absolute paths) played between playlist items
+    ident_every: int = 1  # ...every this many items
 
     @property
     def key(self) -> str:
@@ -376,7 +379,10 @@ def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[float], str
 # Stations
 
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
-                "playlist", "apply")
+                "playlist", "apply", "loudness", "idents")
+IDENT_KEYS = ("files", "every")
+MAX_IDENTS = 50
+MAX_IDENT_BYTES = 20 * 1024 * 1024
 APPLY = ("next", "now")
 GENERATION_KEYS = ("temperature", "top_k", "guidance")
 ITEM_KEYS = ("title", "prompt", "duration", "transition")
@@ -408,19 +414,46 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     url = m.get("url", "str", "", check=_text_check(500, allow_empty=True))
     order = m.get("order", "str", "cycle", check=_in(ORDERS))
     apply = m.get("apply", "str", "next", check=_in(APPLY))
+    loudness: float | None = -16.0
+    if isinstance(m.node("loudness"), yaml.ScalarNode) and _scalar(m.node("loudness")) in ("off", False):
+        loudness = None
+    else:
+        loudness = m.get("loudness", "float", -16.0, check=_range(-40.0, -5.0))
+
+    idents: list[str] = []
+    ident_every = 1
+    idn = _section(m, "idents", IDENT_KEYS, "{files: [ids/station-id.mp3], every: 3}")
+    if idn is not None:
+        ident_every = idn.get("every", "int", 1, check=_range(1, 1000))
+        files_node = idn.node("files")
+        if not isinstance(files_node, yaml.SequenceNode) or not files_node.value:
+            idn.err("files", "must be a list of audio files, e.g. [ids/station-id.mp3]")
+        elif len(files_node.value) > MAX_IDENTS:
+            idn.err("files", f"has {len(files_node.value)} files; the limit is {MAX_IDENTS}")
+        else:
+            for i, fnode in enumerate(files_node.value):
+                value = _scalar(fnode) if isinstance(fnode, yaml.ScalarNode) else None
+                where = f"idents.files[{i}]"
+                if not isinstance(value, str) or not value.strip():
+                    problems.add(_line(fnode), where, "must be the path of an audio file")
+                    continue
+                f = Path(value).expanduser()
+                f = f if f.is_absolute() else path.parent / f
+                if not f.is_file():
+                    problems.add(_line(fnode), where, f"{f} does not exist (paths are relative to this file)")
+                elif f.stat().st_size > MAX_IDENT_BYTES:
+                    problems.add(_line(fnode), where, f"{f} is larger than {MAX_IDENT_BYTES // 2**20} MB")
+                else:
+                    idents.append(str(f))
 
     sampling = Sampling()
-    gen_node = m.node("generation")
-    if gen_node is not None:
-        if not isinstance(gen_node, yaml.MappingNode):
-            m.err("generation", "must be a mapping like {temperature: 1.0, top_k: 250, guidance: 3.0}")
-        else:
-            g = _Mapping(gen_node, problems, "generation", GENERATION_KEYS)
-            sampling = Sampling(
-                temperature=g.get("temperature", "float", 1.0, check=_range(0.0, 5.0)),
-                top_k=g.get("top_k", "int", 250, check=_range(1, 100_000)),
-                guidance=g.get("guidance", "float", 3.0, check=_range(0.0, 20.0)),
-            )
+    g = _section(m, "generation", GENERATION_KEYS, "{temperature: 1.0, top_k: 250, guidance: 3.0}")
+    if g is not None:
+        sampling = Sampling(
+            temperature=g.get("temperature", "float", 1.0, check=_range(0.0, 5.0)),
+            top_k=g.get("top_k", "int", 250, check=_range(1, 100_000)),
+            guidance=g.get("guidance", "float", 3.0, check=_range(0.0, 20.0)),
+        )
 
     items: list[PlaylistItem] = []
     pl_node = m.node("playlist")
@@ -448,15 +481,11 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
             duration = it.get("duration", "duration", required=True,
                               check=_range(0.0, MAX_DURATION_S, lo_open=True))
             blend = 0.0
-            tr_node = it.node("transition")
-            if tr_node is not None:
-                if not isinstance(tr_node, yaml.MappingNode):
-                    it.err("transition", "must be a mapping like {blend: 8s}")
-                else:
-                    tr = _Mapping(tr_node, problems, f"{prefix}.transition", TRANSITION_KEYS)
-                    blend = tr.get("blend", "duration", 0.0, check=_range(0.0, 600.0)) or 0.0
-                    if duration is not None and blend > duration:
-                        tr.err("blend", f"{blend:g}s is longer than the item ({duration:g}s)")
+            tr = _section(it, "transition", TRANSITION_KEYS, "{blend: 8s}")
+            if tr is not None:
+                blend = tr.get("blend", "duration", 0.0, check=_range(0.0, 600.0)) or 0.0
+                if duration is not None and blend > duration:
+                    tr.err("blend", f"{blend:g}s is longer than the item ({duration:g}s)")
             if prompt is not None and duration is not None:
                 items.append(PlaylistItem(title=title or prompt[:80], prompt=prompt, duration=duration, blend=blend))
 
@@ -464,7 +493,8 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
         return None
     return StationConfig(name=name, mount=mount, format=fmt, bitrate=bitrate, description=description,
                          genre=genre, url=url, order=order, sampling=sampling, playlist=tuple(items),
-                         path=str(path), apply=apply)
+                         path=str(path), apply=apply, loudness=loudness, idents=tuple(idents),
+                         ident_every=ident_every)
 
 
 def load_station(path: str | Path) -> StationConfig:
@@ -539,6 +569,17 @@ API_KEYS = ("enabled", "host", "port", "token_file")
 ENGINE_KEYS = tuple(f for f in EngineConfig.__dataclass_fields__)
 
 
+def _section(m: _Mapping, key: str, keys: Iterable[str], example: str) -> _Mapping | None:
+    """A nested mapping such as ``icecast:``; None (with an error if it is not a mapping) when unusable."""
+    node = m.node(key)
+    if node is None:
+        return None
+    if not isinstance(node, yaml.MappingNode):
+        m.err(key, f"must be a mapping like {example}")
+        return None
+    return _Mapping(node, m.problems, m.name(key), keys)
+
+
 def _read_secret_file(m: _Mapping, key: str, base: Path) -> str:
     path_text = m.get(key, "str", None)
     if not path_text:
@@ -573,54 +614,42 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     if stations and not Path(stations).is_absolute():
         stations = str(base / stations)
     icecast = IcecastConfig(password=env_password)
-    node = m.node("icecast")
-    if node is not None:
-        if not isinstance(node, yaml.MappingNode):
-            m.err("icecast", "must be a mapping like {host: 127.0.0.1, port: 8000}")
-        else:
-            ic = _Mapping(node, problems, "icecast", ICECAST_KEYS)
-            password = env_password or _read_secret_file(ic, "password_file", base) or ic.get("password", "str", "")
-            icecast = IcecastConfig(
-                host=ic.get("host", "str", "127.0.0.1", check=_text_check(255)),
-                port=ic.get("port", "int", 8000, check=_range(1, 65535)),
-                user=ic.get("user", "str", "source", check=_text_check(100)),
-                password=password,
-                local=ic.get("local", "bool", False),
-                admin_password=ic.get("admin_password", "str", ""),
-                public_url=ic.get("public_url", "str", "", check=_text_check(500, allow_empty=True)),
-            )
+    ic = _section(m, "icecast", ICECAST_KEYS, "{host: 127.0.0.1, port: 8000}")
+    if ic is not None:
+        password = env_password or _read_secret_file(ic, "password_file", base) or ic.get("password", "str", "")
+        icecast = IcecastConfig(
+            host=ic.get("host", "str", "127.0.0.1", check=_text_check(255)),
+            port=ic.get("port", "int", 8000, check=_range(1, 65535)),
+            user=ic.get("user", "str", "source", check=_text_check(100)),
+            password=password,
+            local=ic.get("local", "bool", False),
+            admin_password=ic.get("admin_password", "str", ""),
+            public_url=ic.get("public_url", "str", "", check=_text_check(500, allow_empty=True)),
+        )
     api = ApiConfig(token=env_token)
-    node = m.node("api")
-    if node is not None:
-        if not isinstance(node, yaml.MappingNode):
-            m.err("api", "must be a mapping like {host: 127.0.0.1, port: 8765}")
-        else:
-            ap = _Mapping(node, problems, "api", API_KEYS)
-            api = ApiConfig(enabled=ap.get("enabled", "bool", True),
-                            host=ap.get("host", "str", "127.0.0.1", check=_text_check(255)),
-                            port=ap.get("port", "int", 8765, check=_range(0, 65535)),
-                            token=env_token or _read_secret_file(ap, "token_file", base))
-            if api.enabled and not api.loopback and not api.token:
-                ap.err("host", f"{api.host} is not loopback: set ${API_TOKEN_ENV} or api.token_file, so writes "
-                               "need a token")
+    ap = _section(m, "api", API_KEYS, "{host: 127.0.0.1, port: 8765}")
+    if ap is not None:
+        api = ApiConfig(enabled=ap.get("enabled", "bool", True),
+                        host=ap.get("host", "str", "127.0.0.1", check=_text_check(255)),
+                        port=ap.get("port", "int", 8765, check=_range(0, 65535)),
+                        token=env_token or _read_secret_file(ap, "token_file", base))
+        if api.enabled and not api.loopback and not api.token:
+            ap.err("host", f"{api.host} is not loopback: set ${API_TOKEN_ENV} or api.token_file, so writes "
+                           "need a token")
     engine = EngineConfig()
-    node = m.node("engine")
-    if node is not None:
-        if not isinstance(node, yaml.MappingNode):
-            m.err("engine", "must be a mapping like {chunk_seconds: 4}")
-        else:
-            en = _Mapping(node, problems, "engine", ENGINE_KEYS)
-            values: dict[str, Any] = {}
-            for name, f in EngineConfig.__dataclass_fields__.items():
-                kind = "int" if f.type in ("int", int) else "float"
-                v = en.get(name, kind, None, check=_range(0, 10_000, lo_open=(name != "overlap_frames")))
-                if v is not None:
-                    values[name] = v
-            engine = EngineConfig(**values)
-            if engine.window_seconds < engine.context_seconds + 2 * engine.chunk_seconds:
-                en.err("window_seconds", f"{engine.window_seconds:g} is too short: it must be at least "
-                                         "context_seconds + 2 x chunk_seconds "
-                                         f"({engine.context_seconds + 2 * engine.chunk_seconds:g})")
+    en = _section(m, "engine", ENGINE_KEYS, "{chunk_seconds: 4}")
+    if en is not None:
+        values: dict[str, Any] = {}
+        for name, f in EngineConfig.__dataclass_fields__.items():
+            kind = "int" if f.type in ("int", int) else "float"
+            v = en.get(name, kind, None, check=_range(0, 10_000, lo_open=(name != "overlap_frames")))
+            if v is not None:
+                values[name] = v
+        engine = EngineConfig(**values)
+        if engine.window_seconds < engine.context_seconds + 2 * engine.chunk_seconds:
+            en.err("window_seconds", f"{engine.window_seconds:g} is too short: it must be at least "
+                                     "context_seconds + 2 x chunk_seconds "
+                                     f"({engine.context_seconds + 2 * engine.chunk_seconds:g})")
     cfg = DaemonConfig(
         stations_dir=stations,
         model=m.get("model", "str", DEFAULT_MODEL),

@@ -16,6 +16,7 @@ from typing import Callable
 
 from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
 from .engine import Engine
+from .idents import load_idents
 from .errors import RadioError
 from .api import ApiServer
 from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts
@@ -106,7 +107,8 @@ class Daemon:
         if len(self.stations) >= MAX_STATIONS:
             raise RadioError(f"{sc.path}: more than {MAX_STATIONS} stations; split them over several daemons")
         station = Station(sc, self.model.sample_rate, self.model.frame_rate, self.model.num_codebooks,
-                          self.config.engine, rng=random.Random((rng or random.Random()).random()))
+                          self.config.engine, rng=random.Random((rng or random.Random()).random()),
+                          idents=load_idents(sc.idents, self.model.sample_rate, sc.mount))
         self.stations[station.key] = station
         self.engine.add_station(station)
         self.mounts[station.key] = Mount(station, self.config.icecast)
@@ -161,6 +163,8 @@ class Daemon:
             logger.error("%s: mount: %s is already used by another station; change not applied", sc.path, sc.mount)
             return
         station.apply_config(sc)
+        if sc.idents != old.idents and self.model is not None:
+            station.idents = load_idents(sc.idents, self.model.sample_rate, sc.mount)
         stream = ("mount", "format", "bitrate", "name", "description", "genre", "url")
         if any(getattr(sc, f) != getattr(old, f) for f in stream):
             logger.info("%s: stream settings changed; restarting %s", sc.path, sc.mount)

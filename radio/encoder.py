@@ -34,13 +34,20 @@ OUTPUT_RATE = {"mp3": None, "vorbis": None, "opus": 48000}
 
 
 def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = None,
-                station: str | None = None, ffmpeg: str = "ffmpeg") -> list[str]:
-    """The ffmpeg command line for one mount (a list: no shell, no quoting issues with titles)."""
+                station: str | None = None, loudness: float | None = None, ffmpeg: str = "ffmpeg") -> list[str]:
+    """The ffmpeg command line for one mount (a list: no shell, no quoting issues with titles).
+
+    ``loudness`` (LUFS) adds EBU R128 normalisation (``loudnorm``, dynamic mode), so every station sits at
+    the same level whatever the model makes; loudnorm works at 192 kHz, so the output rate is set again.
+    """
     if fmt not in CODEC_ARGS:
         raise EncoderError(f"unknown format {fmt!r}")
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "warning",
-            "-f", "f32le", "-ar", str(sample_rate), "-ch_layout", "mono", "-i", "pipe:0",
-            *CODEC_ARGS[fmt], "-b:a", f"{bitrate}k"]
+            "-f", "f32le", "-ar", str(sample_rate), "-ch_layout", "mono", "-i", "pipe:0"]
+    if loudness is not None:
+        out_rate = OUTPUT_RATE[fmt] or sample_rate
+        argv += ["-af", f"loudnorm=I={loudness:g}:TP=-1.5:LRA=11,aresample={out_rate},aformat=channel_layouts=mono"]
+    argv += [*CODEC_ARGS[fmt], "-b:a", f"{bitrate}k"]
     if SHOUT_FORMAT[fmt] == "ogg":
         # Chained logical streams need distinct serial numbers to be recognised as new streams.
         argv += ["-serial_offset", str(random.randrange(1, 2**30))]
@@ -55,8 +62,10 @@ def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = No
 class Encoder:
     """One mount's ffmpeg, restartable and (for Ogg) chainable. Thread-safe: one writer, one reader."""
 
-    def __init__(self, mount: str, fmt: str, bitrate: int, sample_rate: int, station: str = "") -> None:
+    def __init__(self, mount: str, fmt: str, bitrate: int, sample_rate: int, station: str = "",
+                 loudness: float | None = None) -> None:
         self.mount = mount
+        self.loudness = loudness
         self.format = fmt
         self.bitrate = bitrate
         self.sample_rate = sample_rate
@@ -74,7 +83,7 @@ class Encoder:
         return SHOUT_FORMAT[self.format] == "ogg"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        argv = ffmpeg_argv(self.format, self.bitrate, self.sample_rate, self.title, self.station)
+        argv = ffmpeg_argv(self.format, self.bitrate, self.sample_rate, self.title, self.station, self.loudness)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:

@@ -31,7 +31,8 @@ class Mount:
         self.sample_rate = station.sample_rate
         self.block = max(1, int(block_seconds * self.sample_rate))
         self.lead = lead_seconds
-        self.encoder = Encoder(cfg.mount, cfg.format, cfg.bitrate, self.sample_rate, station=cfg.name)
+        self.encoder = Encoder(cfg.mount, cfg.format, cfg.bitrate, self.sample_rate, station=cfg.name,
+                               loudness=cfg.loudness)
         self.output = IcecastOutput(server, cfg, self.encoder, self.sample_rate, on_connect=self._on_connect)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -72,8 +72,13 @@ class Station:
     """Runtime state of one station. ``config`` is replaced only by ``apply_config`` (live edits)."""
 
     def __init__(self, config: StationConfig, sample_rate: int, frame_rate: int, num_codebooks: int,
-                 engine: EngineConfig, rng: random.Random | None = None) -> None:
+                 engine: EngineConfig, rng: random.Random | None = None,
+                 idents: list[np.ndarray] | None = None) -> None:
         self.config = config
+        self.idents = idents or []
+        self.items_started = 0
+        self._ident_due = False
+        self._ident_next = 0
         self.sample_rate = sample_rate
         self.frame_rate = frame_rate
         self.engine_cfg = engine
@@ -162,6 +167,9 @@ class Station:
             item = self.playlist.current
         else:
             item = self.playlist.advance()
+        self.items_started += 1
+        if self.idents and self.items_started % self.config.ident_every == 0:
+            self._ident_due = True
         self.frames_in_item = 0
         self.blend_from = previous if item.blend > 0 and previous != item.prompt else None
         self._pending_title = item.title
@@ -186,6 +194,29 @@ class Station:
         """Move generation to the next item now (control API)."""
         self.next_item()
         return self.playlist.current
+
+    def _queue_ident(self, pcm: np.ndarray) -> np.ndarray:
+        """Put the next ident between the items, crossfaded into the end of the queued audio and out into
+        the new item's first chunk (``pcm``, returned with its head mixed)."""
+        ident = self.idents[self._ident_next % len(self.idents)]
+        self._ident_next += 1
+        self._ident_due = False
+        xf = min(self._reserve, len(ident) // 4, len(pcm) // 2)
+        with self._lock:
+            last = self._queue[-1] if self._queue else None
+            if xf and last is not None and len(last.pcm) - last.pos >= xf:
+                last.pcm = last.pcm.copy()
+                last.pcm[-xf:] = equal_power_crossfade(last.pcm[-xf:], ident[:xf])
+                body = ident[xf:]
+            else:
+                body = ident
+            if xf:
+                body, tail = body[:-xf], body[-xf:]
+                pcm = np.concatenate([equal_power_crossfade(tail, pcm[:xf]), pcm[xf:]])
+            self._queue.append(_Segment(np.ascontiguousarray(body, dtype=np.float32), None))
+            self._queued += len(body)
+        logger.info("%s: ident", self.mount)
+        return pcm
 
     def apply_config(self, config: StationConfig) -> None:
         """A validated edit of this station's file. Sampling applies from the next chunk; a changed playlist
@@ -236,8 +267,10 @@ class Station:
         """Queue freshly generated PCM (already joined); it carries the item title if it starts one."""
         if not len(pcm):
             return
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if self._ident_due and self._pending_title is not None and self.idents:
+            pcm = self._queue_ident(pcm)
         with self._lock:
-            pcm = np.asarray(pcm, dtype=np.float32)
             self._queue.append(_Segment(pcm, self._pending_title, silent=rms(pcm) < SILENCE_RMS))
             self._pending_title = None
             self._queued += len(pcm)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from radio.cli import _daemon_config, build_parser
-from radio.config import ApiConfig, DaemonConfig, EngineConfig, IcecastConfig, load_daemon_config, load_stations
+from radio.config import load_daemon_config, load_stations
 from radio.daemon import Daemon
 from radio.errors import ConfigError
 
-from .conftest import mount_info, wait_for, write_station
+from .conftest import daemon_config, mount_info, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 TOKEN = "t0ken-for-tests"
@@ -54,11 +53,7 @@ def api_daemon(icecast, tiny_model_dir: Path, tmp_path: Path):
           - {title: Uno, prompt: soft pads, duration: 10m}
     """)
     stations, _ = load_stations([st])
-    cfg = DaemonConfig(stations_dir=str(st), model=str(tiny_model_dir), device="cpu", dtype="float32",
-                       icecast=IcecastConfig(host=icecast.host, port=icecast.port, password=icecast.source_password),
-                       engine=EngineConfig(chunk_seconds=1.0, first_chunk_seconds=0.5, buffer_seconds=3.0),
-                       api=ApiConfig(host="127.0.0.1", port=0, token=TOKEN))
-    daemon = Daemon(cfg, stations)
+    daemon = Daemon(daemon_config(icecast, tiny_model_dir, st, api_port=0, token=TOKEN), stations)
     daemon.start()
     try:
         wait_for(lambda: mount_info(icecast, "/alpha.mp3").get("title") == "One", 20, message="on air")

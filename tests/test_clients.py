@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radio.config import ApiConfig, DaemonConfig, EngineConfig, IcecastConfig, load_stations
+from radio.config import load_stations
 from radio.daemon import Daemon
 
-from .conftest import mount_info, wait_for, write_station
+from .conftest import daemon_config, mount_info, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +37,7 @@ def station_daemon(icecast, tiny_model_dir: Path, tmp_path: Path):
           - {title: Second song, prompt: fast drums, duration: 5s}
     """)
     stations, _ = load_stations([st])
-    cfg = DaemonConfig(stations_dir=str(st), model=str(tiny_model_dir), device="cpu", dtype="float32",
-                       icecast=IcecastConfig(host=icecast.host, port=icecast.port, password=icecast.source_password),
-                       engine=EngineConfig(chunk_seconds=1.0, first_chunk_seconds=0.5, buffer_seconds=3.0),
-                       api=ApiConfig(port=0))
-    daemon = Daemon(cfg, stations)
+    daemon = Daemon(daemon_config(icecast, tiny_model_dir, st, api_port=0), stations)
     daemon.start()
     try:
         wait_for(lambda: mount_info(icecast, "/player.mp3"), 20, message="on air")

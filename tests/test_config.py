@@ -148,3 +148,24 @@ def test_transition_blend_is_read_and_checked(tmp_path: Path) -> None:
                                                                      "playlist[2].transition.fade"]
     path.write_text(path.read_text().replace("duration: 5s", "duration: 30s").replace(", fade: 2", ""))
     assert [i.blend for i in load_station(path).playlist] == [0.0, 8.0, 8.0]
+
+
+def test_idents_are_checked_relative_to_the_station_file(tmp_path: Path) -> None:
+    (tmp_path / "ids").mkdir()
+    (tmp_path / "ids" / "one.mp3").write_bytes(b"\xff\xfb" + b"\0" * 100)
+    path = write_station(tmp_path, "idents.yaml", """
+        name: Idents
+        mount: /idents.mp3
+        idents:
+          files: [ids/one.mp3, ids/missing.mp3]
+          every: 0
+        playlist:
+          - {prompt: a, duration: 1m}
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_station(path)
+    assert [p.split(": ")[1] for p in info.value.problems] == ["idents.files[1]", "idents.every"]
+    assert "missing.mp3 does not exist" in info.value.problems[0]
+    path.write_text(path.read_text().replace(", ids/missing.mp3", "").replace("every: 0", "every: 2"))
+    station = load_station(path)
+    assert station.idents == (str(tmp_path / "ids" / "one.mp3"),) and station.ident_every == 2

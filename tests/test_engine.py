@@ -223,3 +223,36 @@ def test_edited_playlist_waits_for_the_current_item_or_applies_now() -> None:
     assert st.prompt == "p1"
     engine.run_once()
     assert model.calls[-1][0][0].prompt == "p1"
+
+
+def test_idents_play_between_items_crossfaded_in_and_out(tmp_path) -> None:
+    import subprocess
+
+    from radio.idents import load_ident
+
+    wav = tmp_path / "id.wav"  # a 0.5 s, 1 kHz station ID at 44.1 kHz stereo: pydub must convert it
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=1000:duration=0.5:sample_rate=44100", "-ac", "2", "-y", str(wav)], check=True)
+    ident = load_ident(str(wav), 32000)
+    assert abs(len(ident) - 16000) <= 2 and abs(20 * np.log10(np.sqrt(np.mean(ident ** 2))) + 20) < 0.5
+
+    model = SineModel(freq=220.0, amplitude=0.3)
+    items = (PlaylistItem("one", "p1", 1.0), PlaylistItem("two", "p2", 1.0))
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=100)
+    engine = Engine(model, cfg)
+    st = Station(station_config("/a.mp3", items=items, ident_every=1), 32000, 50, 4, cfg, idents=[ident])
+    engine.add_station(st)
+    for _ in range(5):
+        engine.run_once()
+    n = int(round(st.buffered_seconds * 32000)) - st._reserve
+    pcm, titles = st.read(n)
+    assert titles == ["one", "two", "one"]
+    generated = sum(frames for _, frames in model.calls) * 640
+    xf = held = int(cfg.crossfade_ms * 32)  # the join crossfade; also the engine's held tail
+    # two item changes, two idents, each overlapping its neighbours by one crossfade on either side
+    assert len(pcm) + st._reserve + held == generated + 2 * (len(ident) - 2 * xf)
+    # the ident (1 kHz) sits right before item two's audio
+    spectrum_at = lambda a, f: abs(np.fft.rfft(a)[int(f * len(a) / 32000)])  # noqa: E731
+    middle = pcm[32000 + 4000: 32000 + 12000]
+    assert spectrum_at(middle, 1000) > 10 * spectrum_at(middle, 220)
+    assert np.abs(np.diff(pcm)).max() < 0.1  # crossfaded: no click at either side

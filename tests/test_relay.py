@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radio.config import ApiConfig, DaemonConfig, EngineConfig, IcecastConfig, load_stations
+from radio.config import load_stations
 from radio.daemon import Daemon
 from radio.localicecast import LocalIcecast
 
-from .conftest import listen, mount_info, wait_for, write_station
+from .conftest import daemon_config, listen, mount_info, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +34,7 @@ def test_two_daemons_feed_one_icecast_and_a_relay_serves_listeners(icecast, tiny
         write_station(st, "s.yaml", f"name: S{i}\nmount: {mount}\nformat: {fmt}\nplaylist:\n"
                                     f"  - {{title: T{i}, prompt: p{i}, duration: 10m}}\n")
         stations, _ = load_stations([st])
-        cfg = DaemonConfig(stations_dir=str(st), model=str(tiny_model_dir), device="cpu", dtype="float32",
-                           icecast=IcecastConfig(host=icecast.host, port=icecast.port,
-                                                 password=icecast.source_password),
-                           engine=EngineConfig(chunk_seconds=1.0, first_chunk_seconds=0.5, buffer_seconds=3.0),
-                           api=ApiConfig(enabled=False))
-        d = Daemon(cfg, stations)
+        d = Daemon(daemon_config(icecast, tiny_model_dir, st), stations)
         d.start()
         daemons.append(d)
     relay = LocalIcecast(extra=[relay_element(icecast.port, "/one.mp3"), relay_element(icecast.port, "/two.ogg")])

@@ -1,0 +1,45 @@
+"""Station idents (jingles, station IDs): audio files loaded and levelled with pydub.
+
+Any format ffmpeg reads works. Each file becomes mono float32 PCM at the model's sample rate, levelled to
+the same RMS so idents sit together (the mount's loudness normalisation then places them with the music).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IDENT_DBFS = -20.0
+MAX_IDENT_SECONDS = 60.0
+
+
+def load_ident(path: str, sample_rate: int, target_dbfs: float = IDENT_DBFS) -> np.ndarray:
+    """Decode, downmix, resample and level one ident. Raises OSError/ValueError with a message on failure."""
+    from pydub import AudioSegment
+    from pydub.exceptions import CouldntDecodeError
+
+    try:
+        seg = AudioSegment.from_file(path)
+    except (CouldntDecodeError, IndexError) as exc:
+        raise ValueError(f"{path}: not an audio file ffmpeg can decode ({exc})") from exc
+    if len(seg) / 1000 > MAX_IDENT_SECONDS:
+        raise ValueError(f"{path}: {len(seg) / 1000:.0f} s long; idents are limited to {MAX_IDENT_SECONDS:.0f} s")
+    seg = seg.set_channels(1).set_frame_rate(sample_rate)
+    if seg.dBFS != float("-inf"):
+        seg = seg.apply_gain(target_dbfs - seg.dBFS)
+    samples = np.array(seg.get_array_of_samples(), dtype=np.float32)
+    return np.clip(samples / float(1 << (8 * seg.sample_width - 1)), -1.0, 1.0)
+
+
+def load_idents(paths: tuple[str, ...], sample_rate: int, station: str) -> list[np.ndarray]:
+    """Every ident that loads; a broken one is logged and left out (the station still runs)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(load_ident(p, sample_rate))
+        except (OSError, ValueError) as exc:
+            logger.error("%s: ident left out: %s", station, exc)
+    return out
