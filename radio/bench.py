@@ -123,7 +123,7 @@ def bench_prototype(model: MusicgenModel, mounts: int, steps: int, progress: Cal
     import torch
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model.name if Path(model.name).exists() else model.name)
+    processor = AutoProcessor.from_pretrained(model.name)
     sr = model.sample_rate
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(mounts)]
     audio: list[np.ndarray] | None = None

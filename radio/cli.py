@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 from .config import (
-    API_TOKEN_ENV,
     PASSWORD_ENV,
     DaemonConfig,
     load_daemon_config,
@@ -138,9 +137,9 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         api = replace(api, host=args.api[0], port=args.api[1])
     if args.no_api:
         api = replace(api, enabled=False)
-    if api.enabled and not api.loopback and not api.token:
-        raise ConfigError([f"api.host: {api.host} is not loopback: set {API_TOKEN_ENV} (or api.token_file in the "
-                           "config) so that writes need a token"])
+    problem = api.token_problem()
+    if problem:
+        raise ConfigError([f"api.host: {problem}"])
     cfg = replace(
         cfg,
         api=api,

@@ -103,6 +103,13 @@ class ApiConfig:
     def loopback(self) -> bool:
         return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
+    def token_problem(self) -> str | None:
+        """Why this API setting is refused (a non-loopback bind without a token), or None."""
+        if self.enabled and not self.loopback and not self.token:
+            return (f"{self.host} is not loopback: set ${API_TOKEN_ENV} or api.token_file, so that writes "
+                    "need a token")
+        return None
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -633,9 +640,9 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
                         host=ap.get("host", "str", "127.0.0.1", check=_text_check(255)),
                         port=ap.get("port", "int", 8765, check=_range(0, 65535)),
                         token=env_token or _read_secret_file(ap, "token_file", base))
-        if api.enabled and not api.loopback and not api.token:
-            ap.err("host", f"{api.host} is not loopback: set ${API_TOKEN_ENV} or api.token_file, so writes "
-                           "need a token")
+        problem = api.token_problem()
+        if problem:
+            ap.err("host", problem)
     engine = EngineConfig()
     en = _section(m, "engine", ENGINE_KEYS, "{chunk_seconds: 4}")
     if en is not None:

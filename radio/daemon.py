@@ -19,7 +19,7 @@ from .engine import Engine
 from .idents import load_idents
 from .errors import RadioError
 from .api import ApiServer
-from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts
+from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
 from .model import MusicModel, MusicgenModel
 from .mount import Mount
 from .station import Station
@@ -83,15 +83,10 @@ class Daemon:
 
     def _start_local_icecast(self) -> None:
         ic = self.config.icecast
-        port = ic.port
-        if port == 8000 or not port:
-            try:
-                import socket
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port or 8000))
-            except OSError:
-                port = free_port()
-                logger.info("port %d is taken; local Icecast uses %d instead", ic.port, port)
+        port = ic.port or 8000
+        if port == 8000 and not port_is_free(port):
+            port = free_port()
+            logger.info("port 8000 is taken; local Icecast uses %d instead", port)
         self.local_icecast = LocalIcecast(template=find_icecast_xml(self.icecast_xml), port=port,
                                           source_password=ic.password or None,
                                           admin_password=ic.admin_password or None,

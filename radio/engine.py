@@ -17,9 +17,9 @@ from collections import deque
 import numpy as np
 
 from .config import EngineConfig
-from .dsp import equal_power_crossfade, rms
+from .dsp import equal_power_crossfade
 from .model import ContinuationRequest, MusicModel
-from .station import SILENCE_RMS, Station
+from .station import Station
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,9 @@ class Engine:
         for station, result in zip(batch, results):
             if station.key not in live:
                 continue  # removed while we generated
-            joined = self._join(station.key, result.pcm, result.overlap)
-            station.push(joined)
+            silent = station.push(self._join(station.key, result.pcm, result.overlap))
             station.append_codes(result.codes)
-            self._watch_silence(station, joined, result.codes.shape[1])
+            self._watch_silence(station, silent, result.codes.shape[1])
         self.steps += 1
         self.last_batch = [s.mount for s in batch]
         self.last_step_seconds = wall
@@ -114,10 +113,10 @@ class Engine:
         logger.debug("step %d: %d stations x %d frames in %.2fs", self.steps, len(batch), frames, wall)
         return True
 
-    def _watch_silence(self, station: Station, pcm: np.ndarray, frames: int) -> None:
+    def _watch_silence(self, station: Station, silent: bool, frames: int) -> None:
         """MusicGen continuations can fade into silence and stay there: after ``silence_seconds`` of it, skip
         the silent audio still queued and let the next chunk start from a fresh context."""
-        station.silent_frames = station.silent_frames + frames if rms(pcm) < SILENCE_RMS else 0
+        station.silent_frames = station.silent_frames + frames if silent else 0
         if station.silent_frames < self.config.silence_seconds * self.model.frame_rate:
             return
         seconds = station.silent_frames / self.model.frame_rate

@@ -176,12 +176,9 @@ class MusicgenModel:
         if model.config.decoder.audio_channels != 1:
             raise ModelError(f"model {name!r} is stereo; only mono MusicGen checkpoints are supported")
         model.eval().to(self.device)
-        # The decoder is where the time goes; text encoder and EnCodec stay fp32 (run rarely / quality-critical).
-        model.decoder.to(self.dtype)
-        if hasattr(model, "enc_to_dec_proj"):
-            model.enc_to_dec_proj.to(self.dtype)
         self._torch = torch
         self.model = model
+        self._set_decoder_dtype(self.dtype)
         inner = model.decoder.model.decoder
         self._positions = _RowPositions(inner.embed_positions)
         # Plain attribute, not a submodule: keeps state_dict and .to() of the real module untouched.
@@ -217,12 +214,16 @@ class MusicgenModel:
         if self.dtype != torch.float32 and not self._outputs_finite():
             logger.warning("model %s gives non-finite outputs in %s; falling back to float32", name,
                            str(self.dtype).replace("torch.", ""))
-            self.dtype = torch.float32
-            model.decoder.to(torch.float32)
-            if hasattr(model, "enc_to_dec_proj"):
-                model.enc_to_dec_proj.to(torch.float32)
+            self._set_decoder_dtype(torch.float32)
             self._state.dtype = torch.float32
             self._text_cache.clear()
+
+    def _set_decoder_dtype(self, dtype) -> None:  # dtype: torch.dtype
+        """The decoder is where the time goes; text encoder and EnCodec stay fp32 (run rarely, quality-critical)."""
+        self.dtype = dtype
+        self.model.decoder.to(dtype)
+        if hasattr(self.model, "enc_to_dec_proj"):
+            self.model.enc_to_dec_proj.to(dtype)
 
     def _outputs_finite(self) -> bool:
         """One decoder step in the chosen dtype: are the logits finite? (Reduced precision can overflow.)"""

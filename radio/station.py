@@ -170,10 +170,15 @@ class Station:
         self.items_started += 1
         if self.idents and self.items_started % self.config.ident_every == 0:
             self._ident_due = True
-        self.frames_in_item = 0
-        self.blend_from = previous if item.blend > 0 and previous != item.prompt else None
-        self._pending_title = item.title
+        self._start_item(item, previous)
         logger.info("%s: next item %r", self.mount, item.title)
+
+    def _start_item(self, item: PlaylistItem, previous_prompt: str) -> None:
+        """Generation moves to ``item``: its title waits for the next pushed audio; it blends in from the
+        previous prompt when it asks for a blend."""
+        self.frames_in_item = 0
+        self._pending_title = item.title
+        self.blend_from = previous_prompt if item.blend > 0 and previous_prompt != item.prompt else None
 
     def play_now(self, prompt: str, title: str | None = None, duration: float | None = None,
                  blend: float = 0.0) -> PlaylistItem:
@@ -184,9 +189,7 @@ class Station:
         item = PlaylistItem(title=title or prompt[:80], prompt=prompt, duration=duration or previous.duration,
                             blend=blend)
         self.playlist.override = item
-        self.frames_in_item = 0
-        self._pending_title = item.title
-        self.blend_from = previous.prompt if blend > 0 and previous.prompt != prompt else None
+        self._start_item(item, previous.prompt)
         logger.info("%s: prompt set to %r", self.mount, item.title)
         return item
 
@@ -229,12 +232,9 @@ class Station:
         current = self.playlist.current
         same = [i for i, it in enumerate(config.playlist) if (it.title, it.prompt) == (current.title, current.prompt)]
         if config.apply == "now":
-            previous = current.prompt
             self.playlist = playlist
             self._next_playlist = None
-            self.frames_in_item = 0
-            self._pending_title = playlist.current.title
-            self.blend_from = previous if playlist.current.blend > 0 and previous != playlist.current.prompt else None
+            self._start_item(playlist.current, current.prompt)
             logger.info("%s: playlist changed, now %r", self.mount, playlist.current.title)
         elif same:
             # The item on air is still in the playlist: keep playing it, continue from there.
@@ -263,19 +263,22 @@ class Station:
                     self._pending_title = seg.title
         return dropped / self.sample_rate
 
-    def push(self, pcm: np.ndarray) -> None:
-        """Queue freshly generated PCM (already joined); it carries the item title if it starts one."""
+    def push(self, pcm: np.ndarray) -> bool:
+        """Queue freshly generated PCM (already joined); it carries the item title if it starts one.
+        Returns whether it is near-silent (for the engine's watchdog)."""
         if not len(pcm):
-            return
+            return False
         pcm = np.asarray(pcm, dtype=np.float32)
+        silent = rms(pcm) < SILENCE_RMS
         if self._ident_due and self._pending_title is not None and self.idents:
             pcm = self._queue_ident(pcm)
         with self._lock:
-            self._queue.append(_Segment(pcm, self._pending_title, silent=rms(pcm) < SILENCE_RMS))
+            self._queue.append(_Segment(pcm, self._pending_title, silent=silent))
             self._pending_title = None
             self._queued += len(pcm)
             self.generated_samples += len(pcm)
             self.chunks += 1
+        return silent
 
     # -- listener side ---------------------------------------------------------------------------------------
     def read(self, n: int) -> tuple[np.ndarray, list[str]]:
