@@ -2,7 +2,7 @@
 
 It talks to the daemon only through the :class:`Controller` methods. Reads are open; every write needs
 ``Authorization: Bearer <token>`` when a token is configured (and one must be configured for a non-loopback
-bind). Errors are JSON ``{"error": ...}`` with 400/401/404/405/413; a handler bug is a logged 500, never a
+bind). Errors are JSON ``{"error": ...}`` with 400/401/404/405/409/413; a handler bug is a logged 500, never a
 traceback on the wire.
 """
 
@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from .config import MAX_PROMPT_CHARS, ApiConfig, parse_duration
+from .errors import ModelError
+from .model import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class Controller(Protocol):
                    blend: float) -> dict[str, Any] | None: ...
 
     def skip(self, station_id: str) -> dict[str, Any] | None: ...
+
+    def set_model(self, station_id: str, model: str, dtype: str | None) -> dict[str, Any] | None: ...
 
     def request_reload(self) -> None: ...
 
@@ -102,10 +106,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("Access-Control-Allow-Origin", "*")
+        self._cors()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _cors(self) -> None:
+        # Any page may read the status and drive the API: writes are guarded by the Bearer token, not by
+        # cookies, so a wildcard origin grants nothing a token does not.
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Expose-Headers", "Content-Type, Content-Length")
+
+    def do_OPTIONS(self) -> None:  # noqa: N802 - CORS preflight for POST with a token and a JSON body
+        self.send_response(204)
+        self._cors()
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8")
@@ -192,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
             if action == "prompt":
                 self._json(200, self._set_prompt(station_id, body))
                 return
+            if action == "model":
+                self._json(202, self._set_model(station_id, body))
+                return
             if action == "skip":
                 result = self.api.controller.skip(station_id)
                 if result is None:
@@ -219,6 +241,22 @@ class _Handler(BaseHTTPRequestHandler):
             if blend is None or blend < 0 or blend > 600:
                 raise ApiError(400, "blend: must be a duration from 0 to 10m, e.g. 8 or '8s'")
         result = self.api.controller.set_prompt(station_id, prompt.strip(), title, duration, blend or 0.0)
+        if result is None:
+            raise ApiError(404, f"no station with mount /{station_id}")
+        return result
+
+
+    def _set_model(self, station_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip() or len(model) > 500:
+            raise ApiError(400, "model: required: a hub id such as facebook/musicgen-small or a checkpoint directory")
+        dtype = body.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise ApiError(400, f"dtype: must be one of {', '.join(DTYPES)}")
+        try:
+            result = self.api.controller.set_model(station_id, model.strip(), dtype)
+        except ModelError as exc:
+            raise ApiError(409, str(exc)) from None
         if result is None:
             raise ApiError(404, f"no station with mount /{station_id}")
         return result

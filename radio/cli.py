@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import (
+    parse_size,
     PASSWORD_ENV,
     DaemonConfig,
     load_daemon_config,
@@ -18,6 +19,7 @@ from .config import (
 )
 from .errors import ConfigError, RadioError
 from .model import DEFAULT_MODEL, DTYPES
+from .testing import SHAPES
 
 logger = logging.getLogger("radio")
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help=f"hub id or local checkpoint directory (default: {DEFAULT_MODEL})")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     run.add_argument("--dtype", choices=DTYPES, help="decoder dtype (default: auto)")
+    run.add_argument("--memory-budget", metavar="SIZE",
+                     help="memory for all models together, e.g. 6GiB; auto (default) or off")
     run.add_argument("--seed", type=int, help="sampling seed, for reproducible runs")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--icecast", type=_host_port, metavar="HOST:PORT", help="an existing Icecast server")
@@ -83,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
     make.add_argument("dir")
-    make.add_argument("--shape", choices=("tiny", "small"), default="tiny")
+    make.add_argument("--shape", choices=SHAPES, default="tiny",
+                      help="tiny: for tests; tiny-alt: another tiny shape (model-swap tests); small: musicgen-small's")
     make.add_argument("--seed", type=int, default=0)
     return p
 
@@ -147,10 +152,16 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         model=args.model or cfg.model,
         device=args.device or cfg.device,
         dtype=args.dtype or cfg.dtype,
+        memory_budget=args.memory_budget or cfg.memory_budget,
         seed=args.seed if args.seed is not None else cfg.seed,
         log_level=args.log_level or cfg.log_level,
         icecast=icecast,
     )
+    if args.memory_budget:
+        try:
+            parse_size(args.memory_budget)
+        except ValueError as exc:
+            raise ConfigError([f"--memory-budget: {exc}"]) from None
     if not icecast.local and not icecast.password:
         raise ConfigError([f"icecast.password: no source password for {icecast.host}:{icecast.port}; set "
                            f"{PASSWORD_ENV}, or icecast.password_file in the config, or use --local-icecast"])

@@ -68,6 +68,8 @@ class StationConfig:
     loudness: float | None = -16.0  # LUFS target of the mount's encoder; None: no normalisation
     idents: tuple[str, ...] = ()  # audio files (absolute paths) played between playlist items
     ident_every: int = 1  # ...every this many items
+    model: str | None = None  # hub id or checkpoint directory; None: the daemon's model
+    dtype: str | None = None  # decoder dtype for this station's model; None: the daemon's dtype
 
     @property
     def key(self) -> str:
@@ -133,6 +135,7 @@ class DaemonConfig:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
+    memory_budget: str = "auto"  # for all models together: a size (6GiB), auto, or off
     seed: int | None = None
     icecast: IcecastConfig = field(default_factory=IcecastConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -386,7 +389,28 @@ def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[float], str
 # Stations
 
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
-                "playlist", "apply", "loudness", "idents")
+                "playlist", "apply", "loudness", "idents", "model", "dtype")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def _model_value(m: _Mapping, base: Path) -> str | None:
+    """``model:`` is a hub id (org/name) or a checkpoint directory; a directory is taken relative to the file
+    that names it, and must exist and hold config.json."""
+    value = m.get("model", "str", None, check=_text_check(500))
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base / p
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            m.err("model", f"{p} has no config.json; point it at a MusicGen checkpoint directory")
+            return None
+        return str(p)
+    if value.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(value):
+        m.err("model", f"{p} is not a directory; use a checkpoint directory or a hub id such as "
+                       f"{DEFAULT_MODEL}")
+        return None
+    return value
 IDENT_KEYS = ("files", "every")
 MAX_IDENTS = 50
 MAX_IDENT_BYTES = 20 * 1024 * 1024
@@ -453,6 +477,9 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
                 else:
                     idents.append(str(f))
 
+    model = _model_value(m, path.parent)
+    dtype = m.get("dtype", "str", None, check=_in(DTYPES))
+
     sampling = Sampling()
     g = _section(m, "generation", GENERATION_KEYS, "{temperature: 1.0, top_k: 250, guidance: 3.0}")
     if g is not None:
@@ -501,7 +528,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     return StationConfig(name=name, mount=mount, format=fmt, bitrate=bitrate, description=description,
                          genre=genre, url=url, order=order, sampling=sampling, playlist=tuple(items),
                          path=str(path), apply=apply, loudness=loudness, idents=tuple(idents),
-                         ident_every=ident_every)
+                         ident_every=ident_every, model=model, dtype=dtype)
 
 
 def load_station(path: str | Path) -> StationConfig:
@@ -570,7 +597,7 @@ def _mount_line(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Daemon config
 
-DAEMON_KEYS = ("stations", "model", "device", "dtype", "seed", "icecast", "engine", "api", "log_level")
+DAEMON_KEYS = ("stations", "model", "device", "dtype", "memory_budget", "seed", "icecast", "engine", "api", "log_level")
 ICECAST_KEYS = ("host", "port", "user", "password", "password_file", "local", "admin_password", "public_url")
 API_KEYS = ("enabled", "host", "port", "token_file")
 ENGINE_KEYS = tuple(f for f in EngineConfig.__dataclass_fields__)
@@ -660,8 +687,9 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     cfg = DaemonConfig(
         stations_dir=stations,
         model=m.get("model", "str", DEFAULT_MODEL),
-        device=m.get("device", "str", "auto"),
+        device=m.get("device", "str", "auto", check=_device_check),
         dtype=m.get("dtype", "str", "auto", check=_in(DTYPES)),
+        memory_budget=m.get("memory_budget", "str", "auto", check=_size_check),
         seed=m.get("seed", "int", None),
         icecast=icecast,
         engine=engine,
@@ -672,6 +700,38 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     if problems.items:
         raise ConfigError(problems.items)
     return cfg
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+SIZE_HELP = "a size such as 6GiB, 6000MB or 512MiB, or auto, or off"
+
+
+def parse_size(text: str) -> int | None | str:
+    """'6GiB' -> bytes; 'off' -> None (no budget); 'auto' -> 'auto'. Raises ValueError when unreadable."""
+    value = str(text).strip().lower()
+    if value in ("off", "none", "unlimited"):
+        return None
+    if value == "auto":
+        return "auto"
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"{text!r} is not {SIZE_HELP}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _size_check(value: str) -> str | None:
+    try:
+        parse_size(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _device_check(value: str) -> str | None:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return None
+    return f"{value!r} is not a device: use auto, cpu, cuda or cuda:N"
 
 
 def looks_like_daemon_config(path: Path) -> bool:

@@ -12,16 +12,18 @@ import signal
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
 from .engine import Engine
 from .idents import load_idents
-from .errors import RadioError
+from .errors import ModelError, RadioError
 from .api import ApiServer
 from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
-from .model import MusicModel, MusicgenModel
+from .model import MusicModel, MusicgenModel, estimate_model_bytes
 from .mount import Mount
+from .pool import ModelPool, ModelSpec, resolve_budget
 from .station import Station
 
 logger = logging.getLogger(__name__)
@@ -30,8 +32,14 @@ ModelFactory = Callable[[DaemonConfig], MusicModel]
 
 
 def load_model(cfg: DaemonConfig) -> MusicModel:
+    """The real loader; the daemon calls it with ``cfg.model``/``cfg.dtype`` set to the model wanted."""
     return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                          window_seconds=cfg.engine.window_seconds)
+
+
+def model_spec(cfg: DaemonConfig, sc: StationConfig) -> ModelSpec:
+    """A station's model: its own ``model:``/``dtype:``, else the daemon's."""
+    return ModelSpec(sc.model or cfg.model, sc.dtype or cfg.dtype)
 
 
 class Daemon:
@@ -44,7 +52,7 @@ class Daemon:
         self.model_factory = model_factory
         self.icecast_xml = icecast_xml
         self.stop_deadline = stop_deadline
-        self.model: MusicModel | None = None
+        self.pool: ModelPool | None = None
         self.api: ApiServer | None = None
         self._listeners: tuple[float, dict[str, int]] = (0.0, {})
         self.local_icecast: LocalIcecast | None = None
@@ -56,17 +64,37 @@ class Daemon:
         self._reload = threading.Event()
         self._stop_or_reload = threading.Event()
         self._files: dict[str, tuple[int, int]] = {}
+        self._failed: dict[str, StationConfig] = {}  # stations whose model could not be loaded, as last tried
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
-        self.model = self.model_factory(cfg)
+        self.engine = Engine(None, cfg.engine)
+        self.pool = ModelPool(self.engine, self._load_model, budget=resolve_budget(cfg.memory_budget, cfg.device),
+                              estimate=self._estimate if self.model_factory is load_model else None)
+        if self.pool.budget is not None:
+            logger.info("memory budget for models: %.1f GB", self.pool.budget / 1e9)
+        # Models first (the slow part, and the one that can fail); a station whose model fails is not started,
+        # the others are. If no station can start, the daemon cannot do anything useful: that is fatal.
+        errors: list[str] = []
+        for spec in dict.fromkeys(model_spec(cfg, sc) for sc in self.station_configs):
+            try:
+                self.pool.load(spec)
+            except ModelError as exc:
+                errors.append(str(exc))
+                users = [sc.path or sc.mount for sc in self.station_configs if model_spec(cfg, sc) == spec]
+                logger.error("%s: %s; %s not started", ", ".join(users) or "default model", exc,
+                             "these stations are" if len(users) > 1 else "the station is")
+        if errors and not self.pool.models():
+            raise ModelError(errors[0])
         if cfg.icecast.local:
             self._start_local_icecast()
-        self.engine = Engine(self.model, cfg.engine)
         rng = random.Random(cfg.seed)
         for sc in self.station_configs:
-            self.add_station(sc, rng)
+            if model_spec(cfg, sc) in self.pool.models():
+                self.add_station(sc, rng)
+            else:
+                self._failed[sc.key] = sc
         self.engine.start()
         for m in self.mounts.values():
             m.start()
@@ -96,16 +124,29 @@ class Daemon:
                                                            user="source",
                                                            password=self.local_icecast.source_password))
 
+    def _load_model(self, spec: ModelSpec) -> MusicModel:
+        return self.model_factory(replace(self.config, model=spec.name, dtype=spec.dtype))
+
+    def _estimate(self, spec: ModelSpec) -> int | None:
+        return estimate_model_bytes(spec.name, spec.dtype, self.config.device)
+
     def add_station(self, sc: StationConfig, rng: random.Random | None = None) -> Station:
-        if self.model is None or self.engine is None:
+        """Start a station; its model is loaded first if no station uses it yet (raises ModelError)."""
+        if self.pool is None or self.engine is None:
             raise RadioError("daemon not started")
         if len(self.stations) >= MAX_STATIONS:
             raise RadioError(f"{sc.path}: more than {MAX_STATIONS} stations; split them over several daemons")
-        station = Station(sc, self.model.sample_rate, self.model.frame_rate, self.model.num_codebooks,
+        spec = model_spec(self.config, sc)
+        try:
+            model = self.pool.load(spec)
+        except ModelError as exc:
+            raise ModelError(f"{sc.path or sc.mount}: {exc}") from exc
+        station = Station(sc, model.sample_rate, model.frame_rate, model.num_codebooks,
                           self.config.engine, rng=random.Random((rng or random.Random()).random()),
-                          idents=load_idents(sc.idents, self.model.sample_rate, sc.mount))
+                          idents=load_idents(sc.idents, model.sample_rate, sc.mount))
         self.stations[station.key] = station
-        self.engine.add_station(station)
+        self._failed.pop(sc.key, None)
+        self.pool.add_station(station, spec)
         self.mounts[station.key] = Mount(station, self.config.icecast)
         return station
 
@@ -137,8 +178,8 @@ class Daemon:
             elif key in wanted and wanted[key] != self.stations[key].config:
                 self.update_station(wanted[key])
         for key, sc in wanted.items():
-            if key in self.stations:
-                continue
+            if key in self.stations or self._failed.get(key) == sc:
+                continue  # running, or its model failed and the file has not changed since
             clash = [st for st in self.stations.values() if st.mount == sc.mount]
             if clash:
                 logger.error("%s: mount: %s is already used by %s; not started", sc.path, sc.mount, clash[0].key)
@@ -146,7 +187,8 @@ class Daemon:
             try:
                 station = self.add_station(sc)
             except RadioError as exc:
-                logger.error("%s", exc)
+                logger.error("%s; not started", exc)
+                self._failed[key] = sc
                 continue
             self.mounts[station.key].start()
             logger.info("%s: new station %r on %s", sc.path, sc.name, sc.mount)
@@ -158,8 +200,14 @@ class Daemon:
             logger.error("%s: mount: %s is already used by another station; change not applied", sc.path, sc.mount)
             return
         station.apply_config(sc)
-        if sc.idents != old.idents and self.model is not None:
-            station.idents = load_idents(sc.idents, self.model.sample_rate, sc.mount)
+        if sc.idents != old.idents:
+            station.idents = load_idents(sc.idents, station.sample_rate, sc.mount)
+        spec = model_spec(self.config, sc)
+        if spec != model_spec(self.config, old) and self.pool is not None:
+            try:
+                self.pool.change(sc.key, spec)
+            except ModelError as exc:
+                logger.error("%s", exc)
         stream = ("mount", "format", "bitrate", "name", "description", "genre", "url")
         if any(getattr(sc, f) != getattr(old, f) for f in stream):
             logger.info("%s: stream settings changed; restarting %s", sc.path, sc.mount)
@@ -174,8 +222,8 @@ class Daemon:
         mount = self.mounts.pop(key, None)
         if mount is not None:
             mount.stop()
-        if self.engine is not None:
-            self.engine.remove_station(key)
+        if self.pool is not None:
+            self.pool.remove_station(key)
         logger.info("%s: file removed; %s stopped", key, station.mount)
 
     def stop(self) -> None:
@@ -189,6 +237,8 @@ class Daemon:
             t.start()
         for t in threads:
             t.join(max(0.1, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.stop()
         if self.engine is not None:
             self.engine.stop(timeout=max(0.1, deadline - time.monotonic()))
         if self.local_icecast is not None:
@@ -252,6 +302,7 @@ class Daemon:
             mount = self.mounts.get(key)
             stations.append({
                 **st.status(), **(mount.status() if mount else {}),
+                **(self.pool.station_status(key) if self.pool else {}),
                 "id": st.mount.lstrip("/"), "description": st.config.description, "genre": st.config.genre,
                 "listen_url": f"{base}{st.mount}", "listeners": listeners.get(st.mount),
             })
@@ -259,7 +310,7 @@ class Daemon:
         if engine:
             engine["batch_size"] = len(engine.get("last_batch", []))
         return {"uptime_seconds": round(time.monotonic() - self.started, 1), "engine": engine,
-                "stations": stations}
+                "models": self.pool.status() if self.pool else {}, "stations": stations}
 
     def _station(self, station_id: str) -> Station | None:
         mount = "/" + station_id.strip("/")
@@ -275,6 +326,20 @@ class Daemon:
             return None
         station.play_now(prompt, title, duration, blend)
         return self._station_status(station)
+
+    def set_model(self, station_id: str, model: str, dtype: str | None) -> dict[str, object] | None:
+        """Move a station to another model (control API). Loads in the background; raises ModelError when
+        the model cannot be used at all (no such directory, does not fit the memory budget)."""
+        station = self._station(station_id)
+        if station is None or self.pool is None:
+            return None
+        if not Path(model).expanduser().is_dir() and model.startswith(("/", "./", "../", "~")):
+            raise ModelError(f"model directory {model} does not exist")
+        if Path(model).expanduser().is_dir():
+            model = str(Path(model).expanduser().resolve())
+        spec = ModelSpec(model, dtype or model_spec(self.config, station.config).dtype)
+        result = self.pool.change(station.key, spec)
+        return {**self._station_status(station), "change": result}
 
     def skip(self, station_id: str) -> dict[str, object] | None:
         station = self._station(station_id)

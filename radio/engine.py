@@ -1,7 +1,8 @@
-"""The continuation engine: one thread, the only caller of the model.
+"""The continuation engine: one thread, the only caller of the models.
 
 Each step it takes the stations that are below their buffer target, hungriest first, and continues them all
-in ONE batched model call. A station's first chunk is short so it is on air within seconds; after that chunks
+in ONE batched model call. Stations that share a model share a batch; with several models (stations may name
+their own), each step serves the model of the hungriest station, so no mount starves. A station's first chunk is short so it is on air within seconds; after that chunks
 are ``chunk_seconds`` long. The model decodes each chunk with ``overlap_frames`` of context in front; the
 engine joins consecutive chunks with an equal-power crossfade over that overlap, holding back the last
 ``crossfade_ms`` of every chunk until the next one arrives, so nothing is repeated and nothing is missing.
@@ -24,13 +25,26 @@ from .station import Station
 logger = logging.getLogger(__name__)
 
 
-class Engine:
-    """Schedules generation for all stations on one model."""
+DEFAULT_MODEL_KEY = "default"
 
-    def __init__(self, model: MusicModel, config: EngineConfig) -> None:
-        self.model = model
+
+def code_format(model: MusicModel) -> tuple[object, ...]:
+    """What must match for one model to continue another's codes (same codebooks, vocabulary and frame rate:
+    true across MusicGen small/medium/large, which share one EnCodec)."""
+    return (model.num_codebooks, getattr(model, "vocab_size", None), model.frame_rate, model.sample_rate)
+
+
+class Engine:
+    """Schedules generation for all stations over one or more models (keyed by name)."""
+
+    def __init__(self, model: MusicModel | None, config: EngineConfig) -> None:
+        self.models: dict[str, MusicModel] = {}
+        if model is not None:
+            self.models[DEFAULT_MODEL_KEY] = model
         self.config = config
         self._stations: dict[str, Station] = {}
+        self._assigned: dict[str, str | None] = {}  # station key -> model key (None: waiting, filler plays)
+        self._code_formats: dict[str, tuple[object, ...]] = {}  # station key -> format of its context codes
         self._tails: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -39,23 +53,69 @@ class Engine:
         self.steps = 0
         self.failures = 0
         self.last_batch: list[str] = []
+        self.last_model: str | None = None
         self.last_step_seconds = 0.0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio seconds, wall seconds)
 
+    @property
+    def model(self) -> MusicModel:
+        """The only model, or the first one (single-model callers: bench, soak, tests)."""
+        return next(iter(self.models.values()))
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def add_model(self, key: str, model: MusicModel) -> None:
+        with self._lock:
+            self.models[key] = model
+        self._wake.set()
+
+    def remove_model(self, key: str) -> None:
+        """Stop using a model; its stations wait (on filler) until they are given another one. A step that is
+        running with it finishes first; the caller drops its last reference afterwards."""
+        with self._lock:
+            self.models.pop(key, None)
+            for station, assigned in self._assigned.items():
+                if assigned == key:
+                    self._assigned[station] = None
+
+    def set_station_model(self, station_key: str, model_key: str | None) -> None:
+        """Move a station to another model from its next chunk on (None: pause it; filler covers). The join
+        is crossfaded as usual: the new model continues the station's codes when their formats match, else
+        it starts fresh and the engine crossfades into it."""
+        with self._lock:
+            old = self._assigned.get(station_key)
+            self._assigned[station_key] = model_key
+            previous = self.models.get(old) if old is not None and old != model_key else None
+        if previous is not None:
+            self._forget(previous, station_key)
+        self._wake.set()
+
+    def model_of(self, station_key: str) -> str | None:
+        with self._lock:
+            return self._assigned.get(station_key)
+
+    @staticmethod
+    def _forget(model: MusicModel, station_key: str) -> None:
+        forget = getattr(model, "forget", None)
+        if forget is not None:
+            forget(station_key)  # the model's lock serialises this with a running step
+
     # -- stations --------------------------------------------------------------------------------------------
-    def add_station(self, station: Station) -> None:
+    def add_station(self, station: Station, model_key: str | None = DEFAULT_MODEL_KEY) -> None:
         with self._lock:
             self._stations[station.key] = station
+            self._assigned[station.key] = model_key
             self._tails.pop(station.key, None)
+            self._code_formats.pop(station.key, None)
         self._wake.set()
 
     def remove_station(self, key: str) -> None:
         with self._lock:
             self._stations.pop(key, None)
             self._tails.pop(key, None)
-        forget = getattr(self.model, "forget", None)
-        if forget is not None:
-            forget(key)  # next engine step is on this thread or after it: the model's lock serialises
+            self._code_formats.pop(key, None)
+            model = self.models.get(self._assigned.pop(key, None) or "")
+        if model is not None:
+            self._forget(model, key)
 
     def stations(self) -> list[Station]:
         with self._lock:
@@ -69,21 +129,42 @@ class Engine:
         room for one more chunk (buffered < target + chunk): an extra row costs almost nothing, and it keeps
         the stations in step, so they keep meeting in the same batch instead of drifting into one-row steps.
         Queues stay bounded at about target + 2 chunks.
+
+        With several models, the hungriest station (least buffered; new stations first) decides which
+        model steps, and only that model's stations ride along.
         """
-        stations = self.stations()
-        if not any(s.needs_audio() for s in stations):
-            return []
+        return self._pick()[1]
+
+    def _pick(self) -> tuple[str | None, list[Station]]:
+        with self._lock:
+            stations = [(s, self._assigned.get(k)) for k, s in self._stations.items()]
+            models = set(self.models)
+        stations = [(s, m) for s, m in stations if m in models]
+        needy = [(s, m) for s, m in stations if s.needs_audio()]
+        if not needy:
+            return None, []
+        order = lambda sm: (sm[0].has_audio, sm[0].buffered_seconds)  # noqa: E731
+        model_key = min(needy, key=order)[1]
         limit = self.config.buffer_seconds + self.config.chunk_seconds
-        batch = [s for s in stations if s.buffered_seconds < limit]
-        batch.sort(key=lambda s: (s.has_audio, s.buffered_seconds))
-        return batch[: self.config.max_batch]
+        batch = sorted(((s, m) for s, m in stations if m == model_key and s.buffered_seconds < limit), key=order)
+        return model_key, [s for s, _ in batch[: self.config.max_batch]]
 
     def run_once(self) -> bool:
         """One batched step. Returns False when no station needed audio."""
-        batch = self.pick_batch()
-        if not batch:
+        model_key, batch = self._pick()
+        if not batch or model_key is None:
             return False
-        fps = self.model.frame_rate
+        with self._lock:
+            model = self.models.get(model_key)
+        if model is None:
+            return False
+        fmt = code_format(model)
+        with self._lock:
+            unreadable = [s for s in batch if self._code_formats.get(s.key, fmt) != fmt]
+            self._code_formats.update((s.key, fmt) for s in batch)
+        for s in unreadable:
+            s.drop_context(model.num_codebooks)  # another model made these codes and this one cannot read them
+        fps = model.frame_rate
         # A new station starts with a short chunk and doubles up to chunk_seconds, so it is on air within
         # seconds and its buffer grows ahead of the next, longer step.
         youngest = min(s.chunks for s in batch)
@@ -96,44 +177,51 @@ class Engine:
                                                 overlap=min(self.config.overlap_frames, s.context().shape[1]),
                                                 key=s.key, blend_from=blend_from, blend=blend))
         t0 = time.monotonic()
-        results = self.model.continue_batch(requests, frames)
+        results = model.continue_batch(requests, frames)
         wall = time.monotonic() - t0
         with self._lock:
-            live = set(self._stations)
+            live = {k for k, m in self._assigned.items() if m == model_key and k in self._stations}
         for station, result in zip(batch, results):
             if station.key not in live:
-                continue  # removed while we generated
-            silent = station.push(self._join(station.key, result.pcm, result.overlap))
+                continue  # removed, or moved to another model, while we generated
+            silent = station.push(self._join(model, station.key, result.pcm, result.overlap))
             station.append_codes(result.codes)
-            self._watch_silence(station, silent, result.codes.shape[1])
+            self._watch_silence(model, station, silent, result.codes.shape[1])
         self.steps += 1
+        self.last_model = model_key
         self.last_batch = [s.mount for s in batch]
         self.last_step_seconds = wall
         self._recent.append((sum(r.codes.shape[1] for r in results) / fps, wall))
         logger.debug("step %d: %d stations x %d frames in %.2fs", self.steps, len(batch), frames, wall)
         return True
 
-    def _watch_silence(self, station: Station, silent: bool, frames: int) -> None:
+    def _watch_silence(self, model: MusicModel, station: Station, silent: bool, frames: int) -> None:
         """MusicGen continuations can fade into silence and stay there: after ``silence_seconds`` of it, skip
         the silent audio still queued and let the next chunk start from a fresh context."""
         station.silent_frames = station.silent_frames + frames if silent else 0
-        if station.silent_frames < self.config.silence_seconds * self.model.frame_rate:
+        if station.silent_frames < self.config.silence_seconds * model.frame_rate:
             return
-        seconds = station.silent_frames / self.model.frame_rate
+        seconds = station.silent_frames / model.frame_rate
         dropped = station.restart_context()
         self._tails.pop(station.key, None)
         logger.warning("%s: %.0f s of near-silence from the generator; skipped %.1f s and starting from a "
                        "fresh context", station.mount, seconds, dropped)
 
-    def _join(self, key: str, pcm: np.ndarray, overlap: int) -> np.ndarray:
-        spf = self.model.samples_per_frame
+    def _join(self, model: MusicModel, key: str, pcm: np.ndarray, overlap: int) -> np.ndarray:
+        spf = model.samples_per_frame
         body_start = overlap * spf
-        xf = min(int(self.config.crossfade_ms / 1000 * self.model.sample_rate), body_start, len(pcm) // 4)
+        reserve = int(self.config.crossfade_ms / 1000 * model.sample_rate)
+        xf = min(reserve, body_start, len(pcm) // 4) if body_start else min(reserve, len(pcm) // 4)
         tail = self._tails.get(key)
         if tail is not None and 0 < len(tail) <= body_start:
             head = equal_power_crossfade(tail, pcm[body_start - len(tail): body_start])
+        elif tail is not None and 0 < len(tail) <= len(pcm) // 2:
+            # No overlap decoded (fresh context: a reset, or another model): fade the held tail out over the
+            # start of the new audio instead of butting them together.
+            head = equal_power_crossfade(tail, pcm[:len(tail)])
+            body_start = len(tail)
         elif tail is not None:
-            head = tail  # no overlap decoded (context was reset): play the held tail as is
+            head = tail
         else:
             head = np.zeros(0, np.float32)
         end = len(pcm) - xf
@@ -179,6 +267,7 @@ class Engine:
             "steps": self.steps,
             "failures": self.failures,
             "last_batch": self.last_batch,
+            "last_model": self.last_model,
             "last_step_seconds": round(self.last_step_seconds, 3),
             "realtime_factor": round(self.realtime_factor, 3),
         }

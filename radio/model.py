@@ -124,6 +124,39 @@ def resolve_dtype(dtype: str, device: str):  # -> torch.dtype
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def model_source(name: str) -> str:
+    """A local checkpoint directory (checked) or a hub id, as ``from_pretrained`` will be given it."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelError(f"model directory {local} has no config.json; point it at a MusicGen checkpoint")
+        return str(local)
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelError(f"model directory {local} does not exist")
+    return name
+
+
+def estimate_model_bytes(name: str, dtype: str = "auto", device: str = "cpu") -> int | None:
+    """Memory a checkpoint will take once loaded (weights in the dtype policy: decoder in ``dtype``, text
+    encoder and EnCodec in fp32), read from its config alone by building the model on the meta device.
+    None when the config cannot be read (the load itself will then report why)."""
+    import torch
+    from transformers import MusicgenConfig, MusicgenForConditionalGeneration
+
+    try:
+        config = MusicgenConfig.from_pretrained(model_source(name))
+        with torch.device("meta"):
+            skeleton = MusicgenForConditionalGeneration(config)
+        size = torch.tensor([], dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
+    except Exception as exc:  # noqa: BLE001 - an estimate is optional; the load reports real errors
+        logger.debug("no size estimate for %s: %s", name, exc)
+        return None
+    total = sum(p.numel() for p in skeleton.parameters())
+    decoder = sum(p.numel() for p in skeleton.decoder.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())
+    return decoder * size + (total - decoder) * 4 + buffers
+
+
 class _RowPositions:
     """Per-row position ids for MusicGen's sinusoidal positions (transformers' module has none).
 
@@ -158,20 +191,19 @@ class MusicgenModel:
         self.name = name
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        local = Path(name).expanduser()
-        source = str(local) if local.exists() else name
-        if local.exists() and not (local / "config.json").exists():
-            raise ModelError(f"model directory {local} has no config.json; point --model at a MusicGen checkpoint")
+        source = model_source(name)
         logger.info("loading model %s on %s (%s)", source, self.device, str(self.dtype).replace("torch.", ""))
         try:
             # Eager attention: a decode step has ONE query per row, where the CPU SDPA kernels spend most of
             # their time on setup (measured with radio bench: bf16 step at 550 cached tokens 0.20 s -> 0.17 s).
             model = MusicgenForConditionalGeneration.from_pretrained(source, attn_implementation="eager")
             processor = AutoProcessor.from_pretrained(source)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError: unknown id, offline with nothing cached, missing
+            # files; safetensors/ValueError/RuntimeError: a corrupt directory (unreadable weights, a config of
+            # another architecture, tensors of the wrong shape). All mean the same to the operator.
             raise ModelError(
-                f"could not load model {name!r}: {exc}. Use a hub id such as {DEFAULT_MODEL} (needs network on "
-                "first use) or a local checkpoint directory"
+                f"could not load model {name!r}: {str(exc).strip().splitlines()[0][:300]}. Use a hub id such as "
+                f"{DEFAULT_MODEL} (needs network on first use) or a local MusicGen checkpoint directory"
             ) from exc
         if model.config.decoder.audio_channels != 1:
             raise ModelError(f"model {name!r} is stereo; only mono MusicGen checkpoints are supported")
@@ -217,6 +249,12 @@ class MusicgenModel:
             self._set_decoder_dtype(torch.float32)
             self._state.dtype = torch.float32
             self._text_cache.clear()
+
+    def memory_bytes(self) -> int:
+        """Weights, buffers and the decode state's KV cache, in bytes."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *getattr(self._state, "k_bufs", []),
+                   *getattr(self._state, "v_bufs", [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _set_decoder_dtype(self, dtype) -> None:  # dtype: torch.dtype
         """The decoder is where the time goes; text encoder and EnCodec stay fp32 (run rarely, quality-critical)."""

@@ -247,10 +247,14 @@ class Station:
             self._next_playlist = playlist
             logger.info("%s: playlist changed; %r follows the current item", self.mount, playlist.current.title)
 
+    def drop_context(self, num_codebooks: int | None = None) -> None:
+        """Forget the code context: the next chunk starts fresh (e.g. on a model that reads other codes)."""
+        self.codes = np.zeros((num_codebooks or self.codes.shape[0], 0), dtype=np.int64)
+
     def restart_context(self) -> float:
         """Forget the code context (the next chunk starts fresh) and drop queued near-silent audio.
         Returns the seconds dropped."""
-        self.codes = self.codes[:, :0]
+        self.drop_context()
         self.silent_frames = 0
         self.silence_skips += 1
         dropped = 0

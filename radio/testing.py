@@ -5,6 +5,8 @@
 random, so the audio is noise-like; the shapes (and so the compute cost) are real:
 
 * ``tiny``: a few hundred kB, generates in milliseconds. For tests.
+* ``tiny-alt``: another tiny shape (wider, deeper decoder and text encoder; the same codec), so tests can
+  run two different models side by side and swap between them.
 * ``small``: exactly facebook/musicgen-small's shapes (T5-base text encoder, 32 kHz EnCodec with 4 codebooks
   at 50 Hz, a 24-layer 1024-wide decoder). About 2.4 GB in fp32. For ``radio bench`` only.
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SHAPES = ("tiny", "small")
+SHAPES = ("tiny", "tiny-alt", "small")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ _SHAPES: dict[str, Shape] = {
         t5_d_model=16, t5_layers=1, t5_heads=2, t5_d_kv=8, t5_d_ff=32, t5_vocab=512,
         codebook_size=64, codebook_dim=8, encodec_filters=2, encodec_hidden=8, encodec_lstm_layers=1,
         dec_hidden=32, dec_layers=2, dec_heads=2, dec_ffn=64,
+    ),
+    "tiny-alt": Shape(
+        t5_d_model=24, t5_layers=2, t5_heads=2, t5_d_kv=12, t5_d_ff=48, t5_vocab=512,
+        codebook_size=64, codebook_dim=8, encodec_filters=2, encodec_hidden=8, encodec_lstm_layers=1,
+        dec_hidden=48, dec_layers=3, dec_heads=4, dec_ffn=96,
     ),
     # facebook/musicgen-small: t5-base, encodec_32khz, 300M decoder.
     "small": Shape(

@@ -1,0 +1,303 @@
+"""Models by name and dtype: loaded once and shared, swapped live, unloaded when unused, within a budget.
+
+Stations that name the same model (and dtype) share it, and so share its engine batch. Changing a running
+station's model loads the new one on a background thread while the station plays on from the old one; the
+engine then moves the station over at its next chunk, and the join is crossfaded. A model no station uses any
+more is unloaded and its memory returned. When the new model does not fit the memory budget beside the old
+one, and the old one is the changing station's alone, the old one is unloaded first and the station's filler
+covers the gap. A model that fails to load leaves the station on its old model (reloaded if it had to make
+room), and every other station untouched.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import parse_size
+from .engine import Engine
+from .errors import ModelError
+from .model import MusicModel
+from .station import Station
+
+logger = logging.getLogger(__name__)
+
+def resolve_budget(text: str, device: str) -> int | None:
+    """The memory budget in bytes. ``auto``: 90% of the GPU's memory on CUDA, else 80% of the RAM that is
+    available now (other processes keep theirs)."""
+    size = parse_size(text)
+    if size != "auto":
+        return size  # type: ignore[return-value]
+    if device.startswith("cuda") or device == "auto":
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            index = int(device.split(":")[1]) if ":" in device else 0
+            return int(torch.cuda.get_device_properties(index).total_memory * 0.9)
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    return int(pages * 0.8)
+
+
+def mb(n: int | None) -> str:
+    return "unknown size" if n is None else f"{n / 1e6:.0f} MB"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a station plays from: a hub id or checkpoint directory, and the decoder dtype."""
+
+    name: str
+    dtype: str = "auto"
+
+    @property
+    def key(self) -> str:
+        return self.name if self.dtype == "auto" else f"{self.name} ({self.dtype})"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+Loader = Callable[[ModelSpec], MusicModel]
+Estimator = Callable[[ModelSpec], "int | None"]
+
+
+def memory_bytes(model: MusicModel) -> int:
+    measure = getattr(model, "memory_bytes", None)
+    return int(measure()) if measure is not None else 0
+
+
+class ModelPool:
+    """Owns the loaded models and which station plays from which; tells the engine through its public
+    methods. ``load`` blocks (startup, new stations); ``change`` returns at once and loads in the background."""
+
+    def __init__(self, engine: Engine, loader: Loader, budget: int | None = None,
+                 estimate: Estimator | None = None) -> None:
+        self.engine = engine
+        self.loader = loader
+        self.budget = budget
+        self.estimate: Estimator = estimate or (lambda spec: None)
+        self.sample_rate: int | None = None  # every model of a daemon must make audio at one rate
+        self.loads = 0
+        self.unloads = 0
+        self._lock = threading.RLock()
+        self._models: dict[ModelSpec, MusicModel] = {}
+        self._bytes: dict[ModelSpec, int] = {}
+        self._current: dict[str, ModelSpec | None] = {}  # station -> its model (None: on filler while loading)
+        self._wanted: dict[str, ModelSpec] = {}  # station -> the model being loaded for it
+        self._restore: dict[str, ModelSpec] = {}  # station -> its old model, unloaded to make room for the new
+        self._errors: dict[str, str] = {}  # station -> why its last model change failed
+        self._loading: ModelSpec | None = None
+        self._jobs: queue.Queue[ModelSpec | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load(self, spec: ModelSpec) -> MusicModel:
+        """The model for ``spec``, loaded now if it is not yet (blocking). Raises ModelError."""
+        with self._lock:
+            if spec in self._models:
+                return self._models[spec]
+            need = self.estimate(spec)
+            used = self.used_bytes()
+            if self.budget is not None and need is not None and used + need > self.budget:
+                raise ModelError(f"model {spec} needs about {mb(need)}, but the memory budget is {mb(self.budget)} "
+                                 f"and {mb(used)} is in use; raise memory_budget or use fewer models")
+        return self._load(spec)
+
+    def _load(self, spec: ModelSpec) -> MusicModel:
+        self.loads += 1
+        try:
+            model = self.loader(spec)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a loader bug must not take the daemon down either
+            raise ModelError(f"could not load model {spec}: {exc}") from exc
+        if self.sample_rate is not None and model.sample_rate != self.sample_rate:
+            raise ModelError(f"model {spec} makes {model.sample_rate} Hz audio, but this daemon's stations run at "
+                             f"{self.sample_rate} Hz; use a model with the same audio codec")
+        with self._lock:
+            self.sample_rate = self.sample_rate or model.sample_rate
+            self._models[spec] = model
+            self._bytes[spec] = memory_bytes(model)
+        self.engine.add_model(spec.key, model)
+        logger.info("model %s ready (%s)", spec, mb(self._bytes[spec]))
+        return model
+
+    # -- stations --------------------------------------------------------------------------------------------
+    def add_station(self, station: Station, spec: ModelSpec) -> None:
+        """Put a station on air on ``spec``, which must be loaded (``load``)."""
+        with self._lock:
+            if spec not in self._models:
+                raise ModelError(f"model {spec} is not loaded")
+            self._current[station.key] = spec
+        self.engine.add_station(station, spec.key)
+
+    def remove_station(self, key: str) -> None:
+        self.engine.remove_station(key)
+        with self._lock:
+            for table in (self._current, self._wanted, self._restore, self._errors):
+                table.pop(key, None)  # type: ignore[attr-defined]
+            self._collect()
+
+    def change(self, key: str, spec: ModelSpec) -> str:
+        """Move a running station to ``spec``. Returns ``switched`` (it was loaded), ``loading`` (the station
+        plays on from its old model meanwhile), ``loading-on-filler`` (the old model was unloaded to make
+        room; filler covers) or ``unchanged``. Raises ModelError, changing nothing, when it cannot fit."""
+        with self._lock:
+            if key not in self._current:
+                raise ModelError(f"{key}: no such station")
+            current = self._current[key]
+            self._errors.pop(key, None)
+            if spec == current:
+                if self._wanted.pop(key, None) is not None:
+                    self._restore.pop(key, None)
+                    self._collect()
+                return "unchanged"
+            if spec in self._models:
+                self._wanted.pop(key, None)
+                self._restore.pop(key, None)
+                self._switch(key, spec)
+                return "switched"
+            mode = self._room_for(key, spec, current)
+            self._wanted[key] = spec
+            if mode == "loading-on-filler" and current is not None:
+                self._restore[key] = current
+                self._switch(key, None)  # the old model goes now; filler covers until the new one is in
+            self._start_worker()
+            self._jobs.put(spec)
+            logger.info("%s: loading model %s in the background (%s)", key, spec,
+                        "filler covers" if mode == "loading-on-filler" else f"{current} plays meanwhile")
+            return mode
+
+    def _room_for(self, key: str, spec: ModelSpec, current: ModelSpec | None) -> str:
+        need = self.estimate(spec)
+        used = self.used_bytes()
+        if self.budget is None or need is None or used + need <= self.budget:
+            return "loading"
+        others = {s for k, s in self._current.items() if k != key} | set(self._wanted.values())
+        freeable = self._bytes.get(current, 0) if current is not None and current not in others else 0
+        if used - freeable + need <= self.budget:
+            return "loading-on-filler"
+        raise ModelError(f"{key}: model {spec} needs about {mb(need)}; the memory budget is {mb(self.budget)} with "
+                         f"{mb(used)} in use by the models of running stations, so the station keeps {current}. "
+                         "Raise memory_budget, or move other stations off their models first")
+
+    def _switch(self, key: str, spec: ModelSpec | None) -> None:
+        self._current[key] = spec
+        self.engine.set_station_model(key, spec.key if spec is not None else None)
+        if spec is not None:
+            logger.info("%s: now playing from model %s", key, spec)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Unload every model that no station plays from or waits for."""
+        in_use = {s for s in self._current.values() if s is not None} | set(self._wanted.values())
+        for spec in [s for s in self._models if s not in in_use]:
+            model = self._models.pop(spec)
+            freed = self._bytes.pop(spec, 0)
+            self.engine.remove_model(spec.key)
+            del model
+            self.unloads += 1
+            logger.info("model %s unloaded: no station uses it (%s returned)", spec, mb(freed))
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- background loader -----------------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="model-loader", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            spec = self._jobs.get()
+            if spec is None:
+                return
+            with self._lock:
+                if spec not in self._wanted.values():
+                    continue  # changed again meanwhile
+                loaded = self._models.get(spec)
+            error = None
+            if loaded is None:
+                self._loading = spec
+                try:
+                    self._load(spec)
+                except ModelError as exc:
+                    error = str(exc)
+                finally:
+                    self._loading = None
+            self._finish(spec, error)
+
+    def _finish(self, spec: ModelSpec, error: str | None) -> None:
+        with self._lock:
+            for key in [k for k, w in self._wanted.items() if w == spec]:
+                del self._wanted[key]
+                old = self._restore.pop(key, None)
+                if error is None:
+                    self._switch(key, spec)
+                    continue
+                self._errors[key] = error
+                keeps = old or self._current.get(key)
+                logger.error("%s: model %s could not be loaded: %s; the station keeps %s", key, spec, error, keeps)
+                if old is not None:  # it made room for the new one: bring it back, filler covers meanwhile
+                    self._wanted[key] = old
+                    self._jobs.put(old)
+            self._collect()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Tests and shutdown: True once no load is queued or running."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._wanted and self._loading is None:
+                    return True
+            time.sleep(0.05)
+        return False
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._bytes.values())
+
+    def station_status(self, key: str) -> dict[str, object]:
+        with self._lock:
+            current = self._current.get(key)
+            wanted = self._wanted.get(key)
+            return {"model": current.name if current else None,  # None: on filler until model_loading is in
+                    "model_dtype": current.dtype if current else None,
+                    "model_loading": wanted.name if wanted else None,
+                    "model_error": self._errors.get(key)}
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            users: dict[ModelSpec, list[str]] = {}
+            for k, s in self._current.items():
+                if s is not None:
+                    users.setdefault(s, []).append(k)
+            return {
+                "models": [{"name": s.name, "dtype": s.dtype, "memory_bytes": self._bytes.get(s, 0),
+                            "stations": sorted(users.get(s, []))} for s in self._models],
+                "loading": self._loading.key if self._loading else None,
+                "memory_budget_bytes": self.budget,
+                "memory_used_bytes": sum(self._bytes.values()),
+                "loads": self.loads,
+                "unloads": self.unloads,
+            }
+
+    def models(self) -> dict[ModelSpec, MusicModel]:
+        with self._lock:
+            return dict(self._models)
