@@ -62,7 +62,8 @@ def recipe_for_test(tmp: Path, port: int, icecast_port: int, api_port: int) -> s
 @pytest.fixture
 def nginx(tmp_path_factory: pytest.TempPathFactory):
     """Start nginx from the recipe; yields a function (icecast_port, api_port) -> https base URL."""
-    if shutil.which("nginx") is None:
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if binary is None:
         pytest.fail("nginx is not installed (apt-get install nginx)")
     # under /tmp, world-readable: as root, nginx's workers run as nobody
     tmp = tmp_path_factory.mktemp("nginx")
@@ -79,10 +80,10 @@ def nginx(tmp_path_factory: pytest.TempPathFactory):
         (tmp / "nginx.conf").write_text(
             f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nworker_processes 1;\nevents {{}}\n"
             f"http {{\n    access_log off;\n{temp}\n    include {tmp}/radio.conf;\n}}\n", encoding="utf-8")
-        check = subprocess.run(["nginx", "-t", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], capture_output=True,
+        check = subprocess.run([binary, "-t", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], capture_output=True,
                                text=True)
         assert check.returncode == 0, check.stderr
-        procs.append(subprocess.Popen(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp), "-g", "daemon off;"],
+        procs.append(subprocess.Popen([binary, "-c", str(tmp / "nginx.conf"), "-p", str(tmp), "-g", "daemon off;"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         base = f"https://127.0.0.1:{port}"
         wait_for(lambda: _up(base), 10, message="nginx answering")

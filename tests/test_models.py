@@ -341,10 +341,7 @@ def test_two_models_on_two_mounts_and_a_live_swap_without_a_gap(icecast, tiny_mo
         assert daemon.status()["models"]["unloads"] >= 1
 
         # A broken checkpoint (weights corrupt) is reported for its station and changes nothing.
-        broken = tmp_path / "broken-model"
-        shutil.copytree(alt_model_dir, broken)
-        for weights in broken.glob("*.safetensors"):
-            weights.write_bytes(b"not a safetensors file")
+        broken = corrupt_copy(alt_model_dir, tmp_path / "broken-model")
         status, body, _ = request(f"{api}/stations/b.mp3/model", "POST", json.dumps({"model": str(broken)}).encode())
         assert status == 202 and json.loads(body)["model_loading"] == str(broken)
         wait_for(lambda: station_status(daemon, "/b.mp3")["model_error"], 30, message="load error reported")
@@ -357,6 +354,9 @@ def test_two_models_on_two_mounts_and_a_live_swap_without_a_gap(icecast, tiny_mo
         status, body, _ = request(f"{api}/stations/b.mp3/model", "POST",
                                   json.dumps({"model": str(tmp_path / "nowhere")}).encode())
         assert status == 409 and "does not exist" in json.loads(body)["error"]
+        status, body, _ = request(f"{api}/stations/b.mp3/model", "POST",
+                                  json.dumps({"model": str(tiny_model_dir), "dtype": "float64"}).encode())
+        assert status == 400 and "dtype" in json.loads(body)["error"]
         # And back to the first model through the API.
         status, body, _ = request(f"{api}/stations/b.mp3/model", "POST",
                                   json.dumps({"model": str(tiny_model_dir)}).encode())
@@ -389,5 +389,35 @@ def test_swap_over_the_memory_budget_is_covered_by_filler(icecast, tiny_model_di
         models = daemon.status()["models"]
         assert [m["name"] for m in models["models"]] == [str(alt_model_dir)]
         assert models["memory_used_bytes"] <= 1_500_000
+    finally:
+        daemon.stop()
+
+
+def corrupt_copy(model_dir: Path, where: Path) -> Path:
+    shutil.copytree(model_dir, where)
+    for weights in where.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    return where
+
+
+@pytest.mark.e2e
+def test_a_station_whose_model_fails_at_startup_stays_off_and_the_others_play(icecast, tiny_model_dir: Path,
+                                                                               tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    broken = corrupt_copy(tiny_model_dir, tmp_path / "broken-model")
+    st = tmp_path / "stations"
+    write_station(st, "a.yaml", station_yaml("A", "/a.mp3", None))
+    b_file = write_station(st, "b.yaml", station_yaml("B", "/b.mp3", broken))
+    daemon = start(icecast, tiny_model_dir, st)
+    try:
+        assert [s["mount"] for s in daemon.status()["stations"]] == ["/a.mp3"]
+        line = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        assert str(b_file) in line and str(broken) in line and "not started" in line
+        wait_for(lambda: mount_info(icecast, "/a.mp3"), 20, message="the good station on air")
+        assert np.sqrt(np.mean(listen(f"{icecast.url}/a.mp3", 2.0) ** 2)) > 0.005
+        # Fixing the file starts the station.
+        write_station(st, "b.yaml", station_yaml("B", "/b.mp3", tiny_model_dir))
+        daemon.reload()
+        wait_for(lambda: mount_info(icecast, "/b.mp3"), 20, message="the fixed station on air")
     finally:
         daemon.stop()
