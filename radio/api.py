@@ -84,6 +84,20 @@ def _metrics(status: dict[str, Any]) -> bytes:
             steps = CounterMetricFamily("radio_engine_steps", "Batched generation steps")
             steps.add_metric([], float(engine.get("steps", 0)))
             yield steps
+            models = status.get("models", {})
+            memory = GaugeMetricFamily("radio_model_memory_bytes", "Memory held by a loaded model", labels=["model"])
+            for m in models.get("models", []):
+                memory.add_metric([f"{m['name']} ({m['dtype']})"], float(m["memory_bytes"]))
+            yield memory
+            for name, doc, key, kind in (
+                    ("radio_model_loads", "Model loads (startup and live swaps)", "loads", CounterMetricFamily),
+                    ("radio_model_unloads", "Models unloaded because no station used them", "unloads",
+                     CounterMetricFamily),
+                    ("radio_model_memory_budget_bytes", "Memory budget for all models (0: none)",
+                     "memory_budget_bytes", GaugeMetricFamily)):
+                family = kind(name, doc)
+                family.add_metric([], float(models.get(key) or 0))
+                yield family
             up = GaugeMetricFamily("radio_uptime_seconds", "Seconds since the daemon started")
             up.add_metric([], float(status.get("uptime_seconds", 0)))
             yield up

@@ -127,7 +127,7 @@ def test_metrics_and_web_page(api_daemon) -> None:
     for name in ("radio_station_buffered_seconds{mount=\"/alpha.mp3\"}", "radio_station_generated_seconds_total",
                  "radio_station_filled_seconds_total", "radio_station_reconnects_total",
                  "radio_station_encoder_restarts_total", "radio_engine_batch_size", "radio_engine_step_seconds",
-                 "radio_engine_realtime_factor"):
+                 "radio_engine_realtime_factor", "radio_model_memory_bytes{model=", "radio_model_loads_total 1.0"):
         assert name in text, name
     code, body, headers = request(f"{base}/")
     assert code == 200 and headers["Content-Type"].startswith("text/html")
