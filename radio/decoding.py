@@ -34,7 +34,14 @@ logger = logging.getLogger(__name__)
 
 
 class BufferLayer(DynamicLayer):
-    """A self-attention cache layer over a preallocated buffer: ``update`` writes in place, returns views."""
+    """A self-attention cache layer over a preallocated buffer: ``update`` writes in place.
+
+    Attention is given the WHOLE buffer, not a slice of its first ``length`` columns: a slice of a longer
+    buffer is not contiguous, and CPU matmuls (bf16 above all) copy such an operand on every call, which made
+    the copy of the entire KV cache the biggest cost of a decode step. The columns past ``length`` are zeros
+    (finite) and masked out (``get_mask_sizes`` reports the full width; the causal mask hides the future).
+    The decode loop sizes the buffer to the chunk (``DecodeState.fit``), so few such columns are attended.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         super().__init__()
@@ -46,7 +53,7 @@ class BufferLayer(DynamicLayer):
 
     @property  # type: ignore[override]
     def keys(self) -> torch.Tensor:
-        return self.buf_k[:, :, : self.length]
+        return self.buf_k
 
     @keys.setter
     def keys(self, value: torch.Tensor) -> None:  # DynamicLayer.__init__ assigns; the buffer is the truth
@@ -54,7 +61,7 @@ class BufferLayer(DynamicLayer):
 
     @property  # type: ignore[override]
     def values(self) -> torch.Tensor:
-        return self.buf_v[:, :, : self.length]
+        return self.buf_v
 
     @values.setter
     def values(self, value: torch.Tensor) -> None:
@@ -68,13 +75,13 @@ class BufferLayer(DynamicLayer):
         self.buf_k[:, :, self.length:end] = key_states
         self.buf_v[:, :, self.length:end] = value_states
         self.length = end
-        return self.keys, self.values
+        return self.buf_k, self.buf_v
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.buf_k.shape[2], 0
 
 
 @dataclass
@@ -199,6 +206,14 @@ class DecodeState:
         self.capacity = capacity
         self.offsets = torch.tensor(offsets, dtype=torch.long)
         self.k_bufs, self.v_bufs = k_bufs, v_bufs
+
+    def fit(self, steps: int) -> None:
+        """Size the buffers to exactly ``steps`` more columns (dropping columns no row uses): attention reads
+        the whole buffer, so spare capacity would be read on every step. One copy per chunk."""
+        start = min((int(o) for o in self.offsets), default=self.length)
+        if start == 0 and self.capacity == self.length + steps:
+            return
+        self.assemble(list(range(len(self.rows))), [], None, 0, [], self.cfg, self.length - start + steps)
 
     def cache(self) -> EncoderDecoderCache:
         """A transformers cache over our buffers; the cross-attention half is recomputed on its first use."""

@@ -372,10 +372,11 @@ class MusicgenModel:
             fresh_rows.append(Row(key=keys[i], context_frames=T, next_column=delayed_column(ctx, T, pad),
                                   forced=forced_warmup(ctx, pad)))
         capacity = window + K + 2
-        if fresh_rows or len(keep_idx) != len(state.rows) or state.length + steps > state.capacity:
+        if fresh_rows or len(keep_idx) != len(state.rows):
             fresh_kv, fresh_len, fresh_offsets = self._prefill(fresh_rows, fresh_ctx, [requests[i] for i in fresh_req],
                                                                use_cfg)
             state.assemble(keep_idx, fresh_rows, fresh_kv, fresh_len, fresh_offsets, use_cfg, capacity)
+        state.fit(steps)
         order = {row.key: n for n, row in enumerate(state.rows)}
         by_row = sorted(range(len(requests)), key=lambda i: order[keys[i]])
         row_requests = [requests[i] for i in by_row]
@@ -392,6 +393,7 @@ class MusicgenModel:
         next_cols = np.stack([row.next_column for row in state.rows])
         decoder = self.model.decoder
         out = np.empty((B, K, steps), dtype=np.int64)
+        columns = torch.arange(state.capacity, device=dev)  # attention sees the whole (chunk-sized) buffer
         try:
             with torch.inference_mode():
                 for j in range(steps):
@@ -399,7 +401,7 @@ class MusicgenModel:
                     if use_cfg:
                         tok = torch.cat([tok, tok])
                     L = state.length
-                    mask = (torch.arange(L + 1, device=dev)[None, :] >= offsets[:, None]).long()
+                    mask = ((columns[None, :] >= offsets[:, None]) & (columns[None, :] <= L)).long()
                     self._positions.position_ids = (L - offsets)[:, None]
                     res = decoder(input_ids=tok.reshape(rows * K, 1), attention_mask=mask, encoder_hidden_states=enc,
                                   encoder_attention_mask=enc_mask, past_key_values=cache, use_cache=True)
