@@ -2,7 +2,8 @@
 
 It talks to the daemon only through the :class:`Controller` methods. Reads are open; every write needs
 ``Authorization: Bearer <token>`` when a token is configured (and one must be configured for a non-loopback
-bind). Errors are JSON ``{"error": ...}`` with 400/401/404/405/409/413; a handler bug is a logged 500, never a
+bind, and for a write that arrives through a reverse proxy). Errors are JSON ``{"error": ...}`` with
+400/401/403/404/405/409/413; a handler bug is a logged 500, never a
 traceback on the wire.
 """
 
@@ -165,6 +166,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorize(self) -> None:
         token = self.api.config.token
         if not token:
+            if self.headers.get("X-Forwarded-For") or self.headers.get("Forwarded"):
+                # Behind a reverse proxy the loopback bind no longer means "local": writes need a token.
+                raise ApiError(403, "writes through a reverse proxy need a token: set RADIO_API_TOKEN "
+                                    "(or api.token_file) and send 'Authorization: Bearer <token>'")
             return
         given = self.headers.get("Authorization", "")
         if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip(), token):

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shape", choices=("tiny", "small"), default="tiny",
                      help="use (and make once, in ~/.cache/radio) a random-weight checkpoint of this shape")
     bench.add_argument("--mounts", default="1,2,3,4,8", help="comma-separated mount counts (default 1,2,3,4,8)")
-    bench.add_argument("--frames", type=int, default=100, help="frames per chunk (50 = 1 s; default 100)")
+    bench.add_argument("--frames", type=int, default=200, help="frames per chunk (50 = 1 s; default 200 = the engine's 4 s chunk)")
     bench.add_argument("--chunks", type=int, default=3, help="measured steady-state chunks (default 3)")
     bench.add_argument("--proto-steps", type=int, default=2, help="measured prototype rounds (default 2)")
     bench.add_argument("--dtypes", default="float32,auto", help="dtypes for our engine (default float32,auto)")

@@ -18,6 +18,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .config import parse_size
@@ -27,6 +28,7 @@ from .model import MusicModel
 from .station import Station
 
 logger = logging.getLogger(__name__)
+
 
 def resolve_budget(text: str, device: str) -> int | None:
     """The memory budget in bytes. ``auto``: 90% of the GPU's memory on CUDA, else 80% of the RAM that is
@@ -39,11 +41,22 @@ def resolve_budget(text: str, device: str) -> int | None:
         if torch is not None and torch.cuda.is_available():
             index = int(device.split(":")[1]) if ":" in device else 0
             return int(torch.cuda.get_device_properties(index).total_memory * 0.9)
+    available = _mem_available()
+    return int(available * 0.8) if available else None
+
+
+def _mem_available() -> int | None:
+    """MemAvailable (free memory plus what the page cache can give back), in bytes."""
     try:
-        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
-    return int(pages * 0.8)
 
 
 def mb(n: int | None) -> str:

@@ -112,7 +112,7 @@ def test_nginx_recipe_serves_streams_player_and_api_over_https_with_cors(icecast
                                 "  - {title: Also TLS, prompt: soft pads, duration: 10m}\n")
     stations, _ = load_stations([st])
     api_port = free_port()
-    daemon = Daemon(daemon_config(icecast, tiny_model_dir, st, api_port=api_port), stations)
+    daemon = Daemon(daemon_config(icecast, tiny_model_dir, st, api_port=api_port, token="proxy-test-token"), stations)
     daemon.start()
     try:
         base = nginx(icecast.port, api_port)
@@ -133,7 +133,7 @@ def test_nginx_recipe_serves_streams_player_and_api_over_https_with_cors(icecast
         assert "icy-name" in headers["access-control-expose-headers"][0]
         assert headers["content-type"] == ["audio/mpeg"]
 
-        # The API and the web player through the proxy: CORS too; writes closed; preflight answered.
+        # The API and the web player through the proxy: CORS too; preflight answered; writes need the token.
         status, headers, data = https(f"{base}/status", headers=origin, read=1 << 20)
         assert status == 200 and b'"/a.mp3"' in data
         assert headers["access-control-allow-origin"] == ["*"]
@@ -144,8 +144,11 @@ def test_nginx_recipe_serves_streams_player_and_api_over_https_with_cors(icecast
                                             "Access-Control-Request-Headers": "authorization"})
         assert status == 204 and "Authorization" in headers["access-control-allow-headers"][0]
         assert headers["access-control-allow-origin"] == ["*"]
-        status, headers, _ = https(f"{base}/stations/a.mp3/skip", method="POST", body=b"{}")
-        assert status == 403 and headers["access-control-allow-origin"] == ["*"]
+        status, headers, _ = https(f"{base}/stations/a.mp3/skip", method="POST", body=b"{}", headers=origin)
+        assert status == 401 and headers["access-control-allow-origin"] == ["*"]
+        status, headers, data = https(f"{base}/stations/a.mp3/skip", method="POST", body=b"{}",
+                                      headers={**origin, "Authorization": "Bearer proxy-test-token"}, read=1 << 20)
+        assert status == 200 and headers["access-control-allow-origin"] == ["*"]
 
         # Icecast's own <http-headers> from the shipped icecast.xml, for direct listeners.
         with urllib.request.urlopen(urllib.request.Request(f"{icecast.url}/a.mp3", headers=origin), timeout=10) as r:

@@ -357,6 +357,10 @@ def test_two_models_on_two_mounts_and_a_live_swap_without_a_gap(icecast, tiny_mo
         status, body, _ = request(f"{api}/stations/b.mp3/model", "POST",
                                   json.dumps({"model": str(tiny_model_dir), "dtype": "float64"}).encode())
         assert status == 400 and "dtype" in json.loads(body)["error"]
+        # This API has no token: a write that comes through a reverse proxy is refused all the same.
+        status, body, _ = request(f"{api}/stations/b.mp3/skip", "POST", b"{}",
+                                  headers={"X-Forwarded-For": "203.0.113.9"})
+        assert status == 403 and "RADIO_API_TOKEN" in json.loads(body)["error"]
         # And back to the first model through the API.
         status, body, _ = request(f"{api}/stations/b.mp3/model", "POST",
                                   json.dumps({"model": str(tiny_model_dir)}).encode())
