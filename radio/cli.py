@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -269,5 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_CONFIG
 
 
+def entry() -> None:
+    """The console script. After ``radio run`` has stopped everything it owns (in ``finally``: API, mounts,
+    engine, local Icecast), the interpreter's own teardown of torch and its thread pools still takes seconds,
+    which would hold up a service manager's stop; the process ends without it."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv[:1] == ["run"]:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
