@@ -21,7 +21,7 @@ from .idents import load_idents
 from .errors import ModelError, RadioError
 from .api import ApiServer
 from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
-from .model import MusicModel, MusicgenModel, estimate_model_bytes
+from .model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
 from .mount import Mount
 from .pool import ModelPool, ModelSpec, resolve_budget
 from .station import Station
@@ -333,10 +333,9 @@ class Daemon:
         station = self._station(station_id)
         if station is None or self.pool is None:
             return None
-        if not Path(model).expanduser().is_dir() and model.startswith(("/", "./", "../", "~")):
-            raise ModelError(f"model directory {model} does not exist")
-        if Path(model).expanduser().is_dir():
-            model = str(Path(model).expanduser().resolve())
+        source = model_source(model)  # a missing or config-less directory is refused here, at once
+        if Path(source).is_dir():
+            model = str(Path(source).resolve())
         spec = ModelSpec(model, dtype or model_spec(self.config, station.config).dtype)
         result = self.pool.change(station.key, spec)
         return {**self._station_status(station), "change": result}

@@ -160,8 +160,9 @@ class DecodeState:
 
     # -- rebuilding ---------------------------------------------------------------------------------------------
     def assemble(self, keep: list[int], fresh: list[Row], fresh_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
-                 fresh_len: int, fresh_offsets: list[int], cfg: bool, capacity: int) -> None:
-        """New buffers holding rows ``keep`` (indices into the current rows) followed by ``fresh`` rows.
+                 fresh_len: int, fresh_offsets: list[int], cfg: bool, room: int) -> None:
+        """New buffers holding rows ``keep`` (indices into the current rows) followed by ``fresh`` rows, with
+        ``room`` free columns after them (attention reads the whole buffer: size it to the coming chunk).
 
         ``fresh_kv``: per layer (keys, values) of the fresh rows' prefill, shape (phys_fresh, H, fresh_len, d),
         right-aligned with ``fresh_offsets``. Kept rows are compacted: columns no kept row uses are dropped.
@@ -172,8 +173,7 @@ class DecodeState:
         start = min((int(self.offsets[i]) for i in keep), default=old_len)
         kept_len = old_len - start
         new_len = max(kept_len, fresh_len)
-        if new_len > capacity:
-            raise ValueError(f"rows need {new_len} columns, capacity is {capacity}")
+        capacity = new_len + room
         B_keep, B_fresh = len(keep), len(fresh)
         B = B_keep + B_fresh
         mult = 2 if cfg else 1
@@ -213,7 +213,7 @@ class DecodeState:
         start = min((int(o) for o in self.offsets), default=self.length)
         if start == 0 and self.capacity == self.length + steps:
             return
-        self.assemble(list(range(len(self.rows))), [], None, 0, [], self.cfg, self.length - start + steps)
+        self.assemble(list(range(len(self.rows))), [], None, 0, [], self.cfg, steps)
 
     def cache(self) -> EncoderDecoderCache:
         """A transformers cache over our buffers; the cross-attention half is recomputed on its first use."""

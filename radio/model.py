@@ -320,7 +320,7 @@ class MusicgenModel:
         with self._lock:
             keep = [i for i, row in enumerate(self._state.rows) if row.key != key]
             if len(keep) != len(self._state.rows):
-                self._state.assemble(keep, [], None, 0, [], self._state.cfg, self._state.capacity)
+                self._state.assemble(keep, [], None, 0, [], self._state.cfg, 0)  # the next chunk sizes it
 
     def _generate_codes(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
         """Decode ``frames`` (or more) new frames for every request; returns (codes, was_fresh) per request."""
@@ -371,12 +371,12 @@ class MusicgenModel:
             T = ctx.shape[1]
             fresh_rows.append(Row(key=keys[i], context_frames=T, next_column=delayed_column(ctx, T, pad),
                                   forced=forced_warmup(ctx, pad)))
-        capacity = window + K + 2
         if fresh_rows or len(keep_idx) != len(state.rows):
             fresh_kv, fresh_len, fresh_offsets = self._prefill(fresh_rows, fresh_ctx, [requests[i] for i in fresh_req],
                                                                use_cfg)
-            state.assemble(keep_idx, fresh_rows, fresh_kv, fresh_len, fresh_offsets, use_cfg, capacity)
-        state.fit(steps)
+            state.assemble(keep_idx, fresh_rows, fresh_kv, fresh_len, fresh_offsets, use_cfg, steps)
+        else:
+            state.fit(steps)
         order = {row.key: n for n, row in enumerate(state.rows)}
         by_row = sorted(range(len(requests)), key=lambda i: order[keys[i]])
         row_requests = [requests[i] for i in by_row]

@@ -17,6 +17,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -271,8 +272,6 @@ class ModelPool:
 
     def wait_idle(self, timeout: float) -> bool:
         """Tests and shutdown: True once no load is queued or running."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
