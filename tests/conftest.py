@@ -110,3 +110,16 @@ def daemon_config(icecast: LocalIcecast, model_dir: Path, stations_dir: Path, ap
         engine=EngineConfig(**{"chunk_seconds": 1.0, "first_chunk_seconds": 0.5, "buffer_seconds": 3.0, **engine}),
         api=ApiConfig(port=api_port, token=token) if api_port is not None else ApiConfig(enabled=False),
     )
+
+
+def run_daemon(icecast: LocalIcecast, model_dir: Path, stations_dir: Path, **kw):
+    """Load every station in ``stations_dir`` (all must be valid) and start a daemon on the fixture's Icecast
+    with ``daemon_config(**kw)``; the caller stops it."""
+    from radio.config import load_stations
+    from radio.daemon import Daemon
+
+    stations, problems = load_stations([stations_dir])
+    assert not problems, problems
+    daemon = Daemon(daemon_config(icecast, model_dir, stations_dir, **kw), stations)
+    daemon.start()
+    return daemon

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 
 import radio
-from radio.config import load_stations
-from radio.daemon import Daemon
 from radio.localicecast import free_port
 
-from .conftest import daemon_config, listen, mount_info, wait_for, write_station
+from .conftest import listen, mount_info, run_daemon, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 
@@ -110,10 +108,8 @@ def test_nginx_recipe_serves_streams_player_and_api_over_https_with_cors(icecast
                                 "  - {title: Over TLS, prompt: calm piano, duration: 10m}\n")
     write_station(st, "b.yaml", "name: B\nmount: /b.ogg\nformat: vorbis\nplaylist:\n"
                                 "  - {title: Also TLS, prompt: soft pads, duration: 10m}\n")
-    stations, _ = load_stations([st])
     api_port = free_port()
-    daemon = Daemon(daemon_config(icecast, tiny_model_dir, st, api_port=api_port, token="proxy-test-token"), stations)
-    daemon.start()
+    daemon = run_daemon(icecast, tiny_model_dir, st, api_port=api_port, token="proxy-test-token")
     try:
         base = nginx(icecast.port, api_port)
         wait_for(lambda: mount_info(icecast, "/a.mp3") and mount_info(icecast, "/b.ogg"), 20, message="on air")

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from radio.config import load_stations
-from radio.daemon import Daemon
 from radio.encoder import ffmpeg_argv
 
-from .conftest import daemon_config, mount_info, wait_for, write_station
+from .conftest import mount_info, run_daemon, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 
@@ -32,10 +30,7 @@ def test_mounts_are_normalised_to_their_target(icecast, tiny_model_dir: Path, tm
                                     "  - {prompt: calm piano, duration: 10m}\n")
     write_station(st, "loud.yaml", "name: L\nmount: /loud.ogg\nformat: vorbis\nloudness: -14\nplaylist:\n"
                                    "  - {prompt: calm piano, duration: 10m}\n")
-    stations, problems = load_stations([st])
-    assert not problems
-    daemon = Daemon(daemon_config(icecast, tiny_model_dir, st), stations)
-    daemon.start()
+    daemon = run_daemon(icecast, tiny_model_dir, st)
     try:
         wait_for(lambda: mount_info(icecast, "/quiet.mp3") and mount_info(icecast, "/loud.ogg"), 20, message="on air")
         quiet = integrated_loudness(f"{icecast.url}/quiet.mp3", 12)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radio.config import EngineConfig, load_station, load_stations
+from radio.config import EngineConfig, load_station
 from radio.daemon import Daemon
 from radio.engine import Engine
 from radio.errors import ConfigError, ModelError
@@ -26,7 +26,7 @@ from radio.pool import ModelPool, ModelSpec
 from radio.station import Station
 from radio.testing import SineModel
 
-from .conftest import daemon_config, listen, mount_info, wait_for, write_station
+from .conftest import listen, mount_info, run_daemon, wait_for, write_station
 from .test_api import request
 from .test_engine import drain, station_config
 
@@ -96,8 +96,8 @@ def test_a_station_waiting_for_its_model_is_left_out_and_others_play_on() -> Non
     assert sa.buffered_seconds >= CFG.buffer_seconds and sb.buffered_seconds == 0
 
 
-def test_switch_to_a_model_that_reads_the_same_codes_continues_seamlessly() -> None:
-    a, b = FakeModel(), FakeModel()
+def playing_on_a(a: FakeModel, b: FakeModel) -> tuple[Engine, Station]:
+    """An engine with models a and b, and one station that has played four chunks from a."""
     engine = Engine(None, CFG)
     engine.add_model("a", a)
     engine.add_model("b", b)
@@ -105,6 +105,12 @@ def test_switch_to_a_model_that_reads_the_same_codes_continues_seamlessly() -> N
     engine.add_station(st, "a")
     for _ in range(4):
         engine.run_once()
+    return engine, st
+
+
+def test_switch_to_a_model_that_reads_the_same_codes_continues_seamlessly() -> None:
+    a, b = FakeModel(), FakeModel()
+    engine, st = playing_on_a(a, b)
     engine.set_station_model(st.key, "b")
     assert a.forgotten == [st.key]  # the old model drops the station's KV state
     for _ in range(4):
@@ -117,13 +123,7 @@ def test_switch_to_a_model_that_reads_the_same_codes_continues_seamlessly() -> N
 
 def test_switch_to_a_model_with_other_codes_starts_fresh_with_a_crossfade() -> None:
     a, b = FakeModel(441.0), FakeModel(441.0, num_codebooks=8)  # 441 Hz: not in phase 0 where b starts
-    engine = Engine(None, CFG)
-    engine.add_model("a", a)
-    engine.add_model("b", b)
-    st = new_station("/a.mp3")
-    engine.add_station(st, "a")
-    for _ in range(4):
-        engine.run_once()
+    engine, st = playing_on_a(a, b)
     switch_at = sum(f for _, f in a.calls) * 640 - 20 * 32  # where a's audio ends (its tail was held back)
     engine.set_station_model(st.key, "b")
     engine.run_once()
@@ -294,16 +294,6 @@ def alt_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_test_model(tmp_path_factory.mktemp("tiny-alt-model"), shape="tiny-alt", seed=1)
 
 
-def start(icecast, model_dir: Path, st: Path, **kw) -> Daemon:
-    stations, problems = load_stations([st])
-    assert not problems, problems
-    api_port = kw.pop("api_port", None)
-    cfg = daemon_config(icecast, model_dir, st, api_port=api_port, **kw)
-    daemon = Daemon(cfg, stations)
-    daemon.start()
-    return daemon
-
-
 def station_status(daemon: Daemon, mount: str) -> dict:
     return next(s for s in daemon.status()["stations"] if s["mount"] == mount)
 
@@ -315,7 +305,7 @@ def test_two_models_on_two_mounts_and_a_live_swap_without_a_gap(icecast, tiny_mo
     write_station(st, "a.yaml", station_yaml("A", "/a.mp3", None))  # the daemon's model: tiny
     write_station(st, "b.yaml", station_yaml("B", "/b.mp3", alt_model_dir))
     port = free_port()
-    daemon = start(icecast, tiny_model_dir, st, api_port=port)
+    daemon = run_daemon(icecast, tiny_model_dir, st, api_port=port)
     api = f"http://127.0.0.1:{port}"
     try:
         models = daemon.status()["models"]["models"]
@@ -377,7 +367,7 @@ def test_swap_over_the_memory_budget_is_covered_by_filler(icecast, tiny_model_di
     st = tmp_path / "stations"
     write_station(st, "a.yaml", station_yaml("A", "/a.mp3", None))
     # Room for the bigger model alone, not for both.
-    daemon = start(icecast, tiny_model_dir, st, memory_budget="1.5MB")
+    daemon = run_daemon(icecast, tiny_model_dir, st, memory_budget="1.5MB")
     try:
         wait_for(lambda: mount_info(icecast, "/a.mp3"), 20, message="on air")
         heard: dict[str, np.ndarray] = {}
@@ -412,7 +402,7 @@ def test_a_station_whose_model_fails_at_startup_stays_off_and_the_others_play(ic
     st = tmp_path / "stations"
     write_station(st, "a.yaml", station_yaml("A", "/a.mp3", None))
     b_file = write_station(st, "b.yaml", station_yaml("B", "/b.mp3", broken))
-    daemon = start(icecast, tiny_model_dir, st)
+    daemon = run_daemon(icecast, tiny_model_dir, st)
     try:
         assert [s["mount"] for s in daemon.status()["stations"]] == ["/a.mp3"]
         line = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
