@@ -184,7 +184,7 @@ class MusicgenModel:
 
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
-                 window_seconds: float = 30.0) -> None:
+                 window_seconds: float = 30.0, fast_kernels: bool = True) -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -249,6 +249,10 @@ class MusicgenModel:
             self._set_decoder_dtype(torch.float32)
             self._state.dtype = torch.float32
             self._text_cache.clear()
+        # Last: packing fixes the decoder's dtype. Every caller (our loop, generate) then uses the packed layers.
+        from .kernels import accelerate
+
+        self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
 
     def memory_bytes(self) -> int:
         """Weights, buffers and the decode state's KV cache, in bytes."""
