@@ -242,9 +242,11 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
             ctx["m0"] = ctx["m0"][:, -context_frames:].copy()
             ctx["m0"][:, -1] = (ctx["m0"][:, -1] + 1) % model.vocab_size  # not what the cache holds: re-prefill
             reset = max(0.0, step(keys, frames) - wall / chunks)
-            # A new station joins the running batch: its first audio arrives after one short chunk.
+            # A new station: as the engine schedules it, its first short chunk runs on its own (the running
+            # stations sit that step out, their caches parked) and then it joins the batch.
             ctx["m99"] = np.zeros((model.num_codebooks, 0), np.int64)
-            ttfa = step(keys + ["m99"], first_frames)
+            ttfa = step(["m99"], first_frames)
+            step(keys + ["m99"], first_frames)  # the join (the others' caches come back from parking)
             model.forget("m99")
             del ctx["m99"]
     finally:

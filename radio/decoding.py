@@ -16,6 +16,10 @@ step). Its first K-1 steps produce columns in which the higher codebooks still b
 those are *forced* from the context instead of sampled. A fresh row therefore yields its first frame after K
 steps; afterwards every step completes one frame.
 
+Parking. A row its station leaves out of a chunk is moved out of the buffers with its KV cache and comes back
+unchanged when asked for again (if the station's codes still continue it), so sitting a chunk out costs a copy,
+not a prefill.
+
 Window. MusicGen was trained on 30 s windows. When a row's cache would outgrow ``window`` frames, the row is
 reset: re-prefilled from its last ``context_seconds`` of codes. Resets are spread out, one row per chunk, so a
 batch never stalls on several prefills at once.
@@ -119,8 +123,27 @@ def forced_warmup(context: np.ndarray, pad: int) -> np.ndarray:
     return forced
 
 
+MAX_PARKED = 64
+
+
+@dataclass
+class Parked:
+    """A row taken out of the batch with its KV cache: per layer (keys, values), shape (1 or 2, H, tokens, d)."""
+
+    row: Row
+    cfg: bool
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.kv[0][0].shape[2]) if self.kv else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
+
+
 class DecodeState:
-    """Rows, their shared KV buffers, and the bookkeeping to add, drop and reset rows."""
+    """Rows, their shared KV buffers, and the bookkeeping to add, drop, park and reset rows."""
 
     def __init__(self, num_layers: int, heads: int, head_dim: int, num_codebooks: int, pad: int, dtype: torch.dtype,
                  device: str) -> None:
@@ -138,6 +161,7 @@ class DecodeState:
         self.offsets = torch.zeros(0, dtype=torch.long)
         self.k_bufs: list[torch.Tensor] = []
         self.v_bufs: list[torch.Tensor] = []
+        self.parked: dict[str, Parked] = {}  # rows sitting chunks out, by key
 
     # -- shape ------------------------------------------------------------------------------------------------
     @property
@@ -179,23 +203,33 @@ class DecodeState:
         mult = 2 if cfg else 1
         old_B = len(old_rows)
 
-        def phys(indices: list[int], base_b: int) -> list[int]:
-            return indices + ([i + base_b for i in indices] if cfg else [])
-
-        src = phys(keep, old_B)
-        dst_keep = phys(list(range(B_keep)), B)
-        dst_fresh = phys(list(range(B_keep, B)), B)
+        # Physical layout: [kept rows, fresh rows], then (guidance) their unconditional twins in the same order.
+        # Every column is written once: copied from the old buffers or the prefill, or zeroed (padding and the
+        # free room are masked, but attention reads them, so they must be finite).
+        gather = None if keep == list(range(old_B)) else torch.tensor(keep, dtype=torch.long, device=self.device)
+        pad_keep, pad_fresh = new_len - kept_len, new_len - fresh_len
         k_bufs, v_bufs = [], []
         for layer in range(self.num_layers):
-            kb = torch.zeros((B * mult, self.heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
-            vb = torch.zeros_like(kb)
-            if src and kept_len:
-                kb[dst_keep, :, new_len - kept_len:new_len] = self.k_bufs[layer][src, :, start:old_len]
-                vb[dst_keep, :, new_len - kept_len:new_len] = self.v_bufs[layer][src, :, start:old_len]
-            if fresh and fresh_kv is not None and fresh_len:
-                fk, fv = fresh_kv[layer]
-                kb[dst_fresh, :, new_len - fresh_len:new_len] = fk.to(self.dtype)
-                vb[dst_fresh, :, new_len - fresh_len:new_len] = fv.to(self.dtype)
+            kb = torch.empty((B * mult, self.heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
+            vb = torch.empty_like(kb)
+            for which, buf in enumerate((kb, vb)):
+                buf[:, :, new_len:].zero_()
+                for half in range(mult):  # 0: conditional rows, 1: their unconditional twins
+                    if B_keep:
+                        dst = buf[half * B:half * B + B_keep]
+                        dst[:, :, :pad_keep].zero_()
+                        if kept_len:
+                            old = (self.k_bufs if which == 0 else self.v_bufs)[layer]
+                            old = old[half * old_B:(half + 1) * old_B, :, start:old_len]
+                            dst[:, :, pad_keep:new_len] = old if gather is None else old.index_select(0, gather)
+                    if B_fresh:
+                        dst = buf[half * B + B_keep:(half + 1) * B]
+                        dst[:, :, :pad_fresh].zero_()
+                        if fresh_kv is not None and fresh_len:
+                            src = fresh_kv[layer][which][half * B_fresh:(half + 1) * B_fresh]
+                            dst[:, :, pad_fresh:new_len] = src.to(self.dtype)
+                        else:
+                            dst[:, :, pad_fresh:new_len].zero_()
             k_bufs.append(kb)
             v_bufs.append(vb)
         offsets = [int(self.offsets[i]) - start + (new_len - kept_len) for i in keep]
@@ -214,6 +248,61 @@ class DecodeState:
         if start == 0 and self.capacity == self.length + steps:
             return
         self.assemble(list(range(len(self.rows))), [], None, 0, [], self.cfg, steps)
+
+    def row_keys(self) -> list[str]:
+        return [row.key for row in self.rows]
+
+    # -- parking ------------------------------------------------------------------------------------------------
+    def park(self, keys: set[str]) -> None:
+        """Take the rows of ``keys`` out of the batch with their KV caches, so a chunk they sit out (a station
+        with a full buffer, or a new station's solo first chunk) does not cost them a re-prefill."""
+        idx = [i for i, row in enumerate(self.rows) if row.key in keys]
+        if not idx:
+            return
+        B = len(self.rows)
+        for i in idx:
+            off = int(self.offsets[i])
+            phys = [i, i + B] if self.cfg else [i]
+            kv = [(k[phys, :, off:self.length].clone(), v[phys, :, off:self.length].clone())
+                  for k, v in zip(self.k_bufs, self.v_bufs)]
+            self.parked[self.rows[i].key] = Parked(self.rows[i], self.cfg, kv)
+        while len(self.parked) > MAX_PARKED:  # keys that never came back (a caller that does not forget)
+            self.parked.pop(next(iter(self.parked)))
+        self.assemble([i for i in range(B) if i not in idx], [], None, 0, [], self.cfg, 0)
+
+    def unpark(self, keys: list[str]) -> None:
+        """Put parked rows back after the current ones, exactly as they were (same guidance layout required)."""
+        back = [self.parked.pop(k) for k in keys]
+        if not back:
+            return
+        cfg = back[0].cfg
+        if any(p.cfg != cfg for p in back) or (self.rows and self.cfg != cfg):
+            raise ValueError("cannot unpark rows across a change of guidance layout")
+        n = max(p.tokens for p in back)
+        mult = 2 if cfg else 1
+        kv = []
+        for layer in range(self.num_layers):
+            pair = []
+            for which in range(2):
+                buf = torch.zeros((len(back) * mult, self.heads, n, self.head_dim), dtype=self.dtype,
+                                  device=self.device)
+                for j, p in enumerate(back):
+                    for half in range(mult):  # fresh rows' layout: all conditional rows, then their twins
+                        buf[half * len(back) + j, :, n - p.tokens:] = p.kv[layer][which][half]
+                pair.append(buf)
+            kv.append((pair[0], pair[1]))
+        self.assemble(list(range(len(self.rows))), [p.row for p in back], kv, n, [n - p.tokens for p in back], cfg, 0)
+
+    def forget(self, key: str) -> None:
+        """Drop a row (live or parked) and its cache."""
+        self.parked.pop(key, None)
+        keep = [i for i, row in enumerate(self.rows) if row.key != key]
+        if len(keep) != len(self.rows):
+            self.assemble(keep, [], None, 0, [], self.cfg, 0)  # the next chunk sizes the buffers
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k_bufs, *self.v_bufs)) + \
+            sum(p.nbytes() for p in self.parked.values())
 
     def cache(self) -> EncoderDecoderCache:
         """A transformers cache over our buffers; the cross-attention half is recomputed on its first use."""

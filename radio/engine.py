@@ -2,8 +2,9 @@
 
 Each step it takes the stations that are below their buffer target, hungriest first, and continues them all
 in ONE batched model call. Stations that share a model share a batch; with several models (stations may name
-their own), each step serves the model of the hungriest station, so no mount starves. A station's first chunk is short so it is on air within seconds; after that chunks
-are ``chunk_seconds`` long. The model decodes each chunk with ``overlap_frames`` of context in front; the
+their own), each step serves the model of the hungriest station, so no mount starves. A station's first chunk
+is short and taken apart from the running stations, so it is on air within seconds; after that chunks double
+up to ``chunk_seconds``. The model decodes each chunk with ``overlap_frames`` of context in front; the
 engine joins consecutive chunks with an equal-power crossfade over that overlap, holding back the last
 ``crossfade_ms`` of every chunk until the next one arrives, so nothing is repeated and nothing is missing.
 """
@@ -132,6 +133,11 @@ class Engine:
 
         With several models, the hungriest station (least buffered; new stations first) decides which
         model steps, and only that model's stations ride along.
+
+        New stations (no audio yet) take their first, short chunk among themselves: a batch step costs more
+        with every row and every second of cached context, so riding along with the running stations would
+        delay their first audio for the others' sake. The running stations sit that step out; the model parks
+        their KV caches, so it costs them no re-prefill.
         """
         return self._pick()[1]
 
@@ -145,6 +151,9 @@ class Engine:
             return None, []
         order = lambda sm: (sm[0].has_audio, sm[0].buffered_seconds)  # noqa: E731
         model_key = min(needy, key=order)[1]
+        new = sorted((sm for sm in needy if sm[1] == model_key and not sm[0].has_audio), key=order)
+        if new:
+            return model_key, [s for s, _ in new[: self.config.max_batch]]
         limit = self.config.buffer_seconds + self.config.chunk_seconds
         batch = sorted(((s, m) for s, m in stations if m == model_key and s.buffered_seconds < limit), key=order)
         return model_key, [s for s, _ in batch[: self.config.max_batch]]

@@ -31,6 +31,7 @@ import numpy as np
 from .errors import ModelError
 
 logger = logging.getLogger(__name__)
+ANON = "\0anon"  # key prefix of requests without a station key: their rows are never kept across calls
 
 DEFAULT_MODEL = "facebook/musicgen-small"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -256,9 +257,8 @@ class MusicgenModel:
 
     def memory_bytes(self) -> int:
         """Weights, buffers and the decode state's KV cache, in bytes."""
-        tensors = [*self.model.parameters(), *self.model.buffers(), *getattr(self._state, "k_bufs", []),
-                   *getattr(self._state, "v_bufs", [])]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors) + self._state.nbytes()
 
     def _set_decoder_dtype(self, dtype) -> None:  # dtype: torch.dtype
         """The decoder is where the time goes; text encoder and EnCodec stay fp32 (run rarely, quality-critical)."""
@@ -322,9 +322,7 @@ class MusicgenModel:
     def forget(self, key: str) -> None:
         """Drop a station's decode state (it is rebuilt from its codes if it comes back)."""
         with self._lock:
-            keep = [i for i, row in enumerate(self._state.rows) if row.key != key]
-            if len(keep) != len(self._state.rows):
-                self._state.assemble(keep, [], None, 0, [], self._state.cfg, 0)  # the next chunk sizes it
+            self._state.forget(key)
 
     def _generate_codes(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
         """Decode ``frames`` (or more) new frames for every request; returns (codes, was_fresh) per request."""
@@ -334,8 +332,22 @@ class MusicgenModel:
         K, pad = self.num_codebooks, self.pad_id
         state = self._state
         use_cfg = any(r.sampling.guidance > 1.0 for r in requests)
-        keys = [r.key or f"\0anon{id(r)}:{i}" for i, r in enumerate(requests)]
+        keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
         window = self.window_frames
+        # Rows this chunk leaves out keep their caches, parked; parked rows asked for again come back as they
+        # were if they still continue their station's codes (else they are dropped and prefilled afresh).
+        state.park({k for k in state.row_keys() if k not in keys and not k.startswith(ANON)})
+        back = []
+        for key, r in zip(keys, requests):
+            parked = state.parked.get(key)
+            if parked is None:
+                continue
+            if parked.cfg == use_cfg and (not state.rows or state.cfg == use_cfg) and state.matches(parked.row,
+                                                                                                     r.context):
+                back.append(key)
+            else:
+                del state.parked[key]
+        state.unpark(back)
         existing = {row.key: i for i, row in enumerate(state.rows)}
 
         # Which rows continue from their cache, which are (re)prefilled from their station's codes.

@@ -86,6 +86,21 @@ def test_all_stations_go_in_one_batch_and_continue_from_their_codes() -> None:
     assert [r.prompt for r in model.calls[0][0]] == ["prompt one"] * 3
 
 
+def test_a_new_station_takes_its_first_chunk_alone_then_joins_the_batch() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=0.4, first_chunk_seconds=0.1, buffer_seconds=100)
+    engine, stations = make(model, cfg, "/a.mp3", "/b.mp3")
+    for _ in range(3):
+        engine.run_once()
+    late = Station(station_config("/late.mp3"), model.sample_rate, model.frame_rate, model.num_codebooks, cfg)
+    engine.add_station(late)
+    engine.run_once()
+    requests, frames = model.calls[-1]
+    assert [r.key for r in requests] == [late.key] and frames == 5  # on air after one short chunk of its own
+    engine.run_once()
+    assert {r.key for r in model.calls[-1][0]} == {late.key} | {s.key for s in stations}
+
+
 def test_stations_stay_in_one_batch_while_listeners_drain_them_unevenly() -> None:
     model = SineModel()
     cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=1.0, buffer_seconds=3.0)

@@ -195,3 +195,36 @@ def test_blend_moves_conditioning_monotonically_from_old_to_new(model: MusicgenM
     assert distances[0] == pytest.approx(float((padded(old) - padded(new)).norm()), rel=1e-5)
     assert distances[-1] == pytest.approx(0.0, abs=1e-5)
     assert all(x > y for x, y in zip(distances, distances[1:]))
+
+
+def test_a_station_that_sits_a_chunk_out_keeps_its_cache(tiny_model_dir: Path) -> None:
+    """A chunk that leaves a station out (its buffer is full, or a new station runs its first chunk alone) parks
+    its row with the KV cache: it comes back without a prefill and continues exactly as if never parked."""
+    m = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=1)
+    rng = np.random.default_rng(21)
+    ctx = {k: rng.integers(0, m.vocab_size, (4, n)) for k, n in (("a", 12), ("b", 20), ("c", 7))}
+
+    def chunk(keys: str, frames: int) -> dict[str, object]:
+        res = m.continue_batch([ContinuationRequest(ctx[k], f"prompt {k}", GREEDY, key=k) for k in keys], frames)
+        for k, r in zip(keys, res):
+            ctx[k] = np.concatenate([ctx[k], r.codes], axis=1)
+        return dict(zip(keys, res))
+
+    start = {k: v.copy() for k, v in ctx.items()}
+    chunk("abc", 6)
+    chunk("c", 5)  # a and b sit out
+    assert set(m._state.parked) == {"a", "b"} and m._state.row_keys() == ["c"]
+    back = chunk("abc", 7)
+    assert not back["a"].fresh and not back["b"].fresh and not back["c"].fresh
+    assert not m._state.parked
+    # Same codes as one uninterrupted greedy run of each station alone.
+    for k, frames in (("a", 13), ("b", 13), ("c", 18)):
+        alone = m.continue_batch([ContinuationRequest(start[k], f"prompt {k}", GREEDY)], frames)[0].codes
+        np.testing.assert_array_equal(ctx[k][:, start[k].shape[1]:], alone, err_msg=k)
+    # A parked station whose codes changed meanwhile is prefilled afresh; a forgotten one is gone.
+    chunk("a", 3)
+    ctx["b"] = ctx["b"][:, :-2]
+    assert chunk("ab", 3)["b"].fresh
+    chunk("a", 3)
+    m.forget("b")
+    assert "b" not in m._state.parked and m.memory_bytes() > 0

@@ -1,0 +1,70 @@
+"""The decode state's buffer rebuild: rows kept, dropped and added, with their guidance twins, column for column."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from radio.decoding import DecodeState, Row
+
+
+def _row(key: str) -> Row:
+    return Row(key=key, context_frames=0, next_column=np.zeros(4, np.int64), forced=np.full((4, 4), -1))
+
+
+def _state(cfg: bool, lengths: list[int], length: int) -> DecodeState:
+    """Rows r0.. right-aligned in a buffer of ``length`` columns; every cached value names (row, layer, column)."""
+    st = DecodeState(num_layers=2, heads=1, head_dim=2, num_codebooks=4, pad=0, dtype=torch.float32, device="cpu")
+    st.rows = [_row(f"r{i}") for i in range(len(lengths))]
+    st.cfg = cfg
+    st.length = st.capacity = length
+    st.offsets = torch.tensor([length - n for n in lengths])
+    mult = 2 if cfg else 1
+    for layer in range(2):
+        k = torch.zeros(len(lengths) * mult, 1, length, 2)
+        for p in range(len(lengths) * mult):
+            i = p % len(lengths)
+            for c in range(length - lengths[i], length):
+                k[p, 0, c] = torch.tensor([1000 * p + 10 * layer + c, 0.5])
+        st.k_bufs.append(k)
+        st.v_bufs.append(-k)
+    return st
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_assemble_keeps_drops_and_adds_rows_column_for_column(cfg: bool) -> None:
+    st = _state(cfg, lengths=[5, 3, 4], length=6)
+    before_k = [k.clone() for k in st.k_bufs]
+    mult = 2 if cfg else 1
+    fresh_len = 7
+    fresh_kv = [(torch.full((mult, 1, fresh_len, 2), 7.0 + layer), torch.full((mult, 1, fresh_len, 2), -7.0))
+                for layer in range(2)]
+    st.assemble([2, 0], [_row("new")], fresh_kv, fresh_len, [2], cfg, room=3)
+    assert [r.key for r in st.rows] == ["r2", "r0", "new"]
+    # kept rows: compacted to the longest kept (5 columns), right-aligned in the new 7, fresh rows full width
+    assert st.length == 7 and st.capacity == 10
+    assert st.offsets.tolist() == [3, 2, 2]
+    for layer in range(2):
+        k, v = st.k_bufs[layer], st.v_bufs[layer]
+        assert k.shape == (3 * mult, 1, 10, 2)
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()
+        assert (k[:, :, 7:] == 0).all()  # the free room
+        for half in range(mult):
+            for new_i, old_i in ((0, 2), (1, 0)):
+                got = k[half * 3 + new_i, 0, 2:7]  # old columns 1..5 moved to 2..6
+                want = before_k[layer][half * 3 + old_i, 0, 1:6]
+                assert torch.equal(got, want)
+                assert torch.equal(v[half * 3 + new_i, 0, 2:7], -want)
+                assert (k[half * 3 + new_i, 0, :2] == 0).all()
+            assert (k[half * 3 + 2, 0, :7] == 7.0 + layer).all()
+            assert (v[half * 3 + 2, 0, :7] == -7.0).all()
+
+
+def test_fit_sizes_the_buffer_to_the_chunk_and_drops_unused_columns() -> None:
+    st = _state(True, lengths=[2, 3], length=8)  # columns 0..4 are used by no row
+    before = st.k_bufs[1].clone()
+    st.fit(4)
+    assert st.length == 3 and st.capacity == 7 and st.offsets.tolist() == [1, 0]
+    assert torch.equal(st.k_bufs[1][:, :, :3], before[:, :, 5:])
+    assert (st.k_bufs[1][:, :, 3:] == 0).all()
