@@ -254,24 +254,25 @@ class DecodeState:
 
     # -- parking ------------------------------------------------------------------------------------------------
     def park(self, keys: set[str]) -> None:
-        """Take the rows of ``keys`` out of the batch with their KV caches, so a chunk they sit out (a station
-        with a full buffer, or a new station's solo first chunk) does not cost them a re-prefill."""
-        idx = [i for i, row in enumerate(self.rows) if row.key in keys]
-        if not idx:
-            return
+        """Copy the KV caches of the rows of ``keys`` out of the batch, so a chunk they sit out (a station with a
+        full buffer, or a new station's solo first chunk) does not cost them a re-prefill. The rows themselves
+        leave the buffers at the chunk's own rebuild (``unpark``, ``assemble``): one copy of the others, not two.
+        """
         B = len(self.rows)
-        for i in idx:
+        for i, row in enumerate(self.rows):
+            if row.key not in keys:
+                continue
             off = int(self.offsets[i])
             phys = [i, i + B] if self.cfg else [i]
             kv = [(k[phys, :, off:self.length].clone(), v[phys, :, off:self.length].clone())
                   for k, v in zip(self.k_bufs, self.v_bufs)]
-            self.parked[self.rows[i].key] = Parked(self.rows[i], self.cfg, kv)
+            self.parked[row.key] = Parked(row, self.cfg, kv)
         while len(self.parked) > MAX_PARKED:  # keys that never came back (a caller that does not forget)
             self.parked.pop(next(iter(self.parked)))
-        self.assemble([i for i in range(B) if i not in idx], [], None, 0, [], self.cfg, 0)
 
     def unpark(self, keys: list[str]) -> None:
-        """Put parked rows back after the current ones, exactly as they were (same guidance layout required)."""
+        """Put parked rows back after the live ones, exactly as they were (same guidance layout required); rows
+        parked since the last rebuild leave the buffers in the same pass."""
         back = [self.parked.pop(k) for k in keys]
         if not back:
             return
@@ -291,7 +292,8 @@ class DecodeState:
                         buf[half * len(back) + j, :, n - p.tokens:] = p.kv[layer][which][half]
                 pair.append(buf)
             kv.append((pair[0], pair[1]))
-        self.assemble(list(range(len(self.rows))), [p.row for p in back], kv, n, [n - p.tokens for p in back], cfg, 0)
+        live = [i for i, row in enumerate(self.rows) if row.key not in self.parked]
+        self.assemble(live, [p.row for p in back], kv, n, [n - p.tokens for p in back], cfg, 0)
 
     def forget(self, key: str) -> None:
         """Drop a row (live or parked) and its cache."""

@@ -334,8 +334,9 @@ class MusicgenModel:
         use_cfg = any(r.sampling.guidance > 1.0 for r in requests)
         keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
         window = self.window_frames
-        # Rows this chunk leaves out keep their caches, parked; parked rows asked for again come back as they
-        # were if they still continue their station's codes (else they are dropped and prefilled afresh).
+        # Rows this chunk leaves out keep their caches, parked (they leave the buffers at this chunk's rebuild);
+        # parked rows asked for again come back as they were if they still continue their station's codes (else
+        # they are dropped and prefilled afresh).
         state.park({k for k in state.row_keys() if k not in keys and not k.startswith(ANON)})
         back = []
         for key, r in zip(keys, requests):
