@@ -170,11 +170,17 @@ def bench_generate(model: MusicgenModel, mounts: int, frames: int, progress: Cal
                   None, rss.peak / 2**20)
 
 
-def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: int = 5) -> float:
-    """Seconds for one bare transformers decoder forward: 2 rows per mount (guidance), one new token, over a
-    DynamicCache already holding ``context`` tokens (random KV: the cost does not depend on the values)."""
+def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: int = 5, bare: bool = False) -> float:
+    """Seconds for one bare transformers decoder forward: 2 rows per mount (guidance), one new token, over
+    ``context`` cached tokens (random KV: the cost does not depend on the values).
+
+    ``bare=False``: transformers' DynamicCache, as ``generate`` runs a step (its update concatenates, copying the
+    cache). ``bare=True``: a preallocated cache written in place, nothing but the forward itself: the floor of a
+    step of this batch on this machine, whatever an engine does around it."""
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from .decoding import BufferLayer
 
     rows = 2 * mounts
     K = model.num_codebooks
@@ -182,17 +188,31 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
     cfg = dec.config
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
-    kv = [(torch.randn(rows, heads, context, head_dim, dtype=model.dtype, device=model.device),
-           torch.randn(rows, heads, context, head_dim, dtype=model.dtype, device=model.device))
+    columns = context + (1 if bare else 0)
+    kv = [(torch.randn(rows, heads, columns, head_dim, dtype=model.dtype, device=model.device),
+           torch.randn(rows, heads, columns, head_dim, dtype=model.dtype, device=model.device))
           for _ in range(cfg.num_hidden_layers)]
-    cache = EncoderDecoderCache(DynamicCache(ddp_cache_data=kv), DynamicCache())
     enc = torch.zeros((rows, 12, cfg.hidden_size), dtype=model.dtype, device=model.device)
     step = torch.randint(0, model.vocab_size, (rows * K, 1), device=model.device)
+    if bare:
+        layers = [BufferLayer(k, v, context) for k, v in kv]
+        self_attn = DynamicCache()
+        self_attn.layers = layers  # type: ignore[assignment]
+        cache = EncoderDecoderCache(self_attn, DynamicCache())
+    else:
+        cache = EncoderDecoderCache(DynamicCache(ddp_cache_data=kv), DynamicCache())
+
+    def forward() -> None:
+        if bare:
+            for layer in layers:
+                layer.length = context  # the same column, written again
+        dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)
+
     with torch.inference_mode():
-        dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)  # warm-up
+        forward()  # warm-up (and the cross-attention cache)
         t0 = time.monotonic()
         for _ in range(repeats):
-            dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)
+            forward()
         return (time.monotonic() - t0) / repeats
 
 
@@ -241,7 +261,10 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
             # others go on.
             ctx["m0"] = ctx["m0"][:, -context_frames:].copy()
             ctx["m0"][:, -1] = (ctx["m0"][:, -1] + 1) % model.vocab_size  # not what the cache holds: re-prefill
-            reset = max(0.0, step(keys, frames) - wall / chunks)
+            # Its cost: the prefill, timed on its own (the difference of two chunk timings was as noisy as the
+            # machine), and the warm-up steps a fresh row adds to the chunk.
+            step(keys, frames)
+            reset = model.last_prefill_seconds + (model.last_steps - frames) * wall / steps
             # A new station: as the engine schedules it, its first short chunk runs on its own (the running
             # stations sit that step out, their caches parked) and then it joins the batch.
             ctx["m99"] = np.zeros((model.num_codebooks, 0), np.int64)
@@ -268,6 +291,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
     raw_steps: dict[str, float] = {}
+    bare_steps: dict[str, float] = {}
     window_seconds = max(3 * context_seconds, context_seconds + 2 * frames / 50 + 1)
     kernels: dict[str, str] = {}
     wanted: list[str] = []
@@ -296,15 +320,18 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
             first_frames = max(1, int(first_seconds * m.frame_rate))
             for n in mounts:
                 results.append(bench_ours(m, n, frames, chunks, first_frames, progress, context_seconds))
-                raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, int(2 * context_seconds * m.frame_rate) + frames)
+                cached = int(2 * context_seconds * m.frame_rate) + frames
+                raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, cached)
+                bare_steps[f"{name}:{n}"] = raw_decode_step(m, n, cached, bare=True)
             del m
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(),
               "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
                            "context_seconds": context_seconds, "window_seconds": window_seconds,
                            "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds,
                            "ours_linear_kernels": kernels},
-              "results": [asdict(r) for r in results], "raw_decode_step_seconds": raw_steps}
-    report["ratios"] = ratios(results, raw_steps, first_seconds)
+              "results": [asdict(r) for r in results], "raw_decode_step_seconds": raw_steps,
+              "bare_decode_step_seconds": bare_steps}
+    report["ratios"] = ratios(results, raw_steps, first_seconds, bare_steps)
     return report
 
 
@@ -315,7 +342,8 @@ def _find(results: list[Result], scenario: str, dtype: str | None, mounts: int) 
     return None
 
 
-def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: float) -> dict[str, Any]:
+def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: float,
+           bare_steps: dict[str, float] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     mounts = sorted({r.mounts for r in results})
     ref = 3 if 3 in mounts else (mounts[len(mounts) // 2] if mounts else 0)
@@ -336,6 +364,12 @@ def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: fl
         one, four = _find(results, "ours", dtype, 1), _find(results, "ours", dtype, 4)
         if one and four:
             out[f"batching_efficiency_{dtype}_4_vs_1"] = round(four.audio_per_wall / (4 * one.audio_per_wall), 3)
+        # The same ratio for the bare decoder forward alone (no engine, no audio decoding): how much batching
+        # this machine gives at this context, the bound for any engine. Each mount adds its own KV cache to
+        # read per step; only the weights are shared.
+        bare1, bare4 = (bare_steps or {}).get(f"{dtype}:1"), (bare_steps or {}).get(f"{dtype}:4")
+        if bare1 and bare4:
+            out[f"batching_efficiency_bare_forward_{dtype}_4_vs_1"] = round(bare1 / bare4, 3)
     return out
 
 
@@ -353,7 +387,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{r['seconds_per_step']:>8.3f} {ttfa:>7} {reset:>8} {r['peak_rss_mb']:>8.0f}")
     lines.append("")
     for k, v in report["ratios"].items():
-        lines.append(f"{k:<45} {v}")
+        lines.append(f"{k:<50} {v}")
     return "\n".join(lines)
 
 

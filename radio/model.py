@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,7 @@ class MusicgenModel:
         self.calls = 0  # batched continuation calls so far (status and tests)
         self.last_batch_size = 0
         self.last_steps = 0
+        self.last_prefill_seconds = 0.0  # wall time of the last chunk's prefill (bench: a reset's cost)
         self.resets = 0
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
         self.window_frames = min(window_frames or int(window_seconds * self.frame_rate), self.max_positions - 8)
@@ -334,6 +336,7 @@ class MusicgenModel:
         use_cfg = any(r.sampling.guidance > 1.0 for r in requests)
         keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
         window = self.window_frames
+        state.max_columns = window + K  # kept rows stay within the window (+ a fresh row's warm-up steps)
         # Rows this chunk leaves out keep their caches, parked (they leave the buffers at this chunk's rebuild);
         # parked rows asked for again come back as they were if they still continue their station's codes (else
         # they are dropped and prefilled afresh).
@@ -388,9 +391,12 @@ class MusicgenModel:
             T = ctx.shape[1]
             fresh_rows.append(Row(key=keys[i], context_frames=T, next_column=delayed_column(ctx, T, pad),
                                   forced=forced_warmup(ctx, pad)))
+        self.last_prefill_seconds = 0.0
         if fresh_rows or len(keep_idx) != len(state.rows):
+            t0 = time.monotonic()
             fresh_kv, fresh_len, fresh_offsets = self._prefill(fresh_rows, fresh_ctx, [requests[i] for i in fresh_req],
                                                                use_cfg)
+            self.last_prefill_seconds = time.monotonic() - t0
             state.assemble(keep_idx, fresh_rows, fresh_kv, fresh_len, fresh_offsets, use_cfg, steps)
         else:
             state.fit(steps)

@@ -27,5 +27,10 @@ def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     ratios = report["ratios"]
     assert "ours_float32_vs_prototype_at_3_mounts" in ratios
     assert "batching_efficiency_float32_4_vs_1" in ratios
+    assert 0 < ratios["batching_efficiency_bare_forward_float32_4_vs_1"] <= 2
+    for r in report["results"]:
+        if r["scenario"] == "ours":
+            assert r["reset_seconds"] is not None and r["reset_seconds"] > 0  # a prefill, timed
+    assert set(report["bare_decode_step_seconds"]) == set(report["raw_decode_step_seconds"])
     assert report["machine"]["cores"] >= 1
     assert (tmp_path / "cache" / "radio" / "test-models" / "tiny-seed0" / "config.json").exists()

@@ -68,3 +68,33 @@ def test_fit_sizes_the_buffer_to_the_chunk_and_drops_unused_columns() -> None:
     assert st.length == 3 and st.capacity == 7 and st.offsets.tolist() == [1, 0]
     assert torch.equal(st.k_bufs[1][:, :, :3], before[:, :, 5:])
     assert (st.k_bufs[1][:, :, 3:] == 0).all()
+
+
+def _write_chunk(st: DecodeState, steps: int) -> None:
+    """What a chunk's decode steps do to the buffers: each step writes one column per row and layer."""
+    for _ in range(steps):
+        for layer in range(st.num_layers):
+            st.k_bufs[layer][:, :, st.length] = float(st.length)
+            st.v_bufs[layer][:, :, st.length] = -float(st.length)
+        st.length += 1
+
+
+def test_rebuilds_reuse_the_storage_the_previous_rebuild_replaced() -> None:
+    st = _state(True, lengths=[40, 40], length=40)
+    st.fit(2)
+    _write_chunk(st, 2)
+    first = st.k_bufs[0]._base  # allocated with room to grow
+    assert first is not None and first.numel() > st.k_bufs[0].numel()
+    st.fit(2)  # the test's original buffers are too small to take: a new storage
+    _write_chunk(st, 2)
+    st.fit(2)  # the first storage is spare and big enough: taken again, no new allocation
+    assert st.k_bufs[0]._base.data_ptr() == first.data_ptr()
+    assert st.length == 44 and st.capacity == 46
+    k = st.k_bufs[0]
+    assert torch.equal(k[0, 0, 39:44, 0], torch.tensor([39.0, 40.0, 41.0, 42.0, 43.0]))  # the columns came along
+    assert (k[:, :, 44:] == 0).all()  # reused storage, but the free room is zeroed again
+    assert st.nbytes() >= sum(t.numel() * 4 for t in st.spare) + sum(t._base.numel() * 4 for t in st.k_bufs)
+    # a batch emptied holds no spare storage
+    st.forget("r0")
+    st.forget("r1")
+    assert st.spare == [] and st.nbytes() == 0
