@@ -273,7 +273,8 @@ class DecodeState:
         """Size the buffers to exactly ``steps`` more columns (dropping columns no row uses): attention reads
         the whole buffer, so spare capacity would be read on every step. One copy per chunk."""
         start = min((int(o) for o in self.offsets), default=self.length)
-        if start == 0 and self.capacity == self.length + steps:
+        spare = self.capacity - (self.length + steps)
+        if start == 0 and 0 <= spare < self.K:  # a few spare columns (a rebuild sized for warm-up steps) cost less
             return
         self.assemble(list(range(len(self.rows))), [], None, 0, [], self.cfg, steps)
 
@@ -298,9 +299,10 @@ class DecodeState:
         while len(self.parked) > MAX_PARKED:  # keys that never came back (a caller that does not forget)
             self.parked.pop(next(iter(self.parked)))
 
-    def unpark(self, keys: list[str]) -> None:
+    def unpark(self, keys: list[str], room: int = 0) -> None:
         """Put parked rows back after the live ones, exactly as they were (same guidance layout required); rows
-        parked since the last rebuild leave the buffers in the same pass."""
+        parked since the last rebuild leave the buffers in the same pass. ``room``: free columns for the coming
+        chunk (so it need not rebuild again)."""
         back = [self.parked.pop(k) for k in keys]
         if not back:
             return
@@ -320,8 +322,8 @@ class DecodeState:
                         buf[half * len(back) + j, :, n - p.tokens:] = p.kv[layer][which][half]
                 pair.append(buf)
             kv.append((pair[0], pair[1]))
-        live = [i for i, row in enumerate(self.rows) if row.key not in self.parked]
-        self.assemble(live, [p.row for p in back], kv, n, [n - p.tokens for p in back], cfg, 0)
+        live = [i for i, row in enumerate(self.rows) if row.key not in self.parked and row.key not in keys]
+        self.assemble(live, [p.row for p in back], kv, n, [n - p.tokens for p in back], cfg, room)
 
     def forget(self, key: str) -> None:
         """Drop a row (live or parked) and its cache."""

@@ -351,7 +351,7 @@ class MusicgenModel:
                 back.append(key)
             else:
                 del state.parked[key]
-        state.unpark(back)
+        state.unpark(back, room=frames + K - 1)  # the chunk's steps, with warm-up if a row turns out fresh
         existing = {row.key: i for i, row in enumerate(state.rows)}
 
         # Which rows continue from their cache, which are (re)prefilled from their station's codes.

@@ -98,3 +98,17 @@ def test_rebuilds_reuse_the_storage_the_previous_rebuild_replaced() -> None:
     st.forget("r0")
     st.forget("r1")
     assert st.spare == [] and st.nbytes() == 0
+
+
+def test_a_rejoin_is_sized_for_the_coming_chunk_so_it_is_not_rebuilt_twice() -> None:
+    st = _state(True, lengths=[5, 3], length=6)
+    st.park({"r1"})
+    st.unpark(["r1"], room=6)  # the coming chunk: 3 frames, up to 3 more warm-up steps
+    assert st.row_keys() == ["r0", "r1"] and st.capacity == st.length + 6
+    buffers = st.k_bufs[0]
+    st.fit(3)  # a few spare columns are left alone: attention reads them, but a rebuild would copy everything
+    assert st.k_bufs[0] is buffers
+    st.fit(6)
+    assert st.k_bufs[0] is buffers
+    st.fit(7)  # no room: rebuilt
+    assert st.k_bufs[0] is not buffers and st.capacity == st.length + 7
