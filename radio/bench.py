@@ -343,7 +343,7 @@ def _find(results: list[Result], scenario: str, dtype: str | None, mounts: int) 
 
 
 def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: float,
-           bare_steps: dict[str, float] | None = None) -> dict[str, Any]:
+           bare_steps: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     mounts = sorted({r.mounts for r in results})
     ref = 3 if 3 in mounts else (mounts[len(mounts) // 2] if mounts else 0)
@@ -367,7 +367,7 @@ def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: fl
         # The same ratio for the bare decoder forward alone (no engine, no audio decoding): how much batching
         # this machine gives at this context, the bound for any engine. Each mount adds its own KV cache to
         # read per step; only the weights are shared.
-        bare1, bare4 = (bare_steps or {}).get(f"{dtype}:1"), (bare_steps or {}).get(f"{dtype}:4")
+        bare1, bare4 = bare_steps.get(f"{dtype}:1"), bare_steps.get(f"{dtype}:4")
         if bare1 and bare4:
             out[f"batching_efficiency_bare_forward_{dtype}_4_vs_1"] = round(bare1 / bare4, 3)
     return out

@@ -270,11 +270,12 @@ class DecodeState:
         return flat.view(-1)[:numel].view(shape)
 
     def fit(self, steps: int) -> None:
-        """Size the buffers to exactly ``steps`` more columns (dropping columns no row uses): attention reads
-        the whole buffer, so spare capacity would be read on every step. One copy per chunk."""
+        """Size the buffers to ``steps`` more columns (dropping columns no row uses): attention reads the whole
+        buffer, so spare capacity would be read on every step. One copy per chunk; a buffer already sized for
+        this chunk with fewer than K spare columns (a rejoin sized for warm-up steps) is kept as it is."""
         start = min((int(o) for o in self.offsets), default=self.length)
         spare = self.capacity - (self.length + steps)
-        if start == 0 and 0 <= spare < self.K:  # a few spare columns (a rebuild sized for warm-up steps) cost less
+        if start == 0 and 0 <= spare < self.K:  # reading a few spare columns costs less than a copy
             return
         self.assemble(list(range(len(self.rows))), [], None, 0, [], self.cfg, steps)
 
