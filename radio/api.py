@@ -16,13 +16,22 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from .config import MAX_PROMPT_CHARS, ApiConfig, parse_duration
+from .config import (MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig, duration_value,
+                     text_problem)
 from .errors import ModelError
 from .model import DTYPES
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its headers and body, or sit idle between requests
+MAX_CONNECTIONS = 64  # requests served at once; more get a quick 503
+BACKLOG = 128
+# Any of these, even empty, means the request came through a reverse proxy: the loopback bind no longer
+# proves the client is local.
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+                      "x-forwarded-server", "x-forwarded-prefix", "x-real-ip", "x-client-ip", "true-client-ip",
+                      "cf-connecting-ip", "via")
 
 
 class Controller(Protocol):
@@ -38,6 +47,10 @@ class Controller(Protocol):
     def set_model(self, station_id: str, model: str, dtype: str | None) -> dict[str, Any] | None: ...
 
     def request_reload(self) -> None: ...
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this API accepts")
 
 
 class ApiError(Exception):
@@ -65,20 +78,27 @@ def _metrics(status: dict[str, Any]) -> bytes:
                 (CounterMetricFamily, "radio_station_encoder_restarts", "ffmpeg restarts", "encoder_restarts"),
                 (GaugeMetricFamily, "radio_station_listeners", "Listeners on the mount (from Icecast)", "listeners"),
                 (GaugeMetricFamily, "radio_station_connected", "1 while connected to Icecast", "connected"),
+                (CounterMetricFamily, "radio_station_errors", "Times generation set the station aside", "errors"),
+                (CounterMetricFamily, "radio_station_feeder_failures", "Feeder failures survived (encoder "
+                 "restarted)", "feeder_failures"),
             ]
             for kind, name, doc, key in per_station:
                 family = kind(name, doc, labels=["mount"])
                 for st in stations:
                     value = st.get(key)
-                    if value is not None:
-                        family.add_metric([st["mount"]], float(value))
+                    if isinstance(value, (int, float)):
+                        family.add_metric([str(st.get("mount", "?"))], float(value))
                 yield family
             engine = status.get("engine", {})
             for name, doc, key in (("radio_engine_batch_size", "Stations in the last batched step", "batch_size"),
                                    ("radio_engine_step_seconds", "Wall time of the last batched step",
                                     "last_step_seconds"),
                                    ("radio_engine_realtime_factor", "Audio seconds generated per wall second",
-                                    "realtime_factor")):
+                                    "realtime_factor"),
+                                   ("radio_engine_needed_factor", "Audio seconds per second the stations on air "
+                                    "need", "needed_factor"),
+                                   ("radio_engine_keeping_up", "1 while the engine makes what its stations need",
+                                    "keeping_up")):
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], float(engine.get(key, 0) or 0))
                 yield g
@@ -110,7 +130,12 @@ def _metrics(status: dict[str, Any]) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "radio"
+    sys_version = ""
+    timeout = REQUEST_TIMEOUT  # socket timeout: a client that stalls in its headers, body or keep-alive is dropped
     api: "ApiServer"
+
+    def version_string(self) -> str:
+        return "radio"  # no Python or library versions on the wire
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.debug("api: %s %s", self.address_string(), format % args)
@@ -142,37 +167,72 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8")
+        # "replace": text that is not valid Unicode (it cannot come in through validation, but a bug must not
+        # turn every status request into a 500) is sent with a replacement character.
+        self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8", "replace"),
+                   "application/json; charset=utf-8")
 
     def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise ApiError(400, "Content-Length is not a number") from None
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise ApiError(413, f"request body is {length} bytes; the limit is {MAX_BODY}")
-        raw = self.rfile.read(length) if length else b""
+        raw = self._read_body()
         if not raw:
             return {}
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise ApiError(400, f"body is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "body must be a JSON object")
         return data
 
+    def _read_body(self) -> bytes:
+        """The request body, refused before it is read when it would exceed MAX_BODY."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked()
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isdigit():
+            self.close_connection = True  # the framing is unknown: the connection cannot be reused
+            raise ApiError(400, f"Content-Length must be a whole number of bytes, got {text[:20]!r}")
+        length = int(text)
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"request body is {length} bytes; the limit is {MAX_BODY}")
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self) -> bytes:
+        body = b""
+        while True:
+            line = self.rfile.readline(64).split(b";", 1)[0].strip()
+            try:
+                size = int(line, 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "malformed chunked body") from None
+            if size < 0 or len(body) + size > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, f"request body exceeds the limit of {MAX_BODY} bytes")
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline(8)  # the CRLF after each chunk
+
+    def _proxied(self) -> bool:
+        present = {name.lower() for name in self.headers.keys()}
+        return any(h in present for h in FORWARDING_HEADERS)
+
     def _authorize(self) -> None:
         token = self.api.config.token
         if not token:
-            if self.headers.get("X-Forwarded-For") or self.headers.get("Forwarded"):
+            if self._proxied():
                 # Behind a reverse proxy the loopback bind no longer means "local": writes need a token.
                 raise ApiError(403, "writes through a reverse proxy need a token: set RADIO_API_TOKEN "
                                     "(or api.token_file) and send 'Authorization: Bearer <token>'")
             return
-        given = self.headers.get("Authorization", "")
-        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip(), token):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110); compare the token as bytes so odd input cannot raise.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 token.encode("utf-8")):
             raise ApiError(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
 
     def _handle(self, method: str) -> None:
@@ -242,32 +302,43 @@ class _Handler(BaseHTTPRequestHandler):
         raise ApiError(404, f"no such action: POST {path}")
 
     def _set_prompt(self, station_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Everything is validated, by the rules station files obey, before anything is applied."""
+        unknown = sorted(set(body) - {"prompt", "title", "duration", "blend"})
+        if unknown:
+            raise ApiError(400, f"{unknown[0]}: unknown field; known fields: prompt, title, duration, blend")
         prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
             raise ApiError(400, "prompt: required, non-empty text")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ApiError(400, f"prompt: {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        problem = text_problem(prompt, MAX_PROMPT_CHARS)
+        if problem:
+            raise ApiError(400, f"prompt: {problem}")
         title = body.get("title")
-        if title is not None and (not isinstance(title, str) or len(title) > 200):
-            raise ApiError(400, "title: must be text of at most 200 characters")
+        if title is not None:
+            if not isinstance(title, str):
+                raise ApiError(400, f"title: must be text of at most {MAX_TITLE_CHARS} characters")
+            problem = text_problem(title, MAX_TITLE_CHARS)
+            if problem:
+                raise ApiError(400, f"title: {problem}")
         duration = blend = None
         if body.get("duration") is not None:
-            duration = parse_duration(body["duration"])
-            if duration is None or duration <= 0:
-                raise ApiError(400, "duration: must be a duration such as 90, '90s' or '3m'")
+            duration, problem = duration_value(body["duration"], 0.0, MAX_DURATION_S, lo_open=True)
+            if problem:
+                raise ApiError(400, f"duration: {problem}")
         if body.get("blend") is not None:
-            blend = parse_duration(body["blend"])
-            if blend is None or blend < 0 or blend > 600:
-                raise ApiError(400, "blend: must be a duration from 0 to 10m, e.g. 8 or '8s'")
-        result = self.api.controller.set_prompt(station_id, prompt.strip(), title, duration, blend or 0.0)
+            blend, problem = duration_value(body["blend"], 0.0, MAX_BLEND_S)
+            if problem:
+                raise ApiError(400, f"blend: {problem}")
+            if duration is not None and blend is not None and blend > duration:
+                raise ApiError(400, f"blend: {blend:g}s is longer than the item ({duration:g}s)")
+        result = self.api.controller.set_prompt(station_id, prompt.strip(), title.strip() if title else None,
+                                                duration, blend or 0.0)
         if result is None:
             raise ApiError(404, f"no station with mount /{station_id}")
         return result
 
-
     def _set_model(self, station_id: str, body: dict[str, Any]) -> dict[str, Any]:
         model = body.get("model")
-        if not isinstance(model, str) or not model.strip() or len(model) > 500:
+        if not isinstance(model, str) or text_problem(model, 500):
             raise ApiError(400, "model: required: a hub id such as facebook/musicgen-small or a checkpoint directory")
         dtype = body.get("dtype")
         if dtype is not None and dtype not in DTYPES:
@@ -281,6 +352,39 @@ class _Handler(BaseHTTPRequestHandler):
         return result
 
 
+_BUSY = b'{"error": "busy; try again"}'
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nServer: radio\r\nContent-Type: application/json\r\n"
+                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY))
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server with a real listen backlog and at most MAX_CONNECTIONS requests in flight; past that a
+    client gets an immediate 503 instead of a thread, so a flood cannot exhaust the process."""
+
+    daemon_threads = True
+    request_queue_size = BACKLOG
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class ApiServer:
     """The HTTP server thread."""
 
@@ -288,8 +392,7 @@ class ApiServer:
         self.config = config
         self.controller = controller
         handler = type("Handler", (_Handler,), {"api": self})
-        self.httpd = ThreadingHTTPServer((config.host, config.port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((config.host, config.port), handler)
         self.port = int(self.httpd.server_address[1])
         self._thread: threading.Thread | None = None
 

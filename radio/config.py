@@ -39,6 +39,8 @@ MAX_STRING_CHARS = 2000
 MAX_PLAYLIST_ITEMS = 1000
 MAX_STATIONS = 64
 MAX_DURATION_S = 24 * 3600.0
+MAX_TITLE_CHARS = 200
+MAX_BLEND_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,8 @@ class _Mapping:
         if converted is _BAD:
             self.err(key, f"must be {_KIND_TEXT[kind]}, got {value!r}"[:200])
             return default
+        if kind == "str" and check is None:
+            check = _text_check(MAX_STRING_CHARS, allow_empty=True)  # every text obeys the one text rule
         if check is not None:
             message = check(converted)
             if message:
@@ -342,16 +346,41 @@ def _convert(value: Any, kind: str) -> Any:
     raise ValueError(kind)
 
 
+def text_problem(value: str, limit: int, allow_empty: bool = False) -> str | None:
+    """The one rule for text a user types (station files, the daemon config, the control API), or None if fine.
+
+    Text must be valid Unicode (no lone UTF-16 surrogates, which no encoder, tokenizer or HTTP client can
+    carry), one line, and free of control characters: C0 and C1 controls, DEL and the Unicode line and
+    paragraph separators are refused; a tab is allowed. Nothing is silently stripped, so what is validated is
+    exactly what plays.
+    """
+    if not allow_empty and not value.strip():
+        return "must not be empty"
+    if len(value) > limit:
+        return f"is {len(value)} characters; the limit is {limit}"
+    for c in value:
+        o = ord(c)
+        if 0xD800 <= o <= 0xDFFF:
+            return f"is not valid Unicode: it holds a lone surrogate (U+{o:04X}); remove that character"
+        if (o < 32 and c != "\t") or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029):
+            return f"must be one line without control characters (found U+{o:04X}); remove it"
+    return None
+
+
 def _text_check(limit: int, allow_empty: bool = False) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
-        if not allow_empty and not value.strip():
-            return "must not be empty"
-        if len(value) > limit:
-            return f"is {len(value)} characters; the limit is {limit}"
-        if any(ord(c) < 32 and c not in "\t" for c in value):
-            return "must be one line without control characters"
-        return None
+        return text_problem(value, limit, allow_empty)
     return check
+
+
+def duration_value(value: Any, lo: float, hi: float, lo_open: bool = False) -> tuple[float | None, str | None]:
+    """A user's duration (90, '90s', '3m', '1h') as finite seconds within [lo, hi] (or (lo, hi]), or an error.
+    The one rule for durations in station files and the control API: NaN, infinities and overflows are refused."""
+    seconds = parse_duration(value)
+    if seconds is None or not math.isfinite(seconds):
+        return None, f"must be a duration such as 90, 90s, 3m or 1h, got {str(value)[:40]!r}"
+    problem = _range(lo, hi, lo_open)(seconds)
+    return (None, problem) if problem else (seconds, None)
 
 
 def _check_mount(value: str) -> str | None:
@@ -511,13 +540,13 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
                 continue
             it = _Mapping(item_node, problems, prefix, ITEM_KEYS)
             prompt = it.get("prompt", "str", required=True, check=_text_check(MAX_PROMPT_CHARS))
-            title = it.get("title", "str", None, check=_text_check(200))
+            title = it.get("title", "str", None, check=_text_check(MAX_TITLE_CHARS))
             duration = it.get("duration", "duration", required=True,
                               check=_range(0.0, MAX_DURATION_S, lo_open=True))
             blend = 0.0
             tr = _section(it, "transition", TRANSITION_KEYS, "{blend: 8s}")
             if tr is not None:
-                blend = tr.get("blend", "duration", 0.0, check=_range(0.0, 600.0)) or 0.0
+                blend = tr.get("blend", "duration", 0.0, check=_range(0.0, MAX_BLEND_S)) or 0.0
                 if duration is not None and blend > duration:
                     tr.err("blend", f"{blend:g}s is longer than the item ({duration:g}s)")
             if prompt is not None and duration is not None:
@@ -563,6 +592,9 @@ def load_stations(paths: Iterable[str | Path]) -> tuple[list[StationConfig], lis
         path = Path(p)
         if path.is_dir():
             files.extend(station_files(path))
+            problems.extend(f"{link}: file: is a symbolic link that loops or points nowhere; fix or remove it"
+                            for link in sorted(path.iterdir())
+                            if link.suffix in (".yaml", ".yml") and link.is_symlink() and not link.exists())
         elif path.exists():
             files.append(path)
         else:

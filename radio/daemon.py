@@ -42,6 +42,10 @@ def model_spec(cfg: DaemonConfig, sc: StationConfig) -> ModelSpec:
     return ModelSpec(sc.model or cfg.model, sc.dtype or cfg.dtype)
 
 
+class _Stopping(Exception):
+    """A stop was requested while starting up: start() unwinds and run() stops what was started."""
+
+
 class Daemon:
     """Owns every running part. ``start``/``stop`` may be used directly (tests); ``run`` blocks until a signal."""
 
@@ -79,7 +83,7 @@ class Daemon:
         errors: list[str] = []
         for spec in dict.fromkeys(model_spec(cfg, sc) for sc in self.station_configs):
             try:
-                self.pool.load(spec)
+                self._unless_stopped(lambda spec=spec: self.pool.load(spec))  # type: ignore[union-attr]
             except ModelError as exc:
                 errors.append(str(exc))
                 users = [sc.path or sc.mount for sc in self.station_configs if model_spec(cfg, sc) == spec]
@@ -91,10 +95,12 @@ class Daemon:
             self._start_local_icecast()
         rng = random.Random(cfg.seed)
         for sc in self.station_configs:
+            self._check_stop()
             if model_spec(cfg, sc) in self.pool.models():
                 self.add_station(sc, rng)
             else:
                 self._failed[sc.key] = sc
+        self._check_stop()
         self.engine.start()
         for m in self.mounts.values():
             m.start()
@@ -108,6 +114,31 @@ class Daemon:
                 raise RadioError(f"control API cannot listen on {self.config.api.host}:{self.config.api.port}: "
                                  f"{exc.strerror}; use --api HOST:PORT or --no-api") from exc
             self.api.start()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise _Stopping()
+
+    def _unless_stopped(self, work: Callable[[], object]) -> object:
+        """Run slow start-up work (a model load: seconds to minutes) on a helper thread, so that a SIGTERM
+        meanwhile is answered at once: the process ends without waiting for it (the thread dies with it)."""
+        self._check_stop()
+        box: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name="startup", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            self._stop_or_reload.wait(0.1)
+            self._check_stop()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box.get("value")
 
     def _start_local_icecast(self) -> None:
         ic = self.config.icecast
@@ -172,12 +203,15 @@ class Daemon:
             running = line.split(":", 1)[0] in self.stations
             logger.error("%s (%s)", line, "the running version keeps playing" if running else "not started")
         wanted = {sc.key: sc for sc in stations}
+        self.remove_stations([key for key in self.stations if key not in self._files and key not in bad])
         for key in list(self.stations):
-            if key not in self._files and key not in bad:
-                self.remove_station(key)
-            elif key in wanted and wanted[key] != self.stations[key].config:
+            if self._stop.is_set():
+                return
+            if key in wanted and wanted[key] != self.stations[key].config:
                 self.update_station(wanted[key])
         for key, sc in wanted.items():
+            if self._stop.is_set():
+                return  # the rest waits for the next start: a SIGTERM is answered now
             if key in self.stations or self._failed.get(key) == sc:
                 continue  # running, or its model failed and the file has not changed since
             clash = [st for st in self.stations.values() if st.mount == sc.mount]
@@ -218,13 +252,28 @@ class Daemon:
             logger.info("%s: applied", sc.path)
 
     def remove_station(self, key: str) -> None:
-        station = self.stations.pop(key)
-        mount = self.mounts.pop(key, None)
-        if mount is not None:
-            mount.stop()
-        if self.pool is not None:
-            self.pool.remove_station(key)
-        logger.info("%s: file removed; %s stopped", key, station.mount)
+        self.remove_stations([key])
+
+    def remove_stations(self, keys: list[str]) -> None:
+        """Stop stations together: their mounts wind down in parallel (each flushes ffmpeg and closes its
+        connection, about a second), so removing many files takes about as long as removing one."""
+        if not keys:
+            return
+        stations = {key: self.stations.pop(key) for key in keys}
+        self._stop_mounts([m for m in (self.mounts.pop(key, None) for key in keys) if m is not None],
+                          time.monotonic() + self.stop_deadline)
+        for key, station in stations.items():
+            if self.pool is not None:
+                self.pool.remove_station(key)
+            logger.info("%s: file removed; %s stopped", key, station.mount)
+
+    @staticmethod
+    def _stop_mounts(mounts: list[Mount], deadline: float) -> None:
+        threads = [threading.Thread(target=m.stop, args=(2.0,), daemon=True) for m in mounts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.1, deadline - time.monotonic()))
 
     def stop(self) -> None:
         """Reverse order: API -> mounts (ffmpeg, shout) -> engine -> local Icecast."""
@@ -232,16 +281,14 @@ class Daemon:
         if self.api is not None:
             self.api.stop()
             self.api = None
-        threads = [threading.Thread(target=m.stop, args=(2.0,), daemon=True) for m in self.mounts.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.1, deadline - time.monotonic()))
+        self._stop_mounts(list(self.mounts.values()), deadline)
         if self.pool is not None:
             self.pool.stop()
         if self.engine is not None:
-            self.engine.stop(timeout=max(0.1, deadline - time.monotonic()))
+            # A step in flight holds nothing that must be closed: wait a little for it, never the whole deadline.
+            self.engine.stop(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
         if self.local_icecast is not None:
+            self.local_icecast.stop(timeout=max(0.5, deadline - time.monotonic()))  # then killed
             self.local_icecast.cleanup()
         logger.info("stopped")
 
@@ -261,7 +308,11 @@ class Daemon:
             signal.signal(sig, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
         try:
-            self.start()
+            try:
+                self.start()
+            except _Stopping:
+                logger.info("stop requested during start-up")
+                return
             self._files = self._snapshot()
             next_status = time.monotonic() + status_every
             while not self._stop.is_set():
@@ -300,12 +351,17 @@ class Daemon:
         stations = []
         for key, st in list(self.stations.items()):
             mount = self.mounts.get(key)
-            stations.append({
-                **st.status(), **(mount.status() if mount else {}),
-                **(self.pool.station_status(key) if self.pool else {}),
-                "id": st.mount.lstrip("/"), "description": st.config.description, "genre": st.config.genre,
-                "listen_url": f"{base}{st.mount}", "listeners": listeners.get(st.mount),
-            })
+            try:
+                stations.append({
+                    **st.status(), **(mount.status() if mount else {}),
+                    **(self.pool.station_status(key) if self.pool else {}),
+                    "id": st.mount.lstrip("/"), "description": st.config.description, "genre": st.config.genre,
+                    "listen_url": f"{base}{st.mount}", "listeners": listeners.get(st.mount),
+                })
+            except Exception as exc:  # noqa: BLE001 - one station's status must never fail the whole page
+                logger.debug("%s: status failed", st.mount, exc_info=True)
+                stations.append({"name": st.config.name, "mount": st.mount, "id": st.mount.lstrip("/"),
+                                 "error": f"status unavailable: {type(exc).__name__}"})
         engine = self.engine.status() if self.engine else {}
         if engine:
             engine["batch_size"] = len(engine.get("last_batch", []))

@@ -33,6 +33,14 @@ SHOUT_FORMAT = {"mp3": "mp3", "vorbis": "ogg", "opus": "ogg"}
 OUTPUT_RATE = {"mp3": None, "vorbis": None, "opus": 48000}
 
 
+def safe_text(text: str) -> str:
+    """Text as an encoder or Icecast can carry it: valid UTF-8 (anything else becomes U+FFFD) on one line
+    without control characters. Validation keeps such text out; this is the last guard in front of a child
+    process or a URL, so one bad title can never take a mount down."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return "".join(c if (ord(c) >= 32 and not 0x7F <= ord(c) <= 0x9F) or c == "\t" else " " for c in text)
+
+
 def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = None,
                 station: str | None = None, loudness: float | None = None, ffmpeg: str = "ffmpeg") -> list[str]:
     """The ffmpeg command line for one mount (a list: no shell, no quoting issues with titles).
@@ -52,9 +60,9 @@ def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = No
         # Chained logical streams need distinct serial numbers to be recognised as new streams.
         argv += ["-serial_offset", str(random.randrange(1, 2**30))]
     if title:
-        argv += ["-metadata", f"title={title}"]
+        argv += ["-metadata", f"title={safe_text(title)}"]
     if station:
-        argv += ["-metadata", f"artist={station}"]
+        argv += ["-metadata", f"artist={safe_text(station)}"]
     argv += ["-flush_packets", "1", "pipe:1"]
     return argv
 
@@ -128,6 +136,10 @@ class Encoder:
                 proc.stdin.flush()
                 return
             except (BrokenPipeError, ValueError, OSError):
+                with self._cond:
+                    replaced = not self._procs or self._procs[-1] is not proc
+                if replaced:
+                    continue  # a restart (e.g. for a new Icecast connection) closed it under us: not a new failure
                 code = proc.poll()
                 self.restart(f"ffmpeg exited (code {code})")
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from .config import EngineConfig
 from .dsp import equal_power_crossfade
+from .errors import ConditioningError
+from .logs import Throttle
 from .model import ContinuationRequest, MusicModel
 from .station import Station
 
@@ -57,6 +59,11 @@ class Engine:
         self.last_model: str | None = None
         self.last_step_seconds = 0.0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio seconds, wall seconds)
+        self._throttle = Throttle(logger)
+        self._forgets: deque[tuple[MusicModel, str]] = deque()  # decode states to drop, applied by the engine thread
+        # Audio made against wall time since the load was last judged, busy or idle (overload check).
+        self._made_since = (time.monotonic(), 0.0)
+        self.keeping_up = True
 
     @property
     def model(self) -> MusicModel:
@@ -73,7 +80,9 @@ class Engine:
         """Stop using a model; its stations wait (on filler) until they are given another one. A step that is
         running with it finishes first; the caller drops its last reference afterwards."""
         with self._lock:
-            self.models.pop(key, None)
+            removed = self.models.pop(key, None)
+            # Its pending forgets are moot (its state goes with it), and must not keep it alive.
+            self._forgets = deque(f for f in self._forgets if f[0] is not removed)
             for station, assigned in self._assigned.items():
                 if assigned == key:
                     self._assigned[station] = None
@@ -94,11 +103,23 @@ class Engine:
         with self._lock:
             return self._assigned.get(station_key)
 
-    @staticmethod
-    def _forget(model: MusicModel, station_key: str) -> None:
-        forget = getattr(model, "forget", None)
-        if forget is not None:
-            forget(station_key)  # the model's lock serialises this with a running step
+    def _forget(self, model: MusicModel, station_key: str) -> None:
+        """Queue a station's decode state to be dropped by the engine thread before its next step: the model
+        is busy for seconds at a time on a slow machine, and a caller (file watcher, API, shutdown of many
+        stations) must never wait for a step to end."""
+        with self._lock:
+            self._forgets.append((model, station_key))
+        self._wake.set()
+
+    def _apply_forgets(self) -> None:
+        while True:
+            with self._lock:
+                if not self._forgets:
+                    return
+                model, key = self._forgets.popleft()
+            forget = getattr(model, "forget", None)
+            if forget is not None:
+                forget(key)
 
     # -- stations --------------------------------------------------------------------------------------------
     def add_station(self, station: Station, model_key: str | None = DEFAULT_MODEL_KEY) -> None:
@@ -160,6 +181,7 @@ class Engine:
 
     def run_once(self) -> bool:
         """One batched step. Returns False when no station needed audio."""
+        self._apply_forgets()
         model_key, batch = self._pick()
         if not batch or model_key is None:
             return False
@@ -186,13 +208,29 @@ class Engine:
                                                 overlap=min(self.config.overlap_frames, s.context().shape[1]),
                                                 key=s.key, blend_from=blend_from, blend=blend))
         t0 = time.monotonic()
-        results = model.continue_batch(requests, frames)
+        while True:
+            try:
+                results = model.continue_batch(requests, frames)
+                break
+            except ConditioningError as exc:
+                # One station's prompt cannot be used: that station alone is set aside, the rest go on.
+                i = next((i for i, s in enumerate(batch) if s.key == exc.key), None)
+                if i is None:
+                    raise
+                self._set_aside(batch.pop(i), str(exc))
+                requests.pop(i)
+                if not batch:
+                    return True
         wall = time.monotonic() - t0
         with self._lock:
             live = {k for k, m in self._assigned.items() if m == model_key and k in self._stations}
         for station, result in zip(batch, results):
             if station.key not in live:
                 continue  # removed, or moved to another model, while we generated
+            if station.error is not None:
+                logger.info("%s: generating again", station.mount)
+                station.error = None
+                self._throttle.clear(f"aside{station.key}")
             silent = station.push(self._join(model, station.key, result.pcm, result.overlap))
             station.append_codes(result.codes)
             self._watch_silence(model, station, silent, result.codes.shape[1])
@@ -200,9 +238,20 @@ class Engine:
         self.last_model = model_key
         self.last_batch = [s.mount for s in batch]
         self.last_step_seconds = wall
-        self._recent.append((sum(r.codes.shape[1] for r in results) / fps, wall))
+        made = sum(r.codes.shape[1] for r in results) / fps
+        self._recent.append((made, wall))
+        self._made_since = (self._made_since[0], self._made_since[1] + made)
         logger.debug("step %d: %d stations x %d frames in %.2fs", self.steps, len(batch), frames, wall)
         return True
+
+    def _set_aside(self, station: Station, message: str) -> None:
+        """A station whose current item cannot be generated: it moves on to its next item (filler covers) and
+        says why in its status; the other stations are not held up."""
+        station.error = message
+        station.errors += 1
+        self._throttle.log(logging.ERROR, f"aside{station.key}", "%s: %s; skipping to the next playlist item",
+                           station.mount, message)
+        station.next_item()
 
     def _watch_silence(self, model: MusicModel, station: Station, silent: bool, frames: int) -> None:
         """MusicGen continuations can fade into silence and stay there: after ``silence_seconds`` of it, skip
@@ -237,6 +286,36 @@ class Engine:
         self._tails[key] = pcm[end:].copy()
         return np.concatenate([head, pcm[body_start:end]]).astype(np.float32)
 
+    LOAD_WINDOW = 30.0  # seconds of wall time over which production is judged against need
+
+    def on_air(self) -> int:
+        """Stations with a loaded model: each needs one second of audio per second."""
+        with self._lock:
+            return sum(1 for k in self._stations if self._assigned.get(k) in self.models)
+
+    def _judge_load(self) -> None:
+        """Every LOAD_WINDOW: did the engine make what its stations need? If not, say so once (then once a
+        minute with a count), with what this machine does make, so an operator can size the station list."""
+        since, made = self._made_since
+        wall = time.monotonic() - since
+        if wall < self.LOAD_WINDOW:
+            return
+        self._made_since = (time.monotonic(), 0.0)
+        need = self.on_air()
+        rate = made / wall
+        buffered = [s.buffered_seconds for s in self.stations()]
+        short = bool(buffered) and min(buffered) < self.config.buffer_seconds / 2
+        self.keeping_up = not (need and rate < 0.98 * need and short)
+        if self.keeping_up:
+            self._throttle.clear("overload")
+            return
+        fast = self.realtime_factor
+        self._throttle.log(logging.WARNING, "overload",
+                           "cannot keep up: %d stations need %d s of audio per second, this machine makes %.2f "
+                           "(%.2f while generating: about %d stations in real time); stations play filler. "
+                           "Run fewer stations, a smaller model or dtype, or a GPU", need, need, rate, fast,
+                           int(fast))
+
     @property
     def realtime_factor(self) -> float:
         """Audio seconds generated per wall second over recent steps (all stations together)."""
@@ -262,11 +341,14 @@ class Engine:
         while not self._stop.is_set():
             try:
                 worked = self.run_once()
-            except Exception:  # noqa: BLE001 - one bad step must not end the radio; stations fill meanwhile
+            except Exception as exc:  # noqa: BLE001 - one bad step must not end the radio; stations fill meanwhile
                 self.failures += 1
-                logger.exception("generation step failed (%d so far); retrying", self.failures)
+                if self._throttle.log(logging.ERROR, "step", "generation step failed (%d so far): %s: %s; retrying",
+                                      self.failures, type(exc).__name__, exc):
+                    logger.debug("the failed step", exc_info=True)
                 self._stop.wait(1.0)
                 continue
+            self._judge_load()
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -279,5 +361,9 @@ class Engine:
             "last_model": self.last_model,
             "last_step_seconds": round(self.last_step_seconds, 3),
             "realtime_factor": round(self.realtime_factor, 3),
+            "stations_on_air": self.on_air(),
+            "needed_factor": float(self.on_air()),
+            "capacity_stations": int(self.realtime_factor),
+            "keeping_up": self.keeping_up,
         }
 

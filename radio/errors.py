@@ -25,3 +25,13 @@ class IcecastError(RadioError):
 
 class EncoderError(RadioError):
     """The ffmpeg encoder could not be started."""
+
+
+class ConditioningError(ModelError):
+    """One request's text conditioning could not be computed (e.g. its prompt is refused by the tokenizer).
+    Raised by ``MusicModel.continue_batch`` before anything is generated; ``key`` names the request's station,
+    so the engine can set that station aside and continue the others."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)

@@ -24,7 +24,7 @@ from typing import Callable
 import shout
 
 from .config import IcecastConfig, StationConfig
-from .encoder import OUTPUT_RATE, SHOUT_FORMAT, Encoder
+from .encoder import OUTPUT_RATE, SHOUT_FORMAT, Encoder, safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,17 @@ class IcecastOutput:
             threading.Thread(target=self._send_title, args=(title,), name=f"meta{self.mount}", daemon=True).start()
 
     def _send_title(self, title: str) -> None:
+        try:
+            self._update_title(title)
+        except Exception as exc:  # noqa: BLE001 - a title must never take the mount (or its thread) down
+            self.stats.last_error = f"title update failed: {exc}"
+            logger.warning("%s: title update failed: %s", self.mount, exc)
+
+    def _update_title(self, title: str) -> None:
         if self.station.format == "opus":
             return  # in-stream (Ogg chain) instead; Icecast 2.4 refuses updinfo for Opus
-        query = urllib.parse.urlencode({"mount": self.mount, "mode": "updinfo", "song": title, "charset": "UTF-8"})
+        query = urllib.parse.urlencode({"mount": self.mount, "mode": "updinfo", "song": safe_text(title),
+                                        "charset": "UTF-8"})
         url = f"http://{self.server.host}:{self.server.port}/admin/metadata?{query}"
         token = base64.b64encode(f"{self.server.user}:{self.server.password}".encode()).decode()
         req = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})

@@ -29,7 +29,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import ConditioningError, ModelError
 
 logger = logging.getLogger(__name__)
 ANON = "\0anon"  # key prefix of requests without a station key: their rows are never kept across calls
@@ -88,7 +88,9 @@ class MusicModel(Protocol):
     samples_per_frame: int
 
     def continue_batch(self, requests: Sequence[ContinuationRequest], frames: int) -> list[ContinuationResult]:
-        """Generate ``frames`` new frames for every request in ONE batched pass."""
+        """Generate ``frames`` new frames for every request in ONE batched pass. Raises
+        :class:`~radio.errors.ConditioningError` (naming the request's key) before generating anything when one
+        request's conditioning cannot be computed."""
         ...
 
 
@@ -312,6 +314,12 @@ class MusicgenModel:
             return []
         if frames < 1:
             raise ValueError("frames must be >= 1")
+        for r in requests:  # conditioning first: a request the text encoder refuses must not sink the batch
+            try:
+                self.conditioning(r)
+            except Exception as exc:  # noqa: BLE001 - tokenizer/encoder errors of any kind mean the same here
+                raise ConditioningError(r.key, f"its prompt cannot be encoded: {type(exc).__name__}: "
+                                               f"{str(exc)[:200]}") from exc
         with self._lock:
             self.calls += 1
             self.last_batch_size = len(requests)

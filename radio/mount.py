@@ -15,9 +15,11 @@ import time
 from .config import IcecastConfig
 from .encoder import Encoder
 from .icecast import IcecastOutput
+from .logs import Throttle
 from .station import Station
 
 logger = logging.getLogger(__name__)
+_throttle = Throttle(logger)
 
 
 class Mount:
@@ -38,6 +40,10 @@ class Mount:
         self._thread: threading.Thread | None = None
         self.media_seconds = 0.0
         self.started_wall: float | None = None
+        self._on_air = False
+        self._sent = 0  # samples handed to the encoder
+        self.failures = 0  # feeder failures survived (each restarted the encoder)
+        self.last_error: str | None = None
 
     @property
     def mount(self) -> str:
@@ -61,34 +67,57 @@ class Mount:
             self.encoder.restart("new Icecast connection needs fresh Ogg headers", title=self.output.title)
 
     def _run(self) -> None:
+        """The feeder loop, restarted after any failure: whatever goes wrong in one mount (a title the encoder
+        cannot take, a bug) costs that mount a fresh encoder, never its thread, and never another mount."""
+        while not self._stop.is_set():
+            try:
+                self._feed()
+                return
+            except Exception as exc:  # noqa: BLE001 - isolation: see the docstring
+                self.failures += 1
+                self.last_error = f"feeder: {type(exc).__name__}: {exc}"[:300]
+                _throttle.log(logging.ERROR, f"feed{self.mount}", "%s: feeder failed (%s); restarting the encoder",
+                              self.mount, self.last_error)
+                try:
+                    self.encoder.restart(f"feeder failed: {type(exc).__name__}")
+                except Exception as again:  # noqa: BLE001 - e.g. ffmpeg cannot start: try again shortly
+                    logger.error("%s: encoder restart failed: %s", self.mount, again)
+                self._stop.wait(1.0)
+
+    def _feed(self) -> None:
         # Go on air only once the station has real audio: its first chunk is short, so this is seconds.
         while not self.station.has_audio:
             if self._stop.wait(0.05):
                 return
-        pcm, titles = self.station.read(self.block)
-        title = titles[-1] if titles else self.station.playlist.current.title
-        self.output.title = title
-        self.encoder.start(title)
-        self.output.start()
-        logger.info("%s: on air (%s %d kbit/s)", self.mount, self.station.config.format, self.station.config.bitrate)
-        self.encoder.write(pcm)
-        sent = len(pcm)
-        t0 = time.monotonic()
-        self.started_wall = t0
+        if not self._on_air:
+            pcm, titles = self.station.read(self.block)
+            title = titles[-1] if titles else self.station.playlist.current.title
+            self.output.title = title
+            self.encoder.start(title)
+            self.output.start()
+            self._on_air = True
+            logger.info("%s: on air (%s %d kbit/s)", self.mount, self.station.config.format,
+                        self.station.config.bitrate)
+            self.encoder.write(pcm)
+            self._sent = len(pcm)
+            self.started_wall = time.monotonic()
+        t0 = time.monotonic() - self._sent / self.sample_rate
         while not self._stop.is_set():
-            ahead = sent / self.sample_rate - (time.monotonic() - t0)
+            ahead = self._sent / self.sample_rate - (time.monotonic() - t0)
             if ahead > self.lead:
                 self._stop.wait(ahead - self.lead)
                 continue
             if ahead < -1.0:
                 # We were blocked (Icecast away, pipes full): resume at real time, do not burst.
-                t0 = time.monotonic() - sent / self.sample_rate
+                t0 = time.monotonic() - self._sent / self.sample_rate
             pcm, titles = self.station.read(self.block)
             for t in titles:
                 self._announce(t)
             self.encoder.write(pcm)
-            sent += len(pcm)
-            self.media_seconds = sent / self.sample_rate
+            self._sent += len(pcm)
+            self.media_seconds = self._sent / self.sample_rate
+            if self.last_error and self._sent % (self.sample_rate * 30) < len(pcm):
+                self.last_error = None  # fed cleanly for a while: the error is history (the count remains)
 
     def _announce(self, title: str) -> None:
         if self.station.config.format == "opus":
@@ -106,6 +135,7 @@ class Mount:
             "reconnects": s.reconnects,
             "encoder_restarts": self.encoder.restarts,
             "bytes_sent": s.bytes_sent,
-            "last_error": s.last_error,
+            "last_error": self.last_error or s.last_error,
+            "feeder_failures": self.failures,
             "media_seconds": round(self.media_seconds, 1),
         }

@@ -17,8 +17,10 @@ import numpy as np
 
 from .config import EngineConfig, PlaylistItem, StationConfig
 from .dsp import equal_power_crossfade, rms
+from .logs import Throttle
 
 logger = logging.getLogger(__name__)
+_throttle = Throttle(logger)  # filler comes and goes often on an overloaded machine: once a minute per station
 
 
 SILENCE_RMS = 10 ** (-60 / 20)  # -60 dBFS: "near-silent" for the watchdog
@@ -108,6 +110,8 @@ class Station:
         self.real_samples = 0  # of those, taken from generated audio (the rest is filler)
         self.underruns = 0
         self.chunks = 0
+        self.error: str | None = None  # why generation set this station aside last (None: all well)
+        self.errors = 0
 
     # -- identity --------------------------------------------------------------------------------------------
     @property
@@ -368,8 +372,8 @@ class Station:
         cycle = np.concatenate([equal_power_crossfade(history[-xf:], history[:xf]), history[xf:-xf]])
         self._filler = cycle.astype(np.float32)
         self._filler_pos = 0
-        logger.info("%s: generator behind real time, filling from the last %.1f s", self.mount,
-                    len(history) / self.sample_rate)
+        _throttle.log(logging.INFO, f"fill{self.mount}", "%s: generator behind real time, filling from the last "
+                      "%.1f s", self.mount, len(history) / self.sample_rate)
 
     def _filler_take(self, n: int) -> np.ndarray:
         if self._filler is None:
@@ -387,7 +391,7 @@ class Station:
         fill = self._filler_take(xf)
         fresh = self._take(xf, titles)
         self._filler = None
-        logger.info("%s: fresh audio is back after filling", self.mount)
+        _throttle.log(logging.INFO, f"back{self.mount}", "%s: fresh audio is back after filling", self.mount)
         mixed = equal_power_crossfade(fill, fresh)
         self._remember(mixed)
         return mixed
@@ -411,4 +415,6 @@ class Station:
             "underruns": self.underruns,
             "silence_skips": self.silence_skips,
             "filling": filling,
+            "error": self.error,
+            "errors": self.errors,
         }

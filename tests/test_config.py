@@ -41,6 +41,14 @@ BROKEN = {
                       5, "playlist[0].duration", "greater than 0"),
     "emptyprompt.yaml": ("name: x\nmount: /emptyprompt.mp3\nplaylist:\n  - title: t\n    prompt: '  '\n"
                          "    duration: 3\n", 5, "playlist[0].prompt", "must not be empty"),
+    "surrogate.yaml": ('name: x\nmount: /surrogate.mp3\nplaylist:\n  - title: t\n    prompt: "x \\udfff y"\n'
+                       "    duration: 3\n", 5, "playlist[0].prompt", "lone surrogate"),
+    "bell.yaml": ('name: x\nmount: /bell.mp3\nplaylist:\n  - title: "ding \\a"\n    prompt: a\n'
+                  "    duration: 3\n", 4, "playlist[0].title", "control characters"),
+    "nel.yaml": ('name: "x \\N y"\nmount: /nel.mp3\nplaylist:\n  - {prompt: a, duration: 3}\n',
+                 1, "name", "control characters"),
+    "infinite.yaml": ("name: x\nmount: /infinite.mp3\nplaylist:\n  - prompt: a\n    duration: 999999h\n",
+                      5, "playlist[0].duration", "out of range"),
     "zz_duplicate.yaml": ("name: dup\nmount: /good.mp3\nplaylist:\n  - {prompt: a, duration: 3}\n",
                           2, "mount", "already used"),
 }
@@ -169,3 +177,13 @@ def test_idents_are_checked_relative_to_the_station_file(tmp_path: Path) -> None
     path.write_text(path.read_text().replace(", ids/missing.mp3", "").replace("every: 0", "every: 2"))
     station = load_station(path)
     assert station.idents == (str(tmp_path / "ids" / "one.mp3"),) and station.ident_every == 2
+
+
+def test_a_station_link_that_loops_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_station(tmp_path, "good.yaml", GOOD)
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    assert main(["check", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    for name in ("loop.yaml", "gone.yaml"):
+        assert f"{tmp_path / name}: file: is a symbolic link that loops or points nowhere" in out, out

@@ -112,9 +112,10 @@ def test_switch_to_a_model_that_reads_the_same_codes_continues_seamlessly() -> N
     a, b = FakeModel(), FakeModel()
     engine, st = playing_on_a(a, b)
     engine.set_station_model(st.key, "b")
-    assert a.forgotten == [st.key]  # the old model drops the station's KV state
+    assert a.forgotten == []  # the engine thread applies it: a caller never waits for a running step
     for _ in range(4):
         engine.run_once()
+    assert a.forgotten == [st.key]  # the old model drops the station's KV state
     assert b.calls and b.calls[0][0][0].context.shape[1] > 0  # b continued from a's codes
     out = drain(st)
     ideal = a.pcm_for_frames(0, len(out) // 640 + 1)[: len(out)]
