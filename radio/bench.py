@@ -56,6 +56,10 @@ class Result:
     ttfa_seconds: float | None  # time to first audio of a new station joining the batch
     peak_rss_mb: float
     reset_seconds: float | None = None  # extra wall time of a chunk in which one station's window resets
+    realtime_per_mount: float = 0.0  # audio seconds per wall second for each mount (>= 1.0: real time)
+    state_bytes_per_mount: int = 0  # decode state (KV caches / slots) per mount
+    peak_device_mb: float = 0.0  # peak device memory allocated (CUDA)
+    breakdown: dict[str, float] | None = None  # seconds per steady chunk: steps, prefill, encodec, other
 
 
 class RssSampler:
@@ -115,7 +119,25 @@ def machine_info() -> dict[str, Any]:
 
 
 def _text_inputs(model: MusicgenModel, prompts: list[str]) -> dict[str, Any]:
-    return dict(model.tokenizer(prompts, padding=True, return_tensors="pt"))
+    return {k: v.to(model.device) for k, v in model.tokenizer(prompts, padding=True, return_tensors="pt").items()}
+
+
+def _sync(model: MusicgenModel) -> None:
+    """Wait for the device: a clock read must not run ahead of queued kernels."""
+    import torch
+
+    if str(model.device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _device_peak_mb(model: MusicgenModel, reset: bool = False) -> float:
+    import torch
+
+    if not str(model.device).startswith("cuda"):
+        return 0.0
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def bench_prototype(model: MusicgenModel, mounts: int, steps: int, progress: Callable[[str], None]) -> Result:
@@ -135,12 +157,13 @@ def bench_prototype(model: MusicgenModel, mounts: int, steps: int, progress: Cal
             inputs = processor(audio=audio, text=prompts, padding=True, sampling_rate=sr, return_tensors="pt")
             if audio is not None:
                 inputs["input_values"] = inputs["input_values"].to(torch.float32)
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
             with torch.inference_mode():
                 out = model.model.generate(**inputs, max_new_tokens=100, do_sample=True, guidance_scale=3.0,
                                            top_k=250)
             start = audio[0].shape[0] if audio is not None else 0
-            new = out[:, 0, start:].float().numpy()
-            audio = [out[b, 0, -4 * sr:].float().numpy() for b in range(mounts)]
+            new = out[:, 0, start:].float().cpu().numpy()
+            audio = [out[b, 0, -4 * sr:].float().cpu().numpy() for b in range(mounts)]
             dt = time.monotonic() - t0
             if i > 0:
                 produced += mounts * new.shape[1] / sr
@@ -160,9 +183,11 @@ def bench_generate(model: MusicgenModel, mounts: int, frames: int, progress: Cal
                               dtype=model.dtype, enabled=model.dtype != torch.float32)
     with RssSampler() as rss, torch.inference_mode(), autocast:
         model.model.generate(**inputs, max_new_tokens=8, do_sample=True, guidance_scale=3.0)  # warm-up
+        _sync(model)
         t0 = time.monotonic()
         model.model.generate(**inputs, max_new_tokens=frames + model.num_codebooks - 1, do_sample=True,
                              guidance_scale=3.0, top_k=250)
+        _sync(model)
         wall = time.monotonic() - t0
     progress(f"generate x{mounts}: {wall:.1f}s")
     steps = frames + model.num_codebooks - 1
@@ -210,9 +235,11 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
 
     with torch.inference_mode():
         forward()  # warm-up (and the cross-attention cache)
+        _sync(model)
         t0 = time.monotonic()
         for _ in range(repeats):
             forward()
+        _sync(model)
         return (time.monotonic() - t0) / repeats
 
 
@@ -236,8 +263,10 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     def step(keys: list[str], n: int) -> float:
         reqs = [ContinuationRequest(ctx[k][:, -start_frames:], PROMPTS[int(k[1:]) % len(PROMPTS)], SAMPLING,
                                     overlap=10, key=k) for k in keys]
+        _sync(model)
         t0 = time.monotonic()
         res = model.continue_batch(reqs, n)
+        _sync(model)
         dt = time.monotonic() - t0
         for k, r in zip(keys, res):
             ctx[k] = np.concatenate([ctx[k], r.codes], axis=1)[:, -context_frames:]
@@ -245,18 +274,24 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
 
     keys = list(ctx)
     # Hold resets off while the steady chunks are measured (a reset's cost is measured and charged below).
-    model.window_frames = model.max_positions - 8
+    model.hold_resets(True)
+    _device_peak_mb(model, reset=True)
     try:
         with RssSampler() as rss:
             progress(f"ours x{mounts} ({_dtype_name(model)}): warm-up (prefill of {start_frames} frames per mount)")
             step(keys, frames)  # prefill + warm-up
+            step(keys, frames)  # a second warm-up: a CUDA graph is captured on its bucket's first steady chunk
             wall, steps, audio = 0.0, 0, 0.0
+            parts = {"encodec": 0.0, "prefill": 0.0}
             for c in range(chunks):
                 dt = step(keys, frames)
                 wall += dt
                 steps += model.last_steps
                 audio += mounts * frames / fps
-                progress(f"ours x{mounts} ({_dtype_name(model)}): chunk {c + 1}/{chunks} {dt:.1f}s")
+                parts["encodec"] += model.last_decode_seconds
+                parts["prefill"] += model.last_prefill_seconds
+                progress(f"ours x{mounts} ({_dtype_name(model)}): chunk {c + 1}/{chunks} {dt:.2f}s")
+            state_bytes = model.decode_state_bytes() // max(1, mounts)
             # One station's window resets (its context_seconds of codes are prefilled again) while the
             # others go on.
             ctx["m0"] = ctx["m0"][:, -context_frames:].copy()
@@ -273,11 +308,15 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
             model.forget("m99")
             del ctx["m99"]
     finally:
-        model.window_frames = window_frames
+        model.hold_resets(False)
     resets_per_chunk = mounts * frames / max(1, window_frames - context_frames)
     charged = wall + chunks * resets_per_chunk * reset
+    breakdown = {"steps": round((wall - parts["encodec"] - parts["prefill"]) / chunks, 4),
+                 "encodec": round(parts["encodec"] / chunks, 4), "prefill": round(parts["prefill"] / chunks, 4),
+                 "resets_charged": round(resets_per_chunk * reset, 4)}
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
-                  reset_seconds=reset)
+                  reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
+                  peak_device_mb=_device_peak_mb(model), breakdown=breakdown)
 
 
 def _dtype_name(model: MusicgenModel) -> str:
@@ -286,7 +325,8 @@ def _dtype_name(model: MusicgenModel) -> str:
 
 def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
               first_seconds: float = 1.0, dtypes: tuple[str, ...] = ("float32", "auto"), context_seconds: float = 10.0,
-              scenarios: tuple[str, ...] = ("prototype", "generate", "ours"),
+              scenarios: tuple[str, ...] = ("prototype", "generate", "ours"), capacity: bool = False,
+              decoder: str = "auto",
               progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
@@ -294,6 +334,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
     bare_steps: dict[str, float] = {}
     window_seconds = max(3 * context_seconds, context_seconds + 2 * frames / 50 + 1)
     kernels: dict[str, str] = {}
+    capacities: dict[str, int] = {}
     wanted: list[str] = []
     for dtype in dtypes:  # "auto" may resolve to a dtype already listed
         name = str(resolve_dtype(dtype, resolve_device("auto"))).replace("torch.", "")
@@ -314,15 +355,23 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
         if "ours" in scenarios:
             # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds (and
             # at least context + 2 chunks, as the engine's config demands)
-            m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds)
+            m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
+                              decoder=decoder)
             name = _dtype_name(m)
-            kernels[name] = "onednn-packed" if m.packed else "stock"
+            kernels[name] = ("onednn-packed" if m.packed else "stock") + f", {m.decoder} decoder"
             first_frames = max(1, int(first_seconds * m.frame_rate))
+            cuda = str(m.device).startswith("cuda")
             for n in mounts:
                 results.append(bench_ours(m, n, frames, chunks, first_frames, progress, context_seconds))
+                if cuda and n > 16:
+                    continue  # the reference steps' own caches would not fit beside the slots
                 cached = int(2 * context_seconds * m.frame_rate) + frames
                 raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, cached)
                 bare_steps[f"{name}:{n}"] = raw_decode_step(m, n, cached, bare=True)
+            if capacity and dtype == wanted[-1]:
+                capacities[name] = find_capacity(m, [r for r in results if r.scenario == "ours" and r.dtype == name],
+                                                 lambda n: bench_ours(m, n, frames, chunks, first_frames, progress,
+                                                                      context_seconds), results)
             del m
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(),
               "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
@@ -330,9 +379,42 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                            "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds,
                            "ours_linear_kernels": kernels},
               "results": [asdict(r) for r in results], "raw_decode_step_seconds": raw_steps,
-              "bare_decode_step_seconds": bare_steps}
+              "bare_decode_step_seconds": bare_steps, "capacity_mounts": capacities}
     report["ratios"] = ratios(results, raw_steps, first_seconds, bare_steps)
     return report
+
+
+def find_capacity(model: MusicgenModel, measured: list[Result], run: Callable[[int], Result],
+                  results: list[Result], limit: int = 512) -> int:
+    """The most mounts that each stay at or above real time (resets and EnCodec charged): from the mount counts
+    already measured, doubling past the largest that held, then bisecting to within ~5 %."""
+    ok = [r.mounts for r in measured if r.realtime_per_mount >= 1.0]
+    bad = [r.mounts for r in measured if r.realtime_per_mount < 1.0]
+    lo, hi = max(ok, default=0), min((b for b in bad if b > max(ok, default=0)), default=None)
+    while hi is None and lo < limit:
+        n = min(limit, max(1, lo * 2))
+        try:
+            r = run(n)
+        except Exception as exc:  # noqa: BLE001 - out of slots or memory: the bound is below n
+            logger.info("capacity: %d mounts failed: %s", n, exc)
+            hi = n
+            break
+        results.append(r)
+        if r.realtime_per_mount >= 1.0:
+            lo = n
+        else:
+            hi = n
+    while hi is not None and hi - lo > max(2, lo // 20):
+        n = (lo + hi) // 2
+        try:
+            r = run(n)
+            results.append(r)
+            good = r.realtime_per_mount >= 1.0
+        except Exception as exc:  # noqa: BLE001
+            logger.info("capacity: %d mounts failed: %s", n, exc)
+            good = False
+        lo, hi = (n, hi) if good else (lo, n)
+    return lo
 
 
 def _find(results: list[Result], scenario: str, dtype: str | None, mounts: int) -> Result | None:
@@ -378,14 +460,21 @@ def format_table(report: dict[str, Any]) -> str:
              f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
              f"{report['machine']['torch']}",
              "",
-             f"{'scenario':<10} {'dtype':<9} {'mounts':>6} {'audio s/s':>10} {'s/step':>8} {'ttfa s':>7} "
-             f"{'reset s':>8} {'RSS MB':>8}"]
+             f"{'scenario':<10} {'dtype':<9} {'mounts':>6} {'audio s/s':>10} {'x/mount':>8} {'ms/step':>8} "
+             f"{'ttfa s':>7} {'reset s':>8} {'RSS MB':>8} {'MB/mount':>9} {'dev MB':>8}  time per chunk"]
     for r in report["results"]:
         ttfa = f"{r['ttfa_seconds']:.2f}" if r["ttfa_seconds"] is not None else "-"
         reset = f"{r['reset_seconds']:.2f}" if r.get("reset_seconds") is not None else "-"
+        per = r.get("realtime_per_mount") or r["audio_per_wall"] / r["mounts"]
+        state = f"{r.get('state_bytes_per_mount', 0) / 2**20:.0f}" if r.get("state_bytes_per_mount") else "-"
+        dev = f"{r.get('peak_device_mb', 0):.0f}" if r.get("peak_device_mb") else "-"
+        where = " ".join(f"{k}={v:.3f}" for k, v in (r.get("breakdown") or {}).items())
         lines.append(f"{r['scenario']:<10} {r['dtype']:<9} {r['mounts']:>6} {r['audio_per_wall']:>10.3f} "
-                     f"{r['seconds_per_step']:>8.3f} {ttfa:>7} {reset:>8} {r['peak_rss_mb']:>8.0f}")
+                     f"{per:>8.2f} {1000 * r['seconds_per_step']:>8.1f} {ttfa:>7} {reset:>8} "
+                     f"{r['peak_rss_mb']:>8.0f} {state:>9} {dev:>8}  {where}")
     lines.append("")
+    for k, v in report.get("capacity_mounts", {}).items():
+        lines.append(f"capacity ({k}): {v} mounts each at >= 1.0x real time")
     for k, v in report["ratios"].items():
         lines.append(f"{k:<50} {v}")
     return "\n".join(lines)

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--context-seconds", type=float, default=10.0,
                        help="engine context kept per station; the window is 3x this (default 10 -> 30 s)")
     bench.add_argument("--json", help="also write the report as JSON to this file")
+    bench.add_argument("--capacity", action="store_true",
+                       help="also find the most mounts that each stay at or above real time (GPU sizing)")
+    bench.add_argument("--decoder", choices=("auto", "static", "dynamic"), default="auto",
+                       help="decode path of ours: auto (static on CUDA, dynamic on CPU), or force one")
 
     soak = sub.add_parser("soak", help="run the daemon for a long time and report underruns, drift, RSS growth")
     soak_src = soak.add_mutually_exclusive_group()
@@ -89,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
     make.add_argument("dir")
     make.add_argument("--shape", choices=SHAPES, default="tiny",
-                      help="tiny: for tests; tiny-alt: another tiny shape (model-swap tests); small: musicgen-small's")
+                      help="tiny: for tests; tiny-alt: another tiny shape (model-swap tests); small, medium, large: "
+                          "facebook/musicgen-small's, -medium's and -large's shapes (benchmarks)")
     make.add_argument("--seed", type=int, default=0)
     return p
 
@@ -204,10 +209,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         mounts = [int(x) for x in args.mounts.split(",") if x.strip()]
-        if not mounts or min(mounts) < 1:
+        if not mounts or min(mounts) < 1 or max(mounts) > 512:
             raise ValueError
     except ValueError:
-        logger.error("--mounts: %r is not a list of positive whole numbers, e.g. 1,2,4,8", args.mounts)
+        logger.error("--mounts: %r is not a list of whole numbers from 1 to 512, e.g. 1,2,4,8", args.mounts)
         return EXIT_CONFIG
     model = args.model
     if model is None:
@@ -218,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
                            scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
-                           context_seconds=args.context_seconds)
+                           context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:
         logger.error("%s", exc)
         return EXIT_RUNTIME

@@ -100,6 +100,27 @@ class Row:
     columns: list[np.ndarray] = field(default_factory=list)  # generated columns not yet fully turned into frames
     tail: np.ndarray | None = None  # last emitted frames, to recognise the station's context next time
 
+    def emit(self, sampled: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """Take a chunk's sampled columns (K, steps) and return the frames they complete (K, n): codebook k of
+        frame f arrives at column f + 1 + k, so a column completes the frame K-1 columns before it. The columns
+        of frames still incomplete are kept for the next chunk; ``tail`` remembers what the station now has."""
+        K = sampled.shape[0]
+        self.next_column = sampled[:, -1].copy()
+        self.columns.extend(sampled[:, j] for j in range(sampled.shape[1]))
+        complete = len(self.columns) - (K - 1)
+        new = np.stack([[self.columns[m + k][k] for m in range(complete)] for k in range(K)]).astype(np.int64) \
+            if complete > 0 else np.zeros((K, 0), np.int64)
+        self.columns = self.columns[max(0, complete):]
+        self.tail = np.concatenate([np.asarray(context, dtype=np.int64), new], axis=1)[:, -4:]
+        return new
+
+    def continues(self, context: np.ndarray) -> bool:
+        """Is ``context`` (what the station says it has) the continuation of what this row produced?"""
+        if self.tail is None:
+            return False
+        n = min(self.tail.shape[1], context.shape[1])
+        return n > 0 and np.array_equal(self.tail[:, -n:], context[:, -n:])
+
 
 def delayed_column(context: np.ndarray, column: int, pad: int) -> np.ndarray:
     """Column ``column`` of the delay pattern over ``context`` (K, T): codebook k holds frame column-1-k."""
@@ -185,12 +206,10 @@ class DecodeState:
     def physical_offsets(self) -> torch.Tensor:
         return torch.cat([self.offsets, self.offsets]) if self.cfg else self.offsets
 
-    def matches(self, row: Row, context: np.ndarray) -> bool:
+    @staticmethod
+    def matches(row: Row, context: np.ndarray) -> bool:
         """Is ``context`` (what the station says it has) the continuation of what this row produced?"""
-        if row.tail is None:
-            return False
-        n = min(row.tail.shape[1], context.shape[1])
-        return n > 0 and np.array_equal(row.tail[:, -n:], context[:, -n:])
+        return row.continues(context)
 
     # -- rebuilding ---------------------------------------------------------------------------------------------
     def assemble(self, keep: list[int], fresh: list[Row], fresh_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,

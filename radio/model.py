@@ -115,6 +115,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+DECODERS = ("auto", "static", "dynamic")
+
+
+def resolve_decoder(decoder: str, device: str) -> str:
+    """The decode path: ``static`` (fixed KV slots, the step captured as a CUDA graph) on CUDA, ``dynamic``
+    (chunk-sized contiguous KV buffers, measured fastest on small CPUs) elsewhere; either may be forced."""
+    if decoder not in DECODERS:
+        raise ModelError(f"unknown decoder {decoder!r}: use one of {', '.join(DECODERS)}")
+    if decoder != "auto":
+        return decoder
+    return "static" if device.startswith("cuda") else "dynamic"
+
+
 def resolve_dtype(dtype: str, device: str):  # -> torch.dtype
     """The dtype policy: ``auto`` is bf16 where the hardware has it, fp16 on CUDA without bf16, else fp32."""
     import torch
@@ -188,7 +201,7 @@ class MusicgenModel:
 
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
-                 window_seconds: float = 30.0, fast_kernels: bool = True) -> None:
+                 window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto") -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -238,6 +251,7 @@ class MusicgenModel:
         self.last_batch_size = 0
         self.last_steps = 0
         self.last_prefill_seconds = 0.0  # wall time of the last chunk's prefill (bench: a reset's cost)
+        self.last_decode_seconds = 0.0  # wall time of the last chunk's EnCodec decoding
         self.resets = 0
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
         self.window_frames = min(window_frames or int(window_seconds * self.frame_rate), self.max_positions - 8)
@@ -258,11 +272,38 @@ class MusicgenModel:
         from .kernels import accelerate
 
         self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
+        self.decoder = resolve_decoder(decoder, self.device)
+        self._slots = self._slot_decoder(seed) if self.decoder == "static" else None
+        logger.info("decode path: %s", self.decoder)
+
+    def _slot_decoder(self, seed: int | None):  # -> SlotDecoder
+        """The static path: fixed KV slots and one decode step for all of them (captured as a CUDA graph)."""
+        from .musicgen.slots import SlotDecoder, SlotShape
+        from .musicgen.step import DecoderParts
+
+        torch = self._torch
+        dcfg = self.model.config.decoder
+        heads = dcfg.num_attention_heads
+        layers = self.model.decoder.model.decoder.layers
+        parts = DecoderParts.of(self.model.decoder, self._positions.original.weights.to(self.dtype))
+        shape = SlotShape(layers=dcfg.num_hidden_layers, heads=heads, head_dim=dcfg.hidden_size // heads,
+                          codebooks=self.num_codebooks, vocab=self.vocab_size, window=self.window_frames + self.num_codebooks,
+                          dtype=self.dtype, device=self.device)
+
+        def cross_kv(layer: int, states):  # (n, S, D) -> keys, values (n, H, S, d)
+            attn = layers[layer].encoder_attn
+            n, S, _ = states.shape
+            return (attn.k_proj(states).view(n, S, heads, -1).transpose(1, 2),
+                    attn.v_proj(states).view(n, S, heads, -1).transpose(1, 2))
+
+        slots = SlotDecoder(parts, shape, self.pad_id, self._prefill, self.conditioning, cross_kv)
+        slots.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        return slots
 
     def memory_bytes(self) -> int:
         """Weights, buffers and the decode state's KV cache, in bytes."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) + self._state.nbytes()
+        return sum(t.numel() * t.element_size() for t in tensors) + self.decode_state_bytes()
 
     def _set_decoder_dtype(self, dtype) -> None:  # dtype: torch.dtype
         """The decoder is where the time goes; text encoder and EnCodec stay fp32 (run rarely, quality-critical)."""
@@ -323,9 +364,14 @@ class MusicgenModel:
         with self._lock:
             self.calls += 1
             self.last_batch_size = len(requests)
-            generated = self._generate_codes(requests, frames)
+            if self._slots is not None:
+                generated = self._generate_static(requests, frames)
+            else:
+                generated = self._generate_codes(requests, frames)
             new_codes = [c for c, _ in generated]
+            t0 = time.monotonic()
             pcm = self._decode(requests, new_codes)
+            self.last_decode_seconds = time.monotonic() - t0
         return [ContinuationResult(codes=c, pcm=p, overlap=min(r.overlap, r.context.shape[1]), fresh=fresh)
                 for r, (c, fresh), p in zip(requests, generated, pcm)]
 
@@ -333,6 +379,36 @@ class MusicgenModel:
         """Drop a station's decode state (it is rebuilt from its codes if it comes back)."""
         with self._lock:
             self._state.forget(key)
+            if self._slots is not None:
+                self._slots.forget(key)
+
+    def _generate_static(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
+        slots = self._slots
+        keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
+        try:
+            return slots.generate(requests, keys, frames, self.window_frames)
+        finally:
+            for key in keys:
+                if key.startswith(ANON):
+                    slots.forget(key)  # a keyless request never comes back: its slot is free at once
+            self.resets = slots.resets
+            self.last_steps = slots.last_steps
+            self.last_prefill_seconds = slots.last_prefill_seconds
+
+    def hold_resets(self, hold: bool) -> None:
+        """Bench only: hold window resets off (``True``) while steady chunks are measured; a reset's cost is
+        measured on its own and charged at the rate the engine incurs it."""
+        if hold:
+            self._window_kept = self.window_frames
+            self.window_frames = self.max_positions - 8
+        elif hasattr(self, "_window_kept"):
+            self.window_frames = self._window_kept
+        if self._slots is not None:
+            self._slots.spread_resets = not hold
+
+    def decode_state_bytes(self) -> int:
+        """Memory of the decode state (KV caches, slots) alone, in bytes."""
+        return self._state.nbytes() + (self._slots.nbytes() if self._slots is not None else 0)
 
     def _generate_codes(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
         """Decode ``frames`` (or more) new frames for every request; returns (codes, was_fresh) per request."""
@@ -450,14 +526,7 @@ class MusicgenModel:
             self._positions.position_ids = None
         results: dict[str, tuple[np.ndarray, bool]] = {}
         for b, row in enumerate(state.rows):
-            row.next_column = next_cols[b].copy()
-            row.columns.extend(out[b, :, j] for j in range(steps))
-            complete = len(row.columns) - (K - 1)
-            new = np.stack([[row.columns[m + k][k] for m in range(complete)] for k in range(K)]).astype(np.int64) \
-                if complete > 0 else np.zeros((K, 0), np.int64)
-            row.columns = row.columns[max(0, complete):]
-            req = row_requests[b]
-            row.tail = np.concatenate([np.asarray(req.context, dtype=np.int64), new], axis=1)[:, -4:]
+            new = row.emit(out[b], row_requests[b].context)
             results[row.key] = (new, row.key not in kept_keys)
         return [results[k] for k in keys]
 

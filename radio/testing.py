@@ -22,7 +22,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SHAPES = ("tiny", "tiny-alt", "small")
+SHAPES = ("tiny", "tiny-alt", "small", "medium", "large")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,17 @@ _SHAPES: dict[str, Shape] = {
         t5_d_model=768, t5_layers=12, t5_heads=12, t5_d_kv=64, t5_d_ff=3072, t5_vocab=32128,
         codebook_size=2048, codebook_dim=128, encodec_filters=64, encodec_hidden=128, encodec_lstm_layers=2,
         dec_hidden=1024, dec_layers=24, dec_heads=16, dec_ffn=4096,
+    ),
+    # facebook/musicgen-medium (1.5B decoder) and -large (3.3B): the same t5-base and EnCodec, a bigger decoder.
+    "medium": Shape(
+        t5_d_model=768, t5_layers=12, t5_heads=12, t5_d_kv=64, t5_d_ff=3072, t5_vocab=32128,
+        codebook_size=2048, codebook_dim=128, encodec_filters=64, encodec_hidden=128, encodec_lstm_layers=2,
+        dec_hidden=1536, dec_layers=48, dec_heads=24, dec_ffn=6144,
+    ),
+    "large": Shape(
+        t5_d_model=768, t5_layers=12, t5_heads=12, t5_d_kv=64, t5_d_ff=3072, t5_vocab=32128,
+        codebook_size=2048, codebook_dim=128, encodec_filters=64, encodec_hidden=128, encodec_lstm_layers=2,
+        dec_hidden=2048, dec_layers=48, dec_heads=32, dec_ffn=8192,
     ),
 }
 

@@ -1,0 +1,354 @@
+"""The static decode path: stations in fixed KV slots, one captured decode step per frame for all of them.
+
+What it owns (host side): which station holds which slot, each slot's delay-pattern bookkeeping (the columns
+not yet turned into frames, the tail that recognises the station's context next time), when a slot is
+(re)prefilled, and the CUDA graphs of :func:`~radio.musicgen.step.decode_step`, one per batch bucket.
+
+A chunk: slots of stations that left are freed; each request keeps its slot if its codes still continue it,
+else it is prefilled (a new station, a window reset, changed codes: all fresh rows of a chunk in ONE batched
+prefill, written into their slots); prompts' cross-attention states are written into the slots; then the
+step runs ``steps`` times on the device and the codes come back to the host once.
+
+Slots are allocated for the window once (``capacity`` grows by doubling, up to what memory allows) and kept
+while a station plays, so a steady batch allocates nothing. A slot never holds more than ``window`` tokens;
+a station whose cache would outgrow it is reset, at most one per chunk unless it cannot wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..decoding import Row, delayed_column, forced_warmup
+from ..errors import ModelError
+from .step import DecoderParts, SlotTensors, decode_step
+
+if TYPE_CHECKING:
+    from ..model import ContinuationRequest
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+TEXT_TOKENS = 32  # prompt tokens a slot holds at first; grows (and graphs are recaptured) for longer prompts
+
+
+class SlotsFull(ModelError):
+    """More stations than slots fit in memory: ``keys`` could not be given a slot this chunk."""
+
+    def __init__(self, keys: list[str], capacity: int) -> None:
+        self.keys = keys
+        super().__init__(f"no decode slot free for {len(keys)} station(s): {capacity} slots fit in memory")
+
+
+def bucket(n: int) -> int:
+    return next((b for b in BUCKETS if b >= n), n)
+
+
+@dataclass
+class SlotShape:
+    layers: int
+    heads: int
+    head_dim: int
+    codebooks: int
+    vocab: int
+    window: int  # tokens a slot holds at most (its columns: window + 1 scratch column)
+    dtype: torch.dtype
+    device: str
+
+    def slot_bytes(self, text_tokens: int = TEXT_TOKENS) -> int:
+        """Device memory of one slot: self-attention KV for two rows at the window, the prompt's cross KV."""
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        per_layer = 2 * 2 * self.heads * (self.window + 1) * self.head_dim + 2 * self.heads * text_tokens * self.head_dim
+        return self.layers * per_layer * size + self.codebooks * self.vocab * 4
+
+
+class SlotDecoder:
+    """Slots, their registers on the device, and the chunk loop around the captured step."""
+
+    def __init__(self, parts: DecoderParts, shape: SlotShape, pad: int, prefill: Callable, conditioning: Callable,
+                 cross_kv: Callable, max_slots: int | None = None, graphs: bool | None = None) -> None:
+        self.parts = parts
+        self.pad = pad
+        self.shape = shape
+        self._prefill = prefill  # (rows, contexts, requests, use_cfg) -> (kv per layer, P, offsets)
+        self._conditioning = conditioning  # request -> (tokens, D) text states
+        self._cross_kv = cross_kv  # (layer, states (n, S, D)) -> (keys, values) each (n, H, S, d)
+        self.cuda = shape.device.startswith("cuda")
+        self.graphs_enabled = self.cuda if graphs is None else graphs
+        self.max_slots = max_slots or self._slots_that_fit()
+        self.keys: list[str | None] = []  # slot -> station key
+        self.rows: dict[str, Row] = {}  # station key -> its row bookkeeping
+        self.text_tokens = TEXT_TOKENS
+        self.st: SlotTensors | None = None
+        self.capacity = 0
+        self.max_steps = 0
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self.generator = torch.Generator(device=shape.device)
+        self.resets = 0
+        self.spread_resets = True  # reset ahead of need, one per chunk, so resets never bunch up (bench: off)
+        self.last_prefill_seconds = 0.0
+        self.last_steps = 0
+
+    # -- memory ---------------------------------------------------------------------------------------------
+    def _slots_that_fit(self) -> int:
+        """On CUDA: slots that fit in the free device memory (less a margin for activations and EnCodec);
+        elsewhere: a generous bound, as host memory is the model pool's budget to keep."""
+        if not self.cuda:
+            return 512
+        free, _total = torch.cuda.mem_get_info(torch.device(self.shape.device))
+        usable = free - max(2 << 30, free // 10)
+        return max(1, min(BUCKETS[-1], usable // self.shape.slot_bytes()))
+
+    def nbytes(self) -> int:
+        if self.st is None:
+            return 0
+        tensors = [*self.st.k, *self.st.v, *self.st.xk, *self.st.xv, self.st.noise, self.st.out]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bytes_per_slot(self) -> int:
+        return self.shape.slot_bytes(self.text_tokens)
+
+    # -- allocation -----------------------------------------------------------------------------------------
+    def _allocate(self, capacity: int, text_tokens: int, max_steps: int) -> None:
+        """(Re)allocate every slot tensor, carrying the live slots over; captured graphs are dropped."""
+        s = self.shape
+        dev, dt = s.device, s.dtype
+        H, d, K, W = s.heads, s.head_dim, s.codebooks, s.window + 1
+
+        def alloc(shape: tuple[int, ...], dtype: torch.dtype = dt, fill: float | int = 0) -> torch.Tensor:
+            return torch.full(shape, fill, dtype=dtype, device=dev)
+
+        old = self.st
+        n = min(self.capacity, capacity)
+        S = min(self.text_tokens, text_tokens)
+        self._graphs.clear()
+
+        def grow(tensors: list[torch.Tensor] | None, shape: tuple[int, ...], cut: Callable) -> list[torch.Tensor]:
+            # Layer by layer, each old buffer released as soon as it is copied: growing needs one layer's worth
+            # of memory on top, not a second set of slots.
+            out = []
+            for layer in range(s.layers):
+                t = alloc(shape)
+                if tensors is not None:
+                    cut(t)[:n] = cut(tensors[layer])[:n]
+                    tensors[layer] = t  # the old one is freed here
+                out.append(t)
+            return out
+
+        whole = lambda t: t  # noqa: E731
+        text = lambda t: t[:, :, :S]  # noqa: E731
+        new = SlotTensors(
+            k=grow(old.k if old else None, (capacity, 2, H, W, d), whole),
+            v=grow(old.v if old else None, (capacity, 2, H, W, d), whole),
+            xk=grow(old.xk if old else None, (capacity, H, text_tokens, d), text),
+            xv=grow(old.xv if old else None, (capacity, H, text_tokens, d), text),
+            xbias=alloc((capacity, text_tokens), fill=torch.finfo(dt).min),
+            length=alloc((capacity,), torch.long), next_col=alloc((capacity, K), torch.long),
+            forced=alloc((capacity, K, K), torch.long, -1), warm=alloc((capacity,), torch.long, K),
+            active=alloc((capacity,), torch.bool), guidance=alloc((capacity,), torch.float32, 1.0),
+            temperature=alloc((capacity,), torch.float32, 1.0), top_k=alloc((capacity,), torch.long, 1),
+            noise=alloc((capacity, K, s.vocab), torch.float32, 0.5), out=alloc((capacity, K, max_steps), torch.long),
+            t=alloc((), torch.long),
+        )
+        if old is not None:
+            new.xbias[:n, :S] = old.xbias[:n, :S]
+            for name in ("length", "next_col", "forced", "warm", "guidance", "temperature", "top_k"):
+                getattr(new, name)[:n] = getattr(old, name)[:n]
+        self.st, self.capacity, self.text_tokens, self.max_steps = new, capacity, text_tokens, max_steps
+        self.keys += [None] * (capacity - len(self.keys))
+
+    def _slot_for(self, key: str) -> int | None:
+        try:
+            return self.keys.index(key)
+        except ValueError:
+            return None
+
+    def forget(self, key: str) -> None:
+        """Free a station's slot (its memory is reused by the next station)."""
+        i = self._slot_for(key)
+        if i is not None:
+            self.keys[i] = None
+        self.rows.pop(key, None)
+
+    # -- the chunk ------------------------------------------------------------------------------------------
+    def generate(self, requests: Sequence["ContinuationRequest"], keys: list[str], frames: int,
+                 window: int) -> list[tuple[np.ndarray, bool]]:
+        """``frames`` (or a few more) new frames for every request; returns (codes, was_fresh) per request."""
+        K = self.shape.codebooks
+        window = min(window, self.shape.window)
+        # Slots of stations this chunk does not ask for stay as they are (they may come back); a caller that
+        # removes a station calls forget().
+        keep, fresh = [], []
+        for i, (key, r) in enumerate(zip(keys, requests)):
+            row = self.rows.get(key)
+            (keep if row is not None and row.continues(r.context) else fresh).append(i)
+        worst = frames + K - 1
+        room = {i: (window - worst - self._tokens(keys[i])) // max(1, frames) for i in keep}
+        hard = [i for i in keep if room[i] < 0]
+        if not hard and self.spread_resets:
+            line = sorted(keep, key=lambda i: room[i])
+            if any(room[i] < p for p, i in enumerate(line)):
+                hard = [line[0]]
+        self.resets += len(hard)
+        keep = [i for i in keep if i not in hard]
+        fresh = sorted(fresh + hard)
+        steps = frames + (K - 1 if fresh else 0)
+        self.last_steps = steps
+
+        slots = self._place(keys, fresh, steps)
+        st = self.st
+        assert st is not None
+        self.last_prefill_seconds = 0.0
+        if fresh:
+            t0 = time.monotonic()
+            self._prefill_slots([requests[i] for i in fresh], [keys[i] for i in fresh], [slots[i] for i in fresh],
+                                window, steps)
+            self.last_prefill_seconds = time.monotonic() - t0
+        self._write_prompts(requests, slots)
+        index = torch.tensor(slots, dtype=torch.long)
+        dev = self.shape.device
+        st.active.zero_()
+        st.active[index.to(dev)] = True
+        st.guidance[index.to(dev)] = torch.tensor([r.sampling.guidance for r in requests], device=dev)
+        st.temperature[index.to(dev)] = torch.tensor([r.sampling.temperature for r in requests], device=dev)
+        st.top_k[index.to(dev)] = torch.tensor([max(1, min(r.sampling.top_k, self.shape.vocab)) for r in requests],
+                                               device=dev)
+        n = min(self.capacity, bucket(max(slots) + 1))
+        kmax = max(max(1, min(r.sampling.top_k, self.shape.vocab)) for r in requests)
+        # Rounded up, so few graphs are captured per bucket; never more than the vocabulary.
+        kmax = min(self.shape.vocab, next((b for b in (1, 16, 64, 256, 1024) if b >= kmax), self.shape.vocab))
+        st.t.zero_()
+        for _ in range(steps):
+            torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
+            self._run_step(n, kmax)
+        out = st.out[:n, :, :steps].cpu().numpy().copy()  # the one trip back to the host (a copy on CPU too)
+
+        results = []
+        for i, (key, r) in enumerate(zip(keys, requests)):
+            row = self.rows[key]
+            row.steps += steps
+            new = row.emit(out[slots[i]], r.context)
+            results.append((new, i in fresh))
+        return results
+
+    def _tokens(self, key: str) -> int:
+        row = self.rows[key]
+        return row.context_frames + row.steps
+
+    def _place(self, keys: list[str], fresh: list[int], steps: int) -> list[int]:
+        """A slot for every request (existing slots kept, new ones lowest-first), capacity grown as needed."""
+        slots = [self._slot_for(k) for k in keys]
+        need = sum(1 for s in slots if s is None)
+        free = [i for i, k in enumerate(self.keys) if k is None]
+        if need > len(free) or self.st is None or steps > self.max_steps:
+            used = len(self.keys) - len(free)
+            capacity = max(self.capacity, bucket(used + need))
+            if capacity > self.max_slots:
+                missing = [k for k, s in zip(keys, slots) if s is None]
+                raise SlotsFull(missing[self.max_slots - used:] if used < self.max_slots else missing,
+                                self.max_slots)
+            self._allocate(capacity, self.text_tokens, max(self.max_steps, steps, 256))
+            free = [i for i, k in enumerate(self.keys) if k is None]
+        for j, key in enumerate(keys):
+            if slots[j] is None:
+                slots[j] = free.pop(0)
+                self.keys[slots[j]] = key
+        return [int(s) for s in slots]  # type: ignore[arg-type]
+
+    def _prefill_slots(self, requests: list, keys: list[str], slots: list[int], window: int, steps: int) -> None:
+        """ONE batched prefill of the fresh rows' contexts (transformers' decoder), copied into their slots."""
+        st = self.st
+        assert st is not None
+        K, pad = self.shape.codebooks, self.pad
+        rows, contexts = [], []
+        for key, r in zip(keys, requests):
+            ctx = np.asarray(r.context, dtype=np.int64)
+            ctx = ctx[:, max(0, ctx.shape[1] - max(0, window - steps - 1)):]
+            contexts.append(ctx)
+            T = ctx.shape[1]
+            row = Row(key=key, context_frames=T, next_column=delayed_column(ctx, T, pad), forced=forced_warmup(ctx, pad))
+            rows.append(row)
+            self.rows[key] = row
+        kv, P, offsets = self._prefill(rows, contexts, requests, True)
+        B = len(rows)
+        dev = self.shape.device
+        for j, (row, s) in enumerate(zip(rows, slots)):
+            T = row.context_frames
+            if T and kv is not None:
+                for layer, (keys_l, values_l) in enumerate(kv):
+                    for half in range(2):
+                        st.k[layer][s, half, :, :T] = keys_l[half * B + j, :, P - T:].to(st.k[layer].dtype)
+                        st.v[layer][s, half, :, :T] = values_l[half * B + j, :, P - T:].to(st.v[layer].dtype)
+            st.length[s] = T
+            st.next_col[s] = torch.from_numpy(row.next_column).to(dev)
+            st.forced[s] = torch.from_numpy(row.forced).to(dev)
+            st.warm[s] = 0
+
+    def _write_prompts(self, requests: Sequence, slots: list[int]) -> None:
+        """The prompts' cross-attention keys and values into their slots (every chunk: a blend moves them)."""
+        states = [self._conditioning(r) for r in requests]
+        S = max(s.shape[0] for s in states)
+        if S > self.text_tokens:
+            grown = self.text_tokens
+            while grown < S:
+                grown *= 2
+            self._allocate(self.capacity, grown, self.max_steps)
+        st = self.st
+        assert st is not None
+        dev, D = self.shape.device, states[0].shape[1]
+        enc = torch.zeros((len(states), self.text_tokens, D), dtype=states[0].dtype, device=dev)
+        bias = torch.full((len(states), self.text_tokens), torch.finfo(self.shape.dtype).min, dtype=self.shape.dtype,
+                          device=dev)
+        for i, s in enumerate(states):
+            enc[i, : s.shape[0]] = s
+            bias[i, : s.shape[0]] = 0
+        index = torch.tensor(slots, dtype=torch.long, device=dev)
+        with torch.inference_mode():
+            for layer in range(self.shape.layers):
+                keys, values = self._cross_kv(layer, enc)
+                st.xk[layer].index_copy_(0, index, keys.to(self.shape.dtype))
+                st.xv[layer].index_copy_(0, index, values.to(self.shape.dtype))
+        st.xbias.index_copy_(0, index, bias)
+
+    # -- the step -------------------------------------------------------------------------------------------
+    def _run_step(self, n: int, kmax: int) -> None:
+        st = self.st
+        assert st is not None
+        run = lambda: decode_step(self.parts, st, n, kmax, sdpa=self.cuda)  # noqa: E731
+        if not self.graphs_enabled:
+            with torch.inference_mode():
+                run()
+            return
+        graph = self._graphs.get((n, kmax))
+        if graph is None:
+            graph = self._capture(run)
+            self._graphs[(n, kmax)] = graph
+        graph.replay()
+
+    def _capture(self, run: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+        """Warm the step up on a side stream (its side effects undone), then capture it."""
+        st = self.st
+        assert st is not None
+        saved = [t.clone() for t in (st.length, st.next_col, st.warm, st.t)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip((st.length, st.next_col, st.warm, st.t), saved):
+            t.copy_(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            run()
+        logger.debug("captured the decode step for %d slots", len(st.length))
+        return graph
+

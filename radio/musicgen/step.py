@@ -1,0 +1,177 @@
+"""The decode step of the static (slot) path: one function, fixed shapes, no host synchronisation.
+
+Every station on air owns a *slot*: KV buffers of the window's size for its two rows (conditional and
+unconditional, for classifier-free guidance), the cross-attention keys and values of its prompt, and a few
+per-row registers (tokens in the cache, the column to feed next, the delay pattern's forced warm-up values,
+sampling settings). :func:`decode_step` advances the first ``n`` slots by one frame column:
+
+1. embeddings: the sum of the K codebooks' embeddings of the slot's next column, plus the sinusoidal position of
+   the row's own next token (every row sees its own BOS at position 0);
+2. each decoder layer: self-attention over the row's own live columns (the new key/value is written into the
+   slot first; columns past it are masked), cross-attention over the slot's prompt (the unconditional row's text
+   states are zeros, so its cross-attention is a constant per layer), feed-forward;
+3. the K language-model heads, guidance per row (``uncond + (cond - uncond) * g`` where g > 1), temperature and
+   top-k per row, sampling by the Gumbel-max trick from noise drawn before the step, greedy rows by argmax;
+4. the delay pattern: during a fresh row's first K-1 steps, the codebooks that still belong to the known
+   context are forced;
+5. the sampled column is written into the chunk's output codes, and becomes the slot's next column.
+
+Slots not active in this chunk (``active`` false) run along (the shapes are fixed) but write their key/value
+into a scratch column and keep their registers, so they continue exactly where they were.
+
+The math is transformers' ``MusicgenForCausalLM`` forward (eager attention) for one token per row; the tests
+hold the two to the same codes with greedy settings. The function reads and writes only tensors that live as
+long as the slots, so on CUDA it is captured once per batch bucket as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DecoderParts:
+    """The transformers modules the step uses (not copies: the model's own weights)."""
+
+    embed: nn.ModuleList  # K embeddings
+    positions: torch.Tensor  # (max_positions, D) sinusoidal table
+    layers: nn.ModuleList  # MusicgenDecoderLayer
+    final_norm: nn.Module
+    heads: nn.ModuleList  # K lm heads
+    uncond_cross: torch.Tensor  # (L, D): each layer's cross-attention output for zero text states
+    num_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, causal_lm: nn.Module, positions: torch.Tensor) -> "DecoderParts":
+        """From a ``MusicgenForCausalLM`` (``model.decoder``)."""
+        inner = causal_lm.model.decoder
+        attn = inner.layers[0].self_attn
+        dim = attn.num_heads * attn.head_dim
+        p = next(causal_lm.parameters())
+        with torch.inference_mode():
+            zeros = torch.zeros(1, 1, dim, dtype=p.dtype, device=p.device)
+            # Softmax over identical keys is uniform, so the output is out_proj(v_proj(0)) whatever the mask.
+            uncond = torch.stack([layer.encoder_attn.out_proj(layer.encoder_attn.v_proj(zeros))[0, 0]
+                                  for layer in inner.layers])
+        return cls(embed=inner.embed_tokens, positions=positions, layers=inner.layers, final_norm=inner.layer_norm,
+                   heads=causal_lm.lm_heads, uncond_cross=uncond.clone(), num_heads=attn.num_heads,
+                   head_dim=attn.head_dim)
+
+
+@dataclass
+class SlotTensors:
+    """Everything a slot holds on the device. Row 2*s is slot s's conditional row, 2*s+1 its unconditional twin."""
+
+    k: list[torch.Tensor]  # per layer (slots, 2, H, W, d)
+    v: list[torch.Tensor]
+    xk: list[torch.Tensor]  # per layer (slots, H, S, d): the prompt's cross-attention keys (conditional row)
+    xv: list[torch.Tensor]
+    xbias: torch.Tensor  # (slots, S) 0 for prompt tokens, dtype-min for padding
+    length: torch.Tensor  # (slots,) int64: tokens in the slot's cache; the next token's position
+    next_col: torch.Tensor  # (slots, K) int64: the column the next step feeds
+    forced: torch.Tensor  # (slots, K, K) int64: forced[s, k, j] = codebook k at warm-up step j, or -1 (sample)
+    warm: torch.Tensor  # (slots,) int64: steps since the slot's last prefill
+    active: torch.Tensor  # (slots,) bool
+    guidance: torch.Tensor  # (slots,) float32
+    temperature: torch.Tensor  # (slots,) float32
+    top_k: torch.Tensor  # (slots,) int64
+    noise: torch.Tensor  # (slots, K, V) float32 uniform noise in (0, 1), drawn before each step
+    out: torch.Tensor  # (slots, K, max_steps) int64: the chunk's sampled columns
+    t: torch.Tensor  # () int64: the step within the chunk
+
+
+def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, sdpa: bool) -> None:
+    """Advance slots ``[0, n)`` by one column in place. ``n`` and ``kmax`` (the largest top-k of the batch) are
+    Python ints fixed per captured graph; nothing here reads a tensor's value on the host."""
+    K = len(parts.embed)
+    H, d = parts.num_heads, parts.head_dim
+    D = H * d
+    W = st.k[0].shape[3]
+    dtype = st.k[0].dtype
+    act = st.active[:n]
+    tok = st.next_col[:n]
+    length = st.length[:n]
+
+    x = parts.embed[0](tok[:, 0])
+    for k in range(1, K):
+        x = x + parts.embed[k](tok[:, k])
+    x = x + parts.positions[length.clamp(max=parts.positions.shape[0] - 1)].to(x.dtype)
+    h = x[:, None, :].expand(n, 2, D).reshape(2 * n, 1, D)
+
+    # Where each row writes its new key/value: its next column, or the scratch column W-1 when it sits out.
+    pos = torch.where(act, length, torch.full_like(length, W - 1))
+    pos2 = pos.repeat_interleave(2)
+    rows = torch.arange(2 * n, device=pos.device)
+    cols = torch.arange(W, device=pos.device)
+    neg = torch.finfo(dtype).min
+    self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, neg).to(dtype)[:, None, None, :]  # (2n,1,1,W)
+    cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
+
+    for i, layer in enumerate(parts.layers):
+        attn = layer.self_attn
+        residual = h
+        y = layer.self_attn_layer_norm(h)
+        q = attn.q_proj(y).view(2 * n, H, 1, d)
+        kc = st.k[i][:n].view(2 * n, H, W, d)
+        vc = st.v[i][:n].view(2 * n, H, W, d)
+        kc[rows, :, pos2] = attn.k_proj(y).view(2 * n, H, d)
+        vc[rows, :, pos2] = attn.v_proj(y).view(2 * n, H, d)
+        a = _attend(q, kc, vc, self_bias, attn.scaling, sdpa)
+        h = residual + attn.out_proj(a.reshape(2 * n, 1, D))
+
+        cross = layer.encoder_attn
+        residual = h
+        y = layer.encoder_attn_layer_norm(h).view(n, 2, D)[:, 0]
+        q = cross.q_proj(y).view(n, H, 1, d)
+        a = _attend(q, st.xk[i][:n], st.xv[i][:n], cross_bias, cross.scaling, sdpa)
+        c = cross.out_proj(a.reshape(n, D))
+        both = torch.stack([c, parts.uncond_cross[i].expand(n, D)], dim=1)  # (n, 2, D)
+        h = residual + both.reshape(2 * n, 1, D)
+
+        residual = h
+        y = layer.final_layer_norm(h)
+        h = residual + layer.fc2(layer.activation_fn(layer.fc1(y)))
+
+    h = parts.final_norm(h)[:, 0]
+    logits = torch.stack([head(h) for head in parts.heads], dim=1).float().view(n, 2, K, -1)
+    cond, uncond = logits[:, 0], logits[:, 1]
+    g = st.guidance[:n][:, None, None]
+    logits = torch.where(g > 1.0, uncond + (cond - uncond) * g, cond)
+
+    col = sample(logits, st.temperature[:n], st.top_k[:n], st.noise[:n], kmax)
+    warm = st.warm[:n]
+    f = st.forced[:n].gather(2, warm.clamp(max=K - 1)[:, None, None].expand(n, K, 1))[:, :, 0]
+    col = torch.where((warm < K - 1)[:, None] & (f >= 0), f, col)
+
+    st.out[:n].index_copy_(2, st.t.view(1), col[:, :, None])
+    st.next_col[:n] = torch.where(act[:, None], col, tok)
+    st.length[:n] += act.long()
+    st.warm[:n] += act.long()
+    st.t += 1
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float,
+            sdpa: bool) -> torch.Tensor:
+    """Attention of one query per row: (rows, H, 1, d) over (rows, H, cols, d) with an additive mask."""
+    if sdpa:  # fused kernels on CUDA
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
+    w = torch.matmul(q, k.transpose(2, 3)) * scaling + bias  # transformers' eager attention, op for op
+    return torch.matmul(torch.softmax(w, dim=-1), v)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: torch.Tensor,
+           kmax: int) -> torch.Tensor:
+    """Per-row temperature and top-k sampling from ``logits`` (rows, K, V) with uniform ``noise`` (Gumbel-max:
+    argmax(logits/T + Gumbel) is a draw from softmax(logits/T)); rows with temperature 0 or top-k 1 are greedy."""
+    B, K, V = logits.shape
+    scaled = logits / temperature.clamp(min=1e-5)[:, None, None]
+    kth = scaled.topk(kmax, dim=-1).values.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None, None].expand(B, K, 1))
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-10, 1.0 - 1e-7)))
+    sampled = (scaled + gumbel).argmax(dim=-1)
+    greedy = logits.argmax(dim=-1)
+    return torch.where(((temperature <= 0) | (top_k <= 1))[:, None], greedy, sampled)

@@ -1,0 +1,84 @@
+"""The static (slot) decode path on CPU: the step traces without graph breaks, and slots are accounted for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from radio.model import ContinuationRequest, MusicgenModel, Sampling
+from radio.musicgen.slots import SlotsFull
+from radio.musicgen.step import decode_step
+
+GREEDY = Sampling(temperature=0.0, top_k=250, guidance=3.0)
+MIXED = [Sampling(temperature=1.0, top_k=250, guidance=3.0), GREEDY, Sampling(temperature=0.7, top_k=5, guidance=1.0)]
+
+
+@pytest.fixture
+def static(tiny_model_dir: Path) -> MusicgenModel:
+    return MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder="static",
+                         fast_kernels=False)
+
+
+def test_the_step_traces_as_one_graph_with_no_host_synchronisation(static: MusicgenModel) -> None:
+    """``fullgraph=True`` fails on any graph break: a .item(), a .cpu(), numpy, or Python branching on a tensor's
+    value. What traces whole can be captured as a CUDA graph."""
+    ctx = np.random.default_rng(0).integers(0, static.vocab_size, (4, 9))
+    static.continue_batch([ContinuationRequest(ctx, "jazz", s, key=f"k{i}") for i, s in enumerate(MIXED)], 5)
+    slots = static._slots
+    st = slots.st
+    before = st.t.clone()
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        compiled(slots.parts, st, 4, 64, False)
+    assert int(st.t) == int(before) + 1
+
+
+def test_slots_are_kept_freed_and_reused_never_double_booked(static: MusicgenModel) -> None:
+    rng = np.random.default_rng(1)
+    ctx = {k: rng.integers(0, static.vocab_size, (4, 6)) for k in "abcde"}
+
+    def chunk(keys: str) -> None:
+        res = static.continue_batch([ContinuationRequest(ctx[k], "ambient", GREEDY, key=k) for k in keys], 4)
+        for k, r in zip(keys, res):
+            ctx[k] = np.concatenate([ctx[k], r.codes], axis=1)
+
+    slots = static._slots
+    chunk("abc")
+    first = {k: slots.keys.index(k) for k in "abc"}
+    chunk("ab")  # c sits out: keeps its slot
+    assert {k: slots.keys.index(k) for k in "abc"} == first
+    static.forget("b")
+    chunk("acd")  # d takes the slot b left
+    assert slots.keys.index("d") == first["b"]
+    held = [k for k in slots.keys if k is not None]
+    assert sorted(held) == ["a", "c", "d"] and len(held) == len(set(held))
+    chunk("acde")
+    assert sorted(k for k in slots.keys if k is not None) == ["a", "c", "d", "e"]
+    static.continue_batch([ContinuationRequest(ctx["a"], "x", GREEDY)], 3)  # keyless: its slot is freed at once
+    assert sorted(k for k in slots.keys if k is not None) == ["a", "c", "d", "e"]
+    for k in "acde":
+        static.forget(k)
+    assert all(k is None for k in slots.keys)
+
+
+def test_more_stations_than_fit_is_a_clear_refusal(static: MusicgenModel) -> None:
+    static._slots.max_slots = 2
+    reqs = [ContinuationRequest(np.zeros((4, 0), np.int64), "x", GREEDY, key=k) for k in "abc"]
+    with pytest.raises(SlotsFull) as info:
+        static.continue_batch(reqs, 3)
+    assert info.value.keys == ["c"] and "2 slots fit in memory" in str(info.value)
+    assert len(static.continue_batch(reqs[:2], 3)) == 2  # the ones that fit still run
+
+
+def test_mixed_sampling_settings_share_one_step(static: MusicgenModel, tiny_model_dir: Path) -> None:
+    """A greedy row batched with sampled rows gives exactly what it gives alone."""
+    ctx = np.random.default_rng(2).integers(0, static.vocab_size, (4, 11))
+    mixed = static.continue_batch([ContinuationRequest(ctx, "jazz", s, key=f"m{i}") for i, s in enumerate(MIXED)], 12)
+    alone = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=9, decoder="static",
+                          fast_kernels=False).continue_batch([ContinuationRequest(ctx, "jazz", GREEDY)], 12)[0]
+    np.testing.assert_array_equal(mixed[1].codes, alone.codes)
+    top5 = mixed[2].codes
+    assert top5.shape == (4, 12) and (top5 >= 0).all() and (top5 < static.vocab_size).all()
