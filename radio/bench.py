@@ -279,8 +279,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     try:
         with RssSampler() as rss:
             progress(f"ours x{mounts} ({_dtype_name(model)}): warm-up (prefill of {start_frames} frames per mount)")
-            step(keys, frames)  # prefill + warm-up
-            step(keys, frames)  # a second warm-up: a CUDA graph is captured on its bucket's first steady chunk
+            step(keys, frames)  # prefill + warm-up (a CUDA graph is captured here for this batch's bucket)
             wall, steps, audio = 0.0, 0, 0.0
             parts = {"encodec": 0.0, "prefill": 0.0}
             for c in range(chunks):
@@ -291,7 +290,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
                 parts["encodec"] += model.last_decode_seconds
                 parts["prefill"] += model.last_prefill_seconds
                 progress(f"ours x{mounts} ({_dtype_name(model)}): chunk {c + 1}/{chunks} {dt:.2f}s")
-            state_bytes = model.decode_state_bytes() // max(1, mounts)
+            state_bytes = model.decode_state_bytes_per_station(mounts)
             # One station's window resets (its context_seconds of codes are prefilled again) while the
             # others go on.
             ctx["m0"] = ctx["m0"][:, -context_frames:].copy()

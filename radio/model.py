@@ -406,6 +406,12 @@ class MusicgenModel:
         if self._slots is not None:
             self._slots.spread_resets = not hold
 
+    def decode_state_bytes_per_station(self, stations: int) -> int:
+        """What one station's decode state costs: a slot (static path), or its share of the buffers."""
+        if self._slots is not None:
+            return self._slots.bytes_per_slot()
+        return self._state.nbytes() // max(1, stations)
+
     def decode_state_bytes(self) -> int:
         """Memory of the decode state (KV caches, slots) alone, in bytes."""
         return self._state.nbytes() + (self._slots.nbytes() if self._slots is not None else 0)

@@ -87,7 +87,7 @@ class SlotDecoder:
         self.st: SlotTensors | None = None
         self.capacity = 0
         self.max_steps = 0
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}  # None: capture failed, eager
         self._pool = None
         self.generator = torch.Generator(device=shape.device)
         self.resets = 0
@@ -127,7 +127,10 @@ class SlotDecoder:
         old = self.st
         n = min(self.capacity, capacity)
         S = min(self.text_tokens, text_tokens)
+        # Captured graphs point into the old tensors: drop them, and their memory pool with them (a pool whose
+        # graphs are all gone is released; capturing into its stale handle is an allocator error).
         self._graphs.clear()
+        self._pool = None
 
         def grow(tensors: list[torch.Tensor] | None, shape: tuple[int, ...], cut: Callable) -> list[torch.Tensor]:
             # Layer by layer, each old buffer released as soon as it is copied: growing needs one layer's worth
@@ -325,10 +328,18 @@ class SlotDecoder:
             with torch.inference_mode():
                 run()
             return
-        graph = self._graphs.get((n, kmax))
+        if (n, kmax) not in self._graphs:
+            try:
+                self._graphs[(n, kmax)] = self._capture(run)
+            except RuntimeError as exc:  # a capture that fails must cost speed, never the station
+                logger.warning("could not capture the decode step for %d slots (%s); running it eagerly", n, exc)
+                self._graphs[(n, kmax)] = None
+                self._pool = None
+        graph = self._graphs[(n, kmax)]
         if graph is None:
-            graph = self._capture(run)
-            self._graphs[(n, kmax)] = graph
+            with torch.inference_mode():
+                run()
+            return
         graph.replay()
 
     def _capture(self, run: Callable[[], None]) -> "torch.cuda.CUDAGraph":
