@@ -129,6 +129,7 @@ class EngineConfig:
     crossfade_ms: float = 40.0  # equal-power crossfade at chunk joins (taken from the overlap)
     filler_seconds: float = 4.0  # recent audio looped when a station's buffer runs dry
     silence_seconds: float = 10.0  # generated near-silence (< -60 dBFS) longer than this is skipped
+    decoder: str = "auto"  # decode path: auto (static slots + CUDA graphs on CUDA, dynamic on CPU), static, dynamic
 
 
 @dataclass(frozen=True)
@@ -707,6 +708,11 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     if en is not None:
         values: dict[str, Any] = {}
         for name, f in EngineConfig.__dataclass_fields__.items():
+            if name == "decoder":
+                v = en.get(name, "str", None, check=_in(("auto", "static", "dynamic")))
+                if v is not None:
+                    values[name] = v
+                continue
             kind = "int" if f.type in ("int", int) else "float"
             v = en.get(name, kind, None, check=_range(0, 10_000, lo_open=(name != "overlap_frames")))
             if v is not None:

@@ -34,7 +34,7 @@ ModelFactory = Callable[[DaemonConfig], MusicModel]
 def load_model(cfg: DaemonConfig) -> MusicModel:
     """The real loader; the daemon calls it with ``cfg.model``/``cfg.dtype`` set to the model wanted."""
     return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                         window_seconds=cfg.engine.window_seconds)
+                         window_seconds=cfg.engine.window_seconds, decoder=cfg.engine.decoder)
 
 
 def model_spec(cfg: DaemonConfig, sc: StationConfig) -> ModelSpec:
