@@ -18,7 +18,7 @@ from radio.config import DaemonConfig, EngineConfig, IcecastConfig, load_station
 from radio.daemon import Daemon
 from radio.model import MusicgenModel
 
-from .conftest import fetch_bytes, listen, mount_info, probe, wait_for, write_station
+from .conftest import fetch_bytes, listen, mount_info, probe, run_daemon, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 
@@ -254,3 +254,27 @@ def test_radio_run_exits_2_on_bad_configuration(tmp_path: Path) -> None:
     assert proc.returncode == 2
     err = proc.stderr.decode()
     assert f"{st / 'broken.yaml'}:2: mount:" in err and "no valid station" in err
+
+
+def test_the_static_decode_path_end_to_end(icecast, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The GPU's slot path, run eagerly on CPU, behind the real engine, encoders and Icecast: every mount
+    decodes, and the stations hold slots while they play."""
+    st = tmp_path / "stations"
+    for name, mount, fmt in (("s1", "/s1.mp3", "mp3"), ("s2", "/s2.ogg", "vorbis")):
+        write_station(st, f"{name}.yaml", f"""
+            name: {name}
+            mount: {mount}
+            format: {fmt}
+            playlist:
+              - {{title: Slot {name}, prompt: calm piano, duration: 10m}}
+        """)
+    daemon = run_daemon(icecast, tiny_model_dir, st, decoder="static")
+    try:
+        model = next(iter(daemon.engine.models.values()))
+        assert model.decoder == "static"
+        for mount in ("/s1.mp3", "/s2.ogg"):
+            audio = wait_for(lambda m=mount: _try_listen(f"{icecast.url}{m}"), 40, 1.0, message=f"audio on {mount}")
+            assert np.sqrt(np.mean(audio ** 2)) > 0.005, mount
+        assert sorted(k for k in model._slots.keys if k is not None) == sorted(daemon.stations)
+    finally:
+        daemon.stop()
