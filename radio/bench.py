@@ -298,7 +298,9 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
             # Its cost: the prefill, timed on its own (the difference of two chunk timings was as noisy as the
             # machine), and the warm-up steps a fresh row adds to the chunk.
             step(keys, frames)
-            reset = model.last_prefill_seconds + (model.last_steps - frames) * wall / steps
+            # The warm-up steps a fresh row needs run for the whole batch, but they are not lost on the others
+            # (each gets as many more frames): what the reset costs is the prefill and one row's share of them.
+            reset = model.last_prefill_seconds + (model.last_steps - frames) * wall / steps / mounts
             # A new station: as the engine schedules it, its first short chunk runs on its own (the running
             # stations sit that step out, their caches parked) and then it joins the batch.
             ctx["m99"] = np.zeros((model.num_codebooks, 0), np.int64)

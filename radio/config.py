@@ -37,7 +37,7 @@ MAX_DEPTH = 20
 MAX_PROMPT_CHARS = 1000
 MAX_STRING_CHARS = 2000
 MAX_PLAYLIST_ITEMS = 1000
-MAX_STATIONS = 64
+MAX_STATIONS = 512  # one GPU carries about a hundred small-model mounts; a CPU far fewer (see README)
 MAX_DURATION_S = 24 * 3600.0
 MAX_TITLE_CHARS = 200
 MAX_BLEND_S = 600.0
@@ -124,7 +124,7 @@ class EngineConfig:
     context_seconds: float = 10.0  # codes kept per station; what a window reset re-prefills
     window_seconds: float = 30.0  # longest context a station's KV cache grows to before a reset
     buffer_seconds: float = 12.0  # PCM a station tries to keep ahead of real time
-    max_batch: int = 16
+    max_batch: int = 0  # stations per step at most; 0: the model's own limit (16 on CPU, every slot that fits on CUDA)
     overlap_frames: int = 10  # context frames decoded again in front of a chunk, to warm EnCodec up
     crossfade_ms: float = 40.0  # equal-power crossfade at chunk joins (taken from the overlap)
     filler_seconds: float = 4.0  # recent audio looped when a station's buffer runs dry
@@ -714,7 +714,7 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
                     values[name] = v
                 continue
             kind = "int" if f.type in ("int", int) else "float"
-            v = en.get(name, kind, None, check=_range(0, 10_000, lo_open=(name != "overlap_frames")))
+            v = en.get(name, kind, None, check=_range(0, 10_000, lo_open=(name not in ("overlap_frames", "max_batch"))))
             if v is not None:
                 values[name] = v
         engine = EngineConfig(**values)

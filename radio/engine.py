@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .dsp import equal_power_crossfade
-from .errors import ConditioningError
+from .errors import ConditioningError, SlotsFull
 from .logs import Throttle
 from .model import ContinuationRequest, MusicModel
 from .station import Station
@@ -172,12 +172,14 @@ class Engine:
             return None, []
         order = lambda sm: (sm[0].has_audio, sm[0].buffered_seconds)  # noqa: E731
         model_key = min(needy, key=order)[1]
+        model = self.models.get(model_key or "")
+        most = min(self.config.max_batch or 1 << 30, model.batch_limit if model is not None else 16)
         new = sorted((sm for sm in needy if sm[1] == model_key and not sm[0].has_audio), key=order)
         if new:
-            return model_key, [s for s, _ in new[: self.config.max_batch]]
+            return model_key, [s for s, _ in new[:most]]
         limit = self.config.buffer_seconds + self.config.chunk_seconds
         batch = sorted(((s, m) for s, m in stations if m == model_key and s.buffered_seconds < limit), key=order)
-        return model_key, [s for s, _ in batch[: self.config.max_batch]]
+        return model_key, [s for s, _ in batch[:most]]
 
     def run_once(self) -> bool:
         """One batched step. Returns False when no station needed audio."""
@@ -212,6 +214,19 @@ class Engine:
             try:
                 results = model.continue_batch(requests, frames)
                 break
+            except SlotsFull as exc:
+                # More stations than fit in device memory: these wait on filler until a slot is free.
+                waiting = [s for s in batch if s.key in exc.keys]
+                if not waiting:
+                    raise
+                for s in waiting:
+                    s.error = f"waiting for a decode slot: {exc}"
+                self._throttle.log(logging.WARNING, "slots", "%d station(s) wait for a decode slot (%s): %s",
+                                   len(waiting), exc, ", ".join(s.mount for s in waiting[:5]))
+                batch = [s for s in batch if s.key not in exc.keys]
+                requests = [r for r in requests if r.key not in exc.keys]
+                if not batch:
+                    return True
             except ConditioningError as exc:
                 # One station's prompt cannot be used: that station alone is set aside, the rest go on.
                 i = next((i for i, s in enumerate(batch) if s.key == exc.key), None)

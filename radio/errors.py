@@ -35,3 +35,12 @@ class ConditioningError(ModelError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(message)
+
+
+class SlotsFull(ModelError):
+    """More stations than the model's decode slots fit in memory: ``keys`` could not be given a slot this step
+    (they wait, on filler, until one is free)."""
+
+    def __init__(self, keys: list[str], capacity: int) -> None:
+        self.keys = keys
+        super().__init__(f"no decode slot free for {len(keys)} station(s): {capacity} slots fit in memory")

@@ -86,6 +86,7 @@ class MusicModel(Protocol):
     frame_rate: int
     num_codebooks: int
     samples_per_frame: int
+    batch_limit: int  # the most stations one continue_batch call should carry
 
     def continue_batch(self, requests: Sequence[ContinuationRequest], frames: int) -> list[ContinuationResult]:
         """Generate ``frames`` new frames for every request in ONE batched pass. Raises
@@ -285,7 +286,9 @@ class MusicgenModel:
         dcfg = self.model.config.decoder
         heads = dcfg.num_attention_heads
         layers = self.model.decoder.model.decoder.layers
-        parts = DecoderParts.of(self.model.decoder, self._positions.original.weights.to(self.dtype))
+        # Fused q/k/v projections where the layers are stock (CUDA); CPU layers are packed for oneDNN instead.
+        parts = DecoderParts.of(self.model.decoder, self._positions.original.weights.to(self.dtype),
+                                fuse_qkv=self.device.startswith("cuda"))
         shape = SlotShape(layers=dcfg.num_hidden_layers, heads=heads, head_dim=dcfg.hidden_size // heads,
                           codebooks=self.num_codebooks, vocab=self.vocab_size, window=self.window_frames + self.num_codebooks,
                           dtype=self.dtype, device=self.device)
@@ -394,6 +397,12 @@ class MusicgenModel:
             self.resets = slots.resets
             self.last_steps = slots.last_steps
             self.last_prefill_seconds = slots.last_prefill_seconds
+
+    @property
+    def batch_limit(self) -> int:
+        """The most stations one step should take: every slot that fits (static path), else 16 (on a CPU a
+        step's cost grows with every row; more rows than that only delay everyone's next chunk)."""
+        return self._slots.max_slots if self._slots is not None else 16
 
     def hold_resets(self, hold: bool) -> None:
         """Bench only: hold window resets off (``True``) while steady chunks are measured; a reset's cost is

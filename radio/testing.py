@@ -196,6 +196,8 @@ class SineModel:
     samples_per_frame = 640
     num_codebooks = 4
 
+    batch_limit = 16
+
     def __init__(self, freq: float = 440.0, amplitude: float = 0.5, delay: float = 0.0) -> None:
         self.freq = freq
         self.amplitude = amplitude

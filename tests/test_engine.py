@@ -271,3 +271,43 @@ def test_idents_play_between_items_crossfaded_in_and_out(tmp_path) -> None:
     middle = pcm[32000 + 4000: 32000 + 12000]
     assert spectrum_at(middle, 1000) > 10 * spectrum_at(middle, 220)
     assert np.abs(np.diff(pcm)).max() < 0.1  # crossfaded: no click at either side
+
+
+class _TwoSlots(SineModel):
+    """A model with room for two stations, refusing the rest as the static decoder does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[str] = set()
+
+    def continue_batch(self, requests, frames):
+        from radio.errors import SlotsFull
+
+        new = [r.key for r in requests if r.key not in self.held]
+        room = 2 - len(self.held)
+        if len(new) > room:
+            raise SlotsFull(new[max(0, room):], 2)
+        self.held.update(new)
+        return super().continue_batch(requests, frames)
+
+    def forget(self, key: str) -> None:
+        self.held.discard(key)
+
+
+def test_stations_beyond_the_models_slots_wait_and_the_others_play() -> None:
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=1.0)
+    engine = Engine(_TwoSlots(), cfg)
+    stations = [Station(station_config(f"/s{i}.mp3"), 32000, 50, 4, cfg) for i in range(3)]
+    for st in stations:
+        engine.add_station(st)
+    for _ in range(6):
+        engine.run_once()
+    playing = [st for st in stations if st.generated_samples > 0]
+    waiting = [st for st in stations if st.generated_samples == 0]
+    assert len(playing) == 2 and len(waiting) == 1
+    assert waiting[0].error and "waiting for a decode slot" in waiting[0].error
+    assert all(st.error is None for st in playing)
+    engine.remove_station(playing[0].key)  # a slot frees up: the waiting station gets it and recovers
+    for _ in range(6):
+        engine.run_once()
+    assert waiting[0].generated_samples > 0 and waiting[0].error is None

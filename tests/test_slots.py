@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from radio.model import ContinuationRequest, MusicgenModel, Sampling
-from radio.musicgen.slots import SlotsFull
+from radio.errors import ModelError, SlotsFull
 from radio.musicgen.step import decode_step
 
 GREEDY = Sampling(temperature=0.0, top_k=250, guidance=3.0)
@@ -82,3 +82,21 @@ def test_mixed_sampling_settings_share_one_step(static: MusicgenModel, tiny_mode
     np.testing.assert_array_equal(mixed[1].codes, alone.codes)
     top5 = mixed[2].codes
     assert top5.shape == (4, 12) and (top5 >= 0).all() and (top5 < static.vocab_size).all()
+
+
+def test_out_of_device_memory_in_a_step_shrinks_the_slots_and_is_a_model_error(static: MusicgenModel,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    reqs = [ContinuationRequest(np.zeros((4, 0), np.int64), "x", GREEDY, key=k) for k in "abc"]
+    static.continue_batch(reqs, 3)
+    import radio.musicgen.slots as slots_module
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(slots_module, "decode_step", oom)
+    with pytest.raises(ModelError, match="now at most 2 slots"):
+        static.continue_batch(reqs, 3)
+    monkeypatch.undo()
+    with pytest.raises(SlotsFull):  # three stations no longer fit: one waits
+        static.continue_batch(reqs, 3)
+    assert len(static.continue_batch(reqs[:2], 3)) == 2  # the others go on (re-prefilled)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..decoding import Row, delayed_column, forced_warmup
-from ..errors import ModelError
+from ..errors import ModelError, SlotsFull
 from .step import DecoderParts, SlotTensors, decode_step
 
 if TYPE_CHECKING:
@@ -33,16 +33,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Batch sizes a step is captured for: a batch runs in the smallest bucket that holds its highest slot, so the
+# steps between buckets are the rows computed for nothing (at most about 1/8 above 64).
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, *range(72, 129, 8), *range(144, 257, 16), *range(288, 513, 32))
 TEXT_TOKENS = 32  # prompt tokens a slot holds at first; grows (and graphs are recaptured) for longer prompts
-
-
-class SlotsFull(ModelError):
-    """More stations than slots fit in memory: ``keys`` could not be given a slot this chunk."""
-
-    def __init__(self, keys: list[str], capacity: int) -> None:
-        self.keys = keys
-        super().__init__(f"no decode slot free for {len(keys)} station(s): {capacity} slots fit in memory")
 
 
 def bucket(n: int) -> int:
@@ -210,7 +204,7 @@ class SlotDecoder:
         self.last_prefill_seconds = 0.0
         if fresh:
             t0 = time.monotonic()
-            self._prefill_slots([requests[i] for i in fresh], [keys[i] for i in fresh], [slots[i] for i in fresh],
+            self._prefill_guarded([requests[i] for i in fresh], [keys[i] for i in fresh], [slots[i] for i in fresh],
                                 window, steps)
             self.last_prefill_seconds = time.monotonic() - t0
         self._write_prompts(requests, slots)
@@ -227,10 +221,15 @@ class SlotDecoder:
         # Rounded up, so few graphs are captured per bucket; never more than the vocabulary.
         kmax = min(self.shape.vocab, next((b for b in (1, 16, 64, 256, 1024) if b >= kmax), self.shape.vocab))
         st.t.zero_()
-        for _ in range(steps):
-            torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
-            self._run_step(n, kmax)
-        out = st.out[:n, :, :steps].cpu().numpy().copy()  # the one trip back to the host (a copy on CPU too)
+        try:
+            for _ in range(steps):
+                torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
+                self._run_step(n, kmax)
+            out = st.out[:n, :, :steps].cpu().numpy().copy()  # the one trip back to the host (a copy on CPU too)
+        except torch.OutOfMemoryError as exc:
+            self._shrink(exc)
+            raise ModelError(f"out of device memory during a decode step; now at most {self.max_slots} slots") \
+                from exc
 
         results = []
         for i, (key, r) in enumerate(zip(keys, requests)):
@@ -249,13 +248,12 @@ class SlotDecoder:
         slots = [self._slot_for(k) for k in keys]
         need = sum(1 for s in slots if s is None)
         free = [i for i, k in enumerate(self.keys) if k is None]
+        used = len(self.keys) - len(free)
+        if used + need > self.max_slots:
+            missing = [k for k, s in zip(keys, slots) if s is None]
+            raise SlotsFull(missing[max(0, self.max_slots - used):], self.max_slots)
         if need > len(free) or self.st is None or steps > self.max_steps:
-            used = len(self.keys) - len(free)
-            capacity = max(self.capacity, bucket(used + need))
-            if capacity > self.max_slots:
-                missing = [k for k, s in zip(keys, slots) if s is None]
-                raise SlotsFull(missing[self.max_slots - used:] if used < self.max_slots else missing,
-                                self.max_slots)
+            capacity = min(self.max_slots, max(self.capacity, bucket(used + need)))
             self._allocate(capacity, self.text_tokens, max(self.max_steps, steps, 256))
             free = [i for i, k in enumerate(self.keys) if k is None]
         for j, key in enumerate(keys):
@@ -263,6 +261,13 @@ class SlotDecoder:
                 slots[j] = free.pop(0)
                 self.keys[slots[j]] = key
         return [int(s) for s in slots]  # type: ignore[arg-type]
+
+    def _prefill_guarded(self, *args: object) -> None:
+        try:
+            self._prefill_slots(*args)  # type: ignore[arg-type]
+        except torch.OutOfMemoryError as exc:
+            self._shrink(exc)
+            raise ModelError(f"out of device memory in a prefill; now at most {self.max_slots} slots") from exc
 
     def _prefill_slots(self, requests: list, keys: list[str], slots: list[int], window: int, steps: int) -> None:
         """ONE batched prefill of the fresh rows' contexts (transformers' decoder), copied into their slots."""
@@ -318,6 +323,20 @@ class SlotDecoder:
                 st.xk[layer].index_copy_(0, index, keys.to(self.shape.dtype))
                 st.xv[layer].index_copy_(0, index, values.to(self.shape.dtype))
         st.xbias.index_copy_(0, index, bias)
+
+    def _shrink(self, exc: BaseException) -> None:
+        """After an out-of-memory error: drop the graphs and their pool, return cached memory, and take no more
+        stations than hold slots now (less one), so the next chunks fit; the caller's stations wait on filler.
+        The interrupted chunk is void: every slot is prefilled afresh from its station's codes."""
+        self._graphs.clear()
+        self._pool = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+        used = sum(1 for k in self.keys if k is not None)
+        self.max_slots = max(1, min(self.max_slots, used - 1))
+        self.rows.clear()  # their caches are in an unknown state
+        self.keys = [None] * len(self.keys)
+        logger.error("out of device memory (%s); slots limited to %d", str(exc).splitlines()[0][:120], self.max_slots)
 
     # -- the step -------------------------------------------------------------------------------------------
     def _run_step(self, n: int, kmax: int) -> None:

@@ -44,10 +44,12 @@ class DecoderParts:
     uncond_cross: torch.Tensor  # (L, D): each layer's cross-attention output for zero text states
     num_heads: int
     head_dim: int
+    qkv: list[torch.Tensor] | None = None  # per layer (3D, D): q, k, v projections as one product (CUDA)
 
     @classmethod
-    def of(cls, causal_lm: nn.Module, positions: torch.Tensor) -> "DecoderParts":
-        """From a ``MusicgenForCausalLM`` (``model.decoder``)."""
+    def of(cls, causal_lm: nn.Module, positions: torch.Tensor, fuse_qkv: bool = False) -> "DecoderParts":
+        """From a ``MusicgenForCausalLM`` (``model.decoder``). ``fuse_qkv``: one product for the self-attention
+        projections instead of three (fewer kernels per step; a copy of those weights)."""
         inner = causal_lm.model.decoder
         attn = inner.layers[0].self_attn
         dim = attn.num_heads * attn.head_dim
@@ -57,9 +59,11 @@ class DecoderParts:
             # Softmax over identical keys is uniform, so the output is out_proj(v_proj(0)) whatever the mask.
             uncond = torch.stack([layer.encoder_attn.out_proj(layer.encoder_attn.v_proj(zeros))[0, 0]
                                   for layer in inner.layers])
+            qkv = [torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                              layer.self_attn.v_proj.weight]) for layer in inner.layers] if fuse_qkv else None
         return cls(embed=inner.embed_tokens, positions=positions, layers=inner.layers, final_norm=inner.layer_norm,
                    heads=causal_lm.lm_heads, uncond_cross=uncond.clone(), num_heads=attn.num_heads,
-                   head_dim=attn.head_dim)
+                   head_dim=attn.head_dim, qkv=qkv)
 
 
 @dataclass
@@ -115,11 +119,17 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, sdpa: b
         attn = layer.self_attn
         residual = h
         y = layer.self_attn_layer_norm(h)
-        q = attn.q_proj(y).view(2 * n, H, 1, d)
         kc = st.k[i][:n].view(2 * n, H, W, d)
         vc = st.v[i][:n].view(2 * n, H, W, d)
-        kc[rows, :, pos2] = attn.k_proj(y).view(2 * n, H, d)
-        vc[rows, :, pos2] = attn.v_proj(y).view(2 * n, H, d)
+        if parts.qkv is not None:
+            qkv = torch.nn.functional.linear(y, parts.qkv[i]).view(2 * n, 3, H, d)
+            q = qkv[:, 0, :, None, :]
+            kc[rows, :, pos2] = qkv[:, 1]
+            vc[rows, :, pos2] = qkv[:, 2]
+        else:
+            q = attn.q_proj(y).view(2 * n, H, 1, d)
+            kc[rows, :, pos2] = attn.k_proj(y).view(2 * n, H, d)
+            vc[rows, :, pos2] = attn.v_proj(y).view(2 * n, H, d)
         a = _attend(q, kc, vc, self_bias, attn.scaling, sdpa)
         h = residual + attn.out_proj(a.reshape(2 * n, 1, D))
 
