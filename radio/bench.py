@@ -258,6 +258,9 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     window_frames = model.window_frames
     # Measured chunks span [start + frames, start + (chunks + 1) x frames]: centre them on 2 x context.
     start_frames = max(context_frames, 2 * context_frames - (chunks + 2) * frames // 2)
+    # ...but every chunk of the run (warm-up, measured, the reset and the join) must fit the window, or the
+    # 'reset' chunk would re-prefill every mount at once: start earlier (less context) when it would not.
+    start_frames = max(1, min(start_frames, model.window_frames - (chunks + 2) * frames - 2 * model.num_codebooks))
     ctx = {f"m{i}": rng.integers(0, model.vocab_size, (model.num_codebooks, start_frames)) for i in range(mounts)}
 
     def step(keys: list[str], n: int) -> float:
@@ -320,6 +323,101 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown)
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (from /proc; 0 for one that is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Live descendant processes of ``pid``: pid -> command name."""
+    parents: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1:text.rindex(")")]
+            parents[int(entry)] = (int(text.rsplit(")", 1)[1].split()[1]), name)
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, (parent, name) in parents.items():
+            if parent == p and child not in found:
+                found[child] = name
+                todo.append(child)
+    return found
+
+
+def bench_outputs(mounts: int, seconds: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    """What the output side costs per mount: a real daemon with ``mounts`` stations (formats mp3, vorbis, opus in
+    turn, loudness normalisation on, as the defaults are), real ffmpeg encoders, libshout and a local Icecast,
+    fed by a model that makes audio instantly. Returns CPU cores used by the daemon process, its encoders and
+    Icecast, and those per 100 mounts."""
+    import tempfile
+
+    from .config import DaemonConfig, EngineConfig, IcecastConfig, ApiConfig, load_stations
+    from .daemon import Daemon
+    from .localicecast import free_port
+    from .testing import SineModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        st = Path(tmp) / "stations"
+        st.mkdir()
+        formats = ("mp3", "vorbis", "opus")
+        for i in range(mounts):
+            fmt = formats[i % 3]
+            (st / f"s{i:03d}.yaml").write_text(
+                f"name: S{i}\nmount: /s{i}.{ {'mp3': 'mp3', 'vorbis': 'ogg', 'opus': 'opus'}[fmt] }\nformat: {fmt}\n"
+                f"playlist:\n  - {{title: T{i}, prompt: calm piano, duration: 10m}}\n")
+        stations, problems = load_stations([st])
+        if problems:
+            raise RuntimeError(problems[0])
+
+        def instant(_cfg: DaemonConfig) -> SineModel:
+            model = SineModel()
+            model.batch_limit = 512
+            return model
+
+        cfg = DaemonConfig(stations_dir=str(st), memory_budget="off", icecast=IcecastConfig(local=True, port=free_port()),
+                           engine=EngineConfig(), api=ApiConfig(enabled=False))
+        daemon = Daemon(cfg, stations, model_factory=instant)
+        daemon.start()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(m.output.stats.connected for m in daemon.mounts.values()):
+                time.sleep(0.5)
+            time.sleep(5.0)  # warm-up: buffers filled, every encoder running
+            me = os.getpid()
+            kids = _descendants(me)
+            enc = [p for p, name in kids.items() if name == "ffmpeg"]
+            ice = [p for p, name in kids.items() if name.startswith("icecast")]
+            t0, a0, e0, i0 = time.monotonic(), _cpu_seconds([me]), _cpu_seconds(enc), _cpu_seconds(ice)
+            progress(f"outputs x{mounts}: measuring {seconds:.0f}s ({len(enc)} encoders)")
+            time.sleep(seconds)
+            wall = time.monotonic() - t0
+            daemon_cores = (_cpu_seconds([me]) - a0) / wall
+            enc_cores = (_cpu_seconds(enc) - e0) / wall
+            ice_cores = (_cpu_seconds(ice) - i0) / wall
+            filled = sum(s.filled_samples for s in daemon.stations.values()) / 32000
+        finally:
+            daemon.stop()
+    total = daemon_cores + enc_cores + ice_cores
+    return {"mounts": mounts, "seconds": round(wall, 1), "daemon_cores": round(daemon_cores, 3),
+            "encoder_cores": round(enc_cores, 3), "icecast_cores": round(ice_cores, 3),
+            "total_cores": round(total, 3), "cores_per_100_mounts": round(100 * total / mounts, 2),
+            "filled_seconds": round(filled, 1)}
+
+
 def _dtype_name(model: MusicgenModel) -> str:
     return str(model.dtype).replace("torch.", "")
 
@@ -374,7 +472,8 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                                                  lambda n: bench_ours(m, n, frames, chunks, first_frames, progress,
                                                                       context_seconds), results)
             del m
-    report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(),
+    outputs = [bench_outputs(n, 30.0, progress) for n in mounts] if "outputs" in scenarios else []
+    report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(), "outputs": outputs,
               "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
                            "context_seconds": context_seconds, "window_seconds": window_seconds,
                            "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds,
@@ -398,6 +497,7 @@ def find_capacity(model: MusicgenModel, measured: list[Result], run: Callable[[i
             r = run(n)
         except Exception as exc:  # noqa: BLE001 - out of slots or memory: the bound is below n
             logger.info("capacity: %d mounts failed: %s", n, exc)
+            model.reset_slot_limit()
             hi = n
             break
         results.append(r)
@@ -413,6 +513,7 @@ def find_capacity(model: MusicgenModel, measured: list[Result], run: Callable[[i
             good = r.realtime_per_mount >= 1.0
         except Exception as exc:  # noqa: BLE001
             logger.info("capacity: %d mounts failed: %s", n, exc)
+            model.reset_slot_limit()
             good = False
         lo, hi = (n, hi) if good else (lo, n)
     return lo
@@ -473,6 +574,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['scenario']:<10} {r['dtype']:<9} {r['mounts']:>6} {r['audio_per_wall']:>10.3f} "
                      f"{per:>8.2f} {1000 * r['seconds_per_step']:>8.1f} {ttfa:>7} {reset:>8} "
                      f"{r['peak_rss_mb']:>8.0f} {state:>9} {dev:>8}  {where}")
+    for o in report.get("outputs", []):
+        lines.append(f"outputs    {o['mounts']:>4} mounts: daemon {o['daemon_cores']:.2f} + encoders {o['encoder_cores']:.2f}"
+                     f" + icecast {o['icecast_cores']:.2f} = {o['total_cores']:.2f} cores "
+                     f"({o['cores_per_100_mounts']:.1f} per 100 mounts; {o['filled_seconds']:.1f} s filled)")
     lines.append("")
     for k, v in report.get("capacity_mounts", {}).items():
         lines.append(f"capacity ({k}): {v} mounts each at >= 1.0x real time")

@@ -404,6 +404,11 @@ class MusicgenModel:
         step's cost grows with every row; more rows than that only delay everyone's next chunk)."""
         return self._slots.max_slots if self._slots is not None else 16
 
+    def reset_slot_limit(self) -> None:
+        """Bench: after an out-of-memory probe, let the slots grow again to what free memory allows."""
+        if self._slots is not None:
+            self._slots.max_slots = self._slots.slots_that_fit()
+
     def hold_resets(self, hold: bool) -> None:
         """Bench only: hold window resets off (``True``) while steady chunks are measured; a reset's cost is
         measured on its own and charged at the rate the engine incurs it."""

@@ -74,7 +74,6 @@ class SlotDecoder:
         self._cross_kv = cross_kv  # (layer, states (n, S, D)) -> (keys, values) each (n, H, S, d)
         self.cuda = shape.device.startswith("cuda")
         self.graphs_enabled = self.cuda if graphs is None else graphs
-        self.max_slots = max_slots or self._slots_that_fit()
         self.keys: list[str | None] = []  # slot -> station key
         self.rows: dict[str, Row] = {}  # station key -> its row bookkeeping
         self.text_tokens = TEXT_TOKENS
@@ -83,6 +82,7 @@ class SlotDecoder:
         self.max_steps = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}  # None: capture failed, eager
         self._pool = None
+        self.max_slots = max_slots or self.slots_that_fit()
         self.generator = torch.Generator(device=shape.device)
         self.resets = 0
         self.spread_resets = True  # reset ahead of need, one per chunk, so resets never bunch up (bench: off)
@@ -90,14 +90,18 @@ class SlotDecoder:
         self.last_steps = 0
 
     # -- memory ---------------------------------------------------------------------------------------------
-    def _slots_that_fit(self) -> int:
+    def slots_that_fit(self) -> int:
         """On CUDA: slots that fit in the free device memory (less a margin for activations and EnCodec);
         elsewhere: a generous bound, as host memory is the model pool's budget to keep."""
         if not self.cuda:
             return 512
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(torch.device(self.shape.device))
         usable = free - max(2 << 30, free // 10)
-        return max(1, min(BUCKETS[-1], usable // self.shape.slot_bytes()))
+        return max(1, min(BUCKETS[-1], self._held() + usable // self.shape.slot_bytes()))
+
+    def _held(self) -> int:
+        return self.capacity
 
     def nbytes(self) -> int:
         if self.st is None:
@@ -205,7 +209,7 @@ class SlotDecoder:
         if fresh:
             t0 = time.monotonic()
             self._prefill_guarded([requests[i] for i in fresh], [keys[i] for i in fresh], [slots[i] for i in fresh],
-                                window, steps)
+                                  window, steps)
             self.last_prefill_seconds = time.monotonic() - t0
         self._write_prompts(requests, slots)
         index = torch.tensor(slots, dtype=torch.long)
@@ -262,9 +266,13 @@ class SlotDecoder:
                 self.keys[slots[j]] = key
         return [int(s) for s in slots]  # type: ignore[arg-type]
 
-    def _prefill_guarded(self, *args: object) -> None:
+    PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
+
+    def _prefill_guarded(self, requests: list, keys: list[str], slots: list[int], window: int, steps: int) -> None:
         try:
-            self._prefill_slots(*args)  # type: ignore[arg-type]
+            for i in range(0, len(requests), self.PREFILL_GROUP):
+                part = slice(i, i + self.PREFILL_GROUP)
+                self._prefill_slots(requests[part], keys[part], slots[part], window, steps)
         except torch.OutOfMemoryError as exc:
             self._shrink(exc)
             raise ModelError(f"out of device memory in a prefill; now at most {self.max_slots} slots") from exc
