@@ -16,10 +16,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from .config import (MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig, duration_value,
-                     text_problem)
+from .config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig,
+                     duration_value, text_problem)
 from .errors import ModelError
-from .model import DTYPES
 
 logger = logging.getLogger(__name__)
 

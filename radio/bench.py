@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .model import ContinuationRequest, MusicgenModel, Sampling, resolve_device, resolve_dtype
+from .config import Sampling
+from .musicgen.model import ContinuationRequest, MusicgenModel, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    from .decoding import BufferLayer
+    from .musicgen.decoding import BufferLayer
 
     rows = 2 * mounts
     K = model.num_codebooks

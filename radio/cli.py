@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import (
+    DEFAULT_MODEL,
+    DTYPES,
     parse_size,
     PASSWORD_ENV,
     DaemonConfig,
@@ -19,7 +21,6 @@ from .config import (
     looks_like_daemon_config,
 )
 from .errors import ConfigError, RadioError
-from .model import DEFAULT_MODEL, DTYPES
 from .testing import SHAPES
 
 logger = logging.getLogger("radio")

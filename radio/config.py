@@ -20,9 +20,22 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .errors import ConfigError
-from .model import DEFAULT_MODEL, DTYPES, Sampling
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/musicgen-small"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DECODERS = ("auto", "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-station sampling settings; applied per batch row."""
+
+    temperature: float = 1.0
+    top_k: int = 250
+    guidance: float = 3.0
+
 
 FORMATS = ("mp3", "vorbis", "opus")
 ORDERS = ("cycle", "shuffle")
@@ -709,7 +722,7 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
         values: dict[str, Any] = {}
         for name, f in EngineConfig.__dataclass_fields__.items():
             if name == "decoder":
-                v = en.get(name, "str", None, check=_in(("auto", "static", "dynamic")))
+                v = en.get(name, "str", None, check=_in(DECODERS))
                 if v is not None:
                     values[name] = v
                 continue

@@ -21,7 +21,7 @@ from .idents import load_idents
 from .errors import ModelError, RadioError
 from .api import ApiServer
 from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
-from .model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
+from .musicgen.model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
 from .mount import Mount
 from .pool import ModelPool, ModelSpec, resolve_budget
 from .station import Station

@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .dsp import equal_power_crossfade
 from .errors import ConditioningError, SlotsFull
 from .logs import Throttle
-from .model import ContinuationRequest, MusicModel
+from .musicgen.model import ContinuationRequest, MusicModel
 from .station import Station
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Callable
 from .config import parse_size
 from .engine import Engine
 from .errors import ModelError
-from .model import MusicModel
+from .musicgen.model import MusicModel
 from .station import Station
 
 logger = logging.getLogger(__name__)

@@ -184,7 +184,7 @@ def cached_test_model(shape: str = "tiny", seed: int = 0) -> Path:
 
 
 class SineModel:
-    """A fake :class:`~radio.model.MusicModel`: a continuous sine across chunks, for engine tests.
+    """A fake :class:`~radio.musicgen.model.MusicModel`: a continuous sine across chunks, for engine tests.
 
     Codes carry the absolute frame index (so a continuation's position is read off its context), and the PCM
     of frame f is the sine at samples [f*640, (f+1)*640): chunks decoded with overlap line up exactly, and any
@@ -215,7 +215,7 @@ class SineModel:
 
         import numpy as np
 
-        from .model import ContinuationResult
+        from .musicgen.model import ContinuationResult
 
         self.calls.append((list(requests), frames))
         if self.delay:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from radio.decoding import DecodeState, Row
+from radio.musicgen.decoding import DecodeState, Row
 
 
 def _row(key: str) -> Row:

@@ -16,7 +16,7 @@ import pytest
 
 from radio.config import DaemonConfig, EngineConfig, IcecastConfig, load_stations
 from radio.daemon import Daemon
-from radio.model import MusicgenModel
+from radio.musicgen.model import MusicgenModel
 
 from .conftest import fetch_bytes, listen, mount_info, probe, run_daemon, wait_for, write_station
 

@@ -9,7 +9,7 @@ import pytest
 
 from radio.config import EngineConfig, PlaylistItem, StationConfig
 from radio.engine import Engine
-from radio.model import Sampling
+from radio.config import Sampling
 from radio.station import Playlist, Station
 from radio.testing import SineModel
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from radio.kernels import PackedLinear, accelerate, pack_linears, packing_works
-from radio.model import ContinuationRequest, MusicgenModel, Sampling
+from radio.musicgen.kernels import PackedLinear, accelerate, pack_linears, packing_works
+from radio.config import Sampling
+from radio.musicgen.model import ContinuationRequest, MusicgenModel
 
 pytestmark = pytest.mark.skipif(not packing_works(torch.float32), reason="this PyTorch build has no oneDNN linear")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from radio.model import ContinuationRequest, MusicgenModel, Sampling
+from radio.config import Sampling
+from radio.musicgen.model import ContinuationRequest, MusicgenModel
 
 GREEDY = Sampling(temperature=0.0, top_k=250, guidance=3.0)
 

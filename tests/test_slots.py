@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from radio.model import ContinuationRequest, MusicgenModel, Sampling
+from radio.config import Sampling
+from radio.musicgen.model import ContinuationRequest, MusicgenModel
 from radio.errors import ModelError, SlotsFull
 from radio.musicgen.step import decode_step
 

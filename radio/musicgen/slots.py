@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from ..decoding import Row, delayed_column, forced_warmup
+from .decoding import Row, delayed_column, forced_warmup
 from ..errors import ModelError, SlotsFull
 from .step import DecoderParts, SlotTensors, decode_step
 
 if TYPE_CHECKING:
-    from ..model import ContinuationRequest
+    from .model import ContinuationRequest
 
 logger = logging.getLogger(__name__)
 

@@ -29,23 +29,13 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .errors import ConditioningError, ModelError
+from ..config import DECODERS, DEFAULT_MODEL, DTYPES, Sampling
+from ..errors import ConditioningError, ModelError
 
 logger = logging.getLogger(__name__)
 ANON = "\0anon"  # key prefix of requests without a station key: their rows are never kept across calls
 
-DEFAULT_MODEL = "facebook/musicgen-small"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Per-station sampling settings; applied per batch row."""
-
-    temperature: float = 1.0
-    top_k: int = 250
-    guidance: float = 3.0
 
 
 @dataclass
@@ -114,9 +104,6 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise ModelError(f"unknown device {device!r}: use {DEVICES_HELP}")
     return device
-
-
-DECODERS = ("auto", "static", "dynamic")
 
 
 def resolve_decoder(decoder: str, device: str) -> str:
@@ -279,8 +266,8 @@ class MusicgenModel:
 
     def _slot_decoder(self, seed: int | None):  # -> SlotDecoder
         """The static path: fixed KV slots and one decode step for all of them (captured as a CUDA graph)."""
-        from .musicgen.slots import SlotDecoder, SlotShape
-        from .musicgen.step import DecoderParts
+        from .slots import SlotDecoder, SlotShape
+        from .step import DecoderParts
 
         torch = self._torch
         dcfg = self.model.config.decoder
