@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig,
                      duration_value, text_problem)
-from .errors import ModelError
+from .errors import ModelError, RadioError
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(405, f"{method} is not supported")
         except ApiError as exc:
             self._json(exc.status, {"error": exc.message})
+        except RadioError as exc:  # the daemon refused or could not apply it
+            self._json(409, {"error": str(exc)})
         except Exception:  # noqa: BLE001 - a bug must not leak a traceback to the client or kill the server
             logger.exception("api: %s %s failed", method, self.path)
             self._json(500, {"error": "internal error; see the daemon log"})

@@ -233,9 +233,15 @@ class Daemon:
         if sc.mount != old.mount and any(st.mount == sc.mount for st in self.stations.values()):
             logger.error("%s: mount: %s is already used by another station; change not applied", sc.path, sc.mount)
             return
-        station.apply_config(sc)
-        if sc.idents != old.idents:
-            station.idents = load_idents(sc.idents, station.sample_rate, sc.mount)
+        idents = load_idents(sc.idents, station.sample_rate, sc.mount) if sc.idents != old.idents else None
+
+        def apply(st: Station) -> None:
+            st.apply_config(sc)
+            if idents is not None:
+                st.idents = idents
+
+        if self.engine is not None:
+            self.engine.post(sc.key, "edited station file", apply)
         spec = model_spec(self.config, sc)
         if spec != model_spec(self.config, old) and self.pool is not None:
             try:
@@ -246,7 +252,7 @@ class Daemon:
         if any(getattr(sc, f) != getattr(old, f) for f in stream):
             logger.info("%s: stream settings changed; restarting %s", sc.path, sc.mount)
             self.mounts[sc.key].stop()
-            self.mounts[sc.key] = Mount(station, self.config.icecast)
+            self.mounts[sc.key] = Mount(station, self.config.icecast, config=sc)
             self.mounts[sc.key].start()
         else:
             logger.info("%s: applied", sc.path)
@@ -355,6 +361,7 @@ class Daemon:
                 stations.append({
                     **st.status(), **(mount.status() if mount else {}),
                     **(self.pool.station_status(key) if self.pool else {}),
+                    "pending": self.engine.pending(key) if self.engine else [],
                     "id": st.mount.lstrip("/"), "description": st.config.description, "genre": st.config.genre,
                     "listen_url": f"{base}{st.mount}", "listeners": listeners.get(st.mount),
                 })
@@ -380,8 +387,9 @@ class Daemon:
         station = self._station(station_id)
         if station is None:
             return None
-        station.play_now(prompt, title, duration, blend)
-        return self._station_status(station)
+        label = title or prompt[:80]
+        return self._command(station, f"prompt {label!r}",
+                             lambda st: st.play_now(prompt, title, duration, blend))
 
     def set_model(self, station_id: str, model: str, dtype: str | None) -> dict[str, object] | None:
         """Move a station to another model (control API). Loads in the background; raises ModelError when
@@ -400,7 +408,19 @@ class Daemon:
         station = self._station(station_id)
         if station is None:
             return None
-        station.skip()
+        return self._command(station, "skip", lambda st: st.skip())
+
+    COMMAND_WAIT = 30.0  # seconds an API call waits for the engine to apply its change (a step on a slow CPU)
+
+    def _command(self, station: Station, what: str, action: Callable[[Station], object]) -> dict[str, object]:
+        """Hand a change to the engine thread and answer with the station's status once it is applied (or,
+        after COMMAND_WAIT, with the change shown as pending)."""
+        if self.engine is None:
+            raise RadioError("daemon not started")
+        command = self.engine.post(station.key, what, action)
+        command.wait(self.COMMAND_WAIT)
+        if command.error is not None and command.done.is_set():
+            raise RadioError(f"{station.mount}: {what} failed: {command.error}")
         return self._station_status(station)
 
     def log_status(self) -> None:

@@ -15,6 +15,8 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,6 +31,23 @@ logger = logging.getLogger(__name__)
 
 
 DEFAULT_MODEL_KEY = "default"
+
+
+@dataclass
+class Command:
+    """A change to one station, posted by another thread (API, file watcher) and applied by the engine thread
+    at the next chunk boundary: the engine thread is the only writer of a station's generation state."""
+
+    key: str
+    what: str  # shown in /status while pending, e.g. "prompt 'Disco'"
+    action: Callable[[Station], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """True once applied (or failed: see ``error``) within ``timeout`` seconds."""
+        return self.done.wait(timeout)
 
 
 def code_format(model: MusicModel) -> tuple[object, ...]:
@@ -61,6 +80,7 @@ class Engine:
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio seconds, wall seconds)
         self._throttle = Throttle(logger)
         self._forgets: deque[tuple[MusicModel, str]] = deque()  # decode states to drop, applied by the engine thread
+        self._commands: deque[Command] = deque()  # station changes from other threads, applied by the engine thread
         # Audio made against wall time since the load was last judged, busy or idle (overload check).
         self._made_since = (time.monotonic(), 0.0)
         self.keeping_up = True
@@ -110,6 +130,37 @@ class Engine:
         with self._lock:
             self._forgets.append((model, station_key))
         self._wake.set()
+
+    def post(self, key: str, what: str, action: Callable[[Station], Any]) -> Command:
+        """Queue ``action(station)`` for the engine thread (see :class:`Command`); returns at once."""
+        command = Command(key, what, action)
+        with self._lock:
+            self._commands.append(command)
+        self._wake.set()
+        return command
+
+    def pending(self, key: str) -> list[str]:
+        """What is queued for a station and not applied yet."""
+        with self._lock:
+            return [c.what for c in self._commands if c.key == key]
+
+    def apply_commands(self) -> None:
+        """Apply queued commands in order (the engine thread, between steps; tests call it directly)."""
+        while True:
+            with self._lock:
+                if not self._commands:
+                    return
+                command = self._commands.popleft()
+                station = self._stations.get(command.key)
+            try:
+                if station is None:
+                    raise KeyError(command.key)
+                command.result = command.action(station)
+            except Exception as exc:  # noqa: BLE001 - reported to the poster; the engine goes on
+                command.error = exc
+                logger.error("%s: %s failed: %s", command.key, command.what, exc)
+            finally:
+                command.done.set()
 
     def _apply_forgets(self) -> None:
         while True:
@@ -184,6 +235,7 @@ class Engine:
     def run_once(self) -> bool:
         """One batched step. Returns False when no station needed audio."""
         self._apply_forgets()
+        self.apply_commands()
         model_key, batch = self._pick()
         if not batch or model_key is None:
             return False
@@ -346,6 +398,11 @@ class Engine:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        with self._lock:  # whoever waits on a command that will never run is told now
+            dropped, self._commands = list(self._commands), deque()
+        for command in dropped:
+            command.error = RuntimeError("the engine stopped")
+            command.done.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)

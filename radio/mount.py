@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from .config import IcecastConfig
+from .config import IcecastConfig, StationConfig
 from .encoder import Encoder
 from .icecast import IcecastOutput
 from .logs import Throttle
@@ -26,10 +26,11 @@ class Mount:
     """Feeds one station to one Icecast mount."""
 
     def __init__(self, station: Station, server: IcecastConfig, block_seconds: float = 0.1,
-                 lead_seconds: float = 0.5) -> None:
+                 lead_seconds: float = 0.5, config: StationConfig | None = None) -> None:
         self.station = station
         self.server = server
-        cfg = station.config
+        # The stream settings this mount was started with (a live edit may reach the station a chunk later).
+        self.config = cfg = config or station.config
         self.sample_rate = station.sample_rate
         self.block = max(1, int(block_seconds * self.sample_rate))
         self.lead = lead_seconds
@@ -96,8 +97,8 @@ class Mount:
             self.encoder.start(title)
             self.output.start()
             self._on_air = True
-            logger.info("%s: on air (%s %d kbit/s)", self.mount, self.station.config.format,
-                        self.station.config.bitrate)
+            logger.info("%s: on air (%s %d kbit/s)", self.mount, self.config.format,
+                        self.config.bitrate)
             self.encoder.write(pcm)
             self._sent = len(pcm)
             self.started_wall = time.monotonic()
@@ -120,7 +121,7 @@ class Mount:
                 self.last_error = None  # fed cleanly for a while: the error is history (the count remains)
 
     def _announce(self, title: str) -> None:
-        if self.station.config.format == "opus":
+        if self.config.format == "opus":
             # Icecast 2.4 refuses metadata updates for Opus: start a new chained Ogg stream with the title.
             self.output.title = title
             self.encoder.rotate(title)

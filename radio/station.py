@@ -110,6 +110,7 @@ class Station:
         self.real_samples = 0  # of those, taken from generated audio (the rest is filler)
         self.underruns = 0
         self.chunks = 0
+        self.dropped_samples = 0  # generated, then skipped by the silence watchdog
         self.error: str | None = None  # why generation set this station aside last (None: all well)
         self.errors = 0
 
@@ -267,6 +268,7 @@ class Station:
                 seg = self._queue.pop()
                 self._queued -= len(seg.pcm)
                 dropped += len(seg.pcm)
+                self.dropped_samples += len(seg.pcm)
                 if seg.title is not None:
                     self._pending_title = seg.title
         return dropped / self.sample_rate
@@ -397,6 +399,13 @@ class Station:
         return mixed
 
     # -- status ----------------------------------------------------------------------------------------------
+    def accounting(self) -> dict[str, int]:
+        """Samples generated, and where they went: played (real audio handed to the encoder), queued, or dropped
+        by the silence watchdog. ``generated == played + queued + dropped`` always holds."""
+        with self._lock:
+            return {"generated": self.generated_samples, "played": self.real_samples, "queued": self._queued,
+                    "dropped": self.dropped_samples}
+
     def status(self) -> dict[str, object]:
         with self._lock:
             buffered = self._queued / self.sample_rate

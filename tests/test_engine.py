@@ -311,3 +311,23 @@ def test_stations_beyond_the_models_slots_wait_and_the_others_play() -> None:
     for _ in range(6):
         engine.run_once()
     assert waiting[0].generated_samples > 0 and waiting[0].error is None
+
+
+def test_changes_from_other_threads_are_applied_by_the_engine_at_a_chunk_boundary() -> None:
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=1.0)
+    engine = Engine(SineModel(), cfg)
+    st = Station(station_config("/c.mp3"), 32000, 50, 4, cfg)
+    engine.add_station(st)
+    engine.run_once()
+    before = st.playlist.current.title
+    command = engine.post(st.key, "skip", lambda s: s.skip())
+    assert st.playlist.current.title == before and engine.pending(st.key) == ["skip"]  # not yet
+    engine.run_once()
+    assert command.done.is_set() and command.error is None
+    assert st.playlist.current.title != before and engine.pending(st.key) == []
+    orphan = engine.post("no-such-station", "skip", lambda s: s.skip())
+    engine.apply_commands()
+    assert isinstance(orphan.error, KeyError)
+    late = engine.post(st.key, "skip", lambda s: s.skip())
+    engine.stop(timeout=0.1)
+    assert late.done.is_set() and late.error is not None  # a waiter is never left hanging
