@@ -281,7 +281,7 @@ class SlotDecoder:
         """ONE batched prefill of the fresh rows' contexts (transformers' decoder), copied into their slots."""
         st = self.st
         assert st is not None
-        K, pad = self.shape.codebooks, self.pad
+        pad = self.pad
         rows, contexts = [], []
         for key, r in zip(keys, requests):
             ctx = np.asarray(r.context, dtype=np.int64)
