@@ -21,7 +21,7 @@ from .config import (
     looks_like_daemon_config,
 )
 from .errors import ConfigError, RadioError
-from .testing import SHAPES
+from .tools import SHAPES
 
 logger = logging.getLogger("radio")
 
@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
-    from .bench import format_table, run_bench, write_json
+    from .tools.bench import format_table, run_bench, write_json
 
     try:
         mounts = [int(x) for x in args.mounts.split(",") if x.strip()]
@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     model = args.model
     if model is None:
-        from .testing import cached_test_model
+        from .tools.testing import cached_test_model
 
         model = str(cached_test_model(args.shape))
     try:
@@ -240,8 +240,8 @@ def _emit(table: str, report: dict, json_path: str | None, write_json: Callable[
 
 def cmd_soak(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
-    from .soak import format_soak, run_soak, write_json
-    from .testing import cached_test_model
+    from .tools.soak import format_soak, run_soak, write_json
+    from .tools.testing import cached_test_model
 
     if args.stations < 1 or args.minutes <= 0:
         logger.error("--stations must be >= 1 and --minutes > 0")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args.paths)
     if args.command == "make-test-model":
         _setup_logging("INFO")
-        from .testing import make_test_model
+        from .tools.testing import make_test_model
 
         out = make_test_model(args.dir, shape=args.shape, seed=args.seed)
         print(out)

@@ -17,14 +17,14 @@ from typing import Callable
 
 from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
 from .engine import Engine
-from .idents import load_idents
+from .station.idents import load_idents
 from .errors import ModelError, RadioError
-from .api import ApiServer
-from .localicecast import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
+from .control.api import ApiServer
+from .output.local import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
 from .musicgen.model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
-from .mount import Mount
+from .output.mount import Mount
 from .pool import ModelPool, ModelSpec, resolve_budget
-from .station import Station
+from .station.station import Station
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import EngineConfig
-from .dsp import equal_power_crossfade
+from .station.dsp import equal_power_crossfade
 from .errors import ConditioningError, SlotsFull
 from .logs import Throttle
 from .musicgen.model import ContinuationRequest, MusicModel
-from .station import Station
+from .station.station import Station
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from .config import parse_size
 from .engine import Engine
 from .errors import ModelError
 from .musicgen.model import MusicModel
-from .station import Station
+from .station.station import Station
 
 logger = logging.getLogger(__name__)
 

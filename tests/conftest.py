@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-weight checkpoint, a real icecast2 on a free loopback port, listeners."""
+"""Shared fixtures and helpers: a tiny random-weight checkpoint, a real icecast2 on a free loopback port,
+listeners, an HTTP client for the API, station configs for engine tests."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import shutil
 import subprocess
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from radio.localicecast import LocalIcecast, mounts
+from radio.config import PlaylistItem, Sampling, StationConfig
+from radio.output.local import LocalIcecast, mounts
+from radio.station.station import Station
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radio.testing import make_test_model
+    from radio.tools.testing import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("tiny-model"), shape="tiny", seed=0)
 
@@ -123,3 +127,32 @@ def run_daemon(icecast: LocalIcecast, model_dir: Path, stations_dir: Path, **kw)
     daemon = Daemon(daemon_config(icecast, model_dir, stations_dir, **kw), stations)
     daemon.start()
     return daemon
+
+
+def request(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), dict(err.headers)
+
+
+def station_config(mount: str, items: tuple[PlaylistItem, ...] | None = None, **kw) -> StationConfig:
+    items = items or (PlaylistItem("one", "prompt one", 60.0), PlaylistItem("two", "prompt two", 60.0))
+    base = dict(name=mount.strip("/"), mount=mount, format="mp3", bitrate=128, description="", genre="", url="",
+                order="cycle", sampling=Sampling(), playlist=items, path=f"/st/{mount.strip('/')}.yaml")
+    base.update(kw)
+    return StationConfig(**base)
+
+
+def drain(station: Station) -> np.ndarray:
+    """Everything a listener can take right now without touching the filler reserve."""
+    n = int(round(station.buffered_seconds * station.sample_rate)) - station._reserve
+    pcm, _ = station.read(n)
+    return pcm

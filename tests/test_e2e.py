@@ -214,7 +214,7 @@ def test_radio_run_cli_with_local_icecast_skips_bad_station_and_stops_on_sigterm
         playlist:
           - {title: x, prompt: "", duration: 30s}
     """)
-    from radio.localicecast import free_port
+    from radio.output.local import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RADIO_SOURCE_PASSWORD"}

@@ -7,19 +7,13 @@ import random
 import numpy as np
 import pytest
 
-from radio.config import EngineConfig, PlaylistItem, StationConfig
+from radio.config import EngineConfig, PlaylistItem
 from radio.engine import Engine
-from radio.config import Sampling
-from radio.station import Playlist, Station
-from radio.testing import SineModel
+from radio.station.playlist import Playlist
+from radio.station.station import Station
+from radio.tools.testing import SineModel
 
-
-def station_config(mount: str, items: tuple[PlaylistItem, ...] | None = None, **kw) -> StationConfig:
-    items = items or (PlaylistItem("one", "prompt one", 60.0), PlaylistItem("two", "prompt two", 60.0))
-    base = dict(name=mount.strip("/"), mount=mount, format="mp3", bitrate=128, description="", genre="", url="",
-                order="cycle", sampling=Sampling(), playlist=items, path=f"/st/{mount.strip('/')}.yaml")
-    base.update(kw)
-    return StationConfig(**base)
+from .conftest import drain, station_config
 
 
 def make(model: SineModel, cfg: EngineConfig, *mounts: str, **kw) -> tuple[Engine, list[Station]]:
@@ -30,13 +24,6 @@ def make(model: SineModel, cfg: EngineConfig, *mounts: str, **kw) -> tuple[Engin
         engine.add_station(st)
         stations.append(st)
     return engine, stations
-
-
-def drain(station: Station) -> np.ndarray:
-    """Everything a listener can take right now without touching the filler reserve."""
-    n = int(round(station.buffered_seconds * station.sample_rate)) - station._reserve
-    pcm, _ = station.read(n)
-    return pcm
 
 
 def test_chunks_join_without_jumps_gaps_or_repeats() -> None:
@@ -243,7 +230,7 @@ def test_edited_playlist_waits_for_the_current_item_or_applies_now() -> None:
 def test_idents_play_between_items_crossfaded_in_and_out(tmp_path) -> None:
     import subprocess
 
-    from radio.idents import load_ident
+    from radio.station.idents import load_ident
 
     wav = tmp_path / "id.wav"  # a 0.5 s, 1 kHz station ID at 44.1 kHz stereo: pydub must convert it
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",

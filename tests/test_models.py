@@ -21,14 +21,13 @@ from radio.config import EngineConfig, load_station
 from radio.daemon import Daemon
 from radio.engine import Engine
 from radio.errors import ConfigError, ModelError
-from radio.localicecast import free_port
+from radio.output.local import free_port
 from radio.pool import ModelPool, ModelSpec
-from radio.station import Station
-from radio.testing import SineModel
+from radio.station.station import Station
+from radio.tools.testing import SineModel
 
 from .conftest import listen, mount_info, run_daemon, wait_for, write_station
-from .test_api import request
-from .test_engine import drain, station_config
+from .conftest import drain, request, station_config
 
 CFG = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.1, buffer_seconds=2.0, overlap_frames=5, crossfade_ms=20)
 
@@ -290,7 +289,7 @@ def station_yaml(name: str, mount: str, model: Path | None) -> str:
 
 @pytest.fixture(scope="module")
 def alt_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from radio.testing import make_test_model
+    from radio.tools.testing import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("tiny-alt-model"), shape="tiny-alt", seed=1)
 

@@ -17,7 +17,7 @@ import pytest
 
 from radio.config import DaemonConfig, EngineConfig, IcecastConfig, load_stations
 from radio.daemon import Daemon
-from radio.localicecast import fetch_status, free_port
+from radio.output.local import fetch_status, free_port
 from radio.musicgen.model import MusicgenModel
 
 from .conftest import listen, mount_info, wait_for, write_station

@@ -16,10 +16,10 @@ import pytest
 
 from radio.config import load_stations
 from radio.daemon import Daemon
-from radio.testing import make_test_model
+from radio.tools.testing import make_test_model
 
 from .conftest import daemon_config, listen, mount_info, wait_for, write_station
-from .test_api import request
+from .conftest import request
 
 pytestmark = pytest.mark.e2e
 TOKEN = "stress-token"

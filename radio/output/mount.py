@@ -12,11 +12,11 @@ import logging
 import threading
 import time
 
-from .config import IcecastConfig, StationConfig
-from .encoder import Encoder
+from ..config import IcecastConfig, StationConfig
+from .encoder import TITLES_IN_STREAM, Encoder
 from .icecast import IcecastOutput
-from .logs import Throttle
-from .station import Station
+from ..logs import Throttle
+from ..station.station import Station
 
 logger = logging.getLogger(__name__)
 _throttle = Throttle(logger)
@@ -121,8 +121,7 @@ class Mount:
                 self.last_error = None  # fed cleanly for a while: the error is history (the count remains)
 
     def _announce(self, title: str) -> None:
-        if self.config.format == "opus":
-            # Icecast 2.4 refuses metadata updates for Opus: start a new chained Ogg stream with the title.
+        if self.config.format in TITLES_IN_STREAM:  # a new chained Ogg stream carries the title
             self.output.title = title
             self.encoder.rotate(title)
             logger.info("%s: now playing %r (in-stream)", self.mount, title)

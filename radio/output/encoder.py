@@ -20,7 +20,7 @@ from collections import deque
 
 import numpy as np
 
-from .errors import EncoderError
+from ..errors import EncoderError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ CODEC_ARGS: dict[str, list[str]] = {
 }
 SHOUT_FORMAT = {"mp3": "mp3", "vorbis": "ogg", "opus": "ogg"}
 OUTPUT_RATE = {"mp3": None, "vorbis": None, "opus": 48000}
+# Icecast 2.4 refuses metadata updates (updinfo) for Opus: its titles travel in-stream, as a new chained Ogg
+# stream that carries the title in its comment header.
+TITLES_IN_STREAM = frozenset({"opus"})
 
 
 def safe_text(text: str) -> str:

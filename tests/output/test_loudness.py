@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from radio.encoder import ffmpeg_argv
+from radio.output.encoder import ffmpeg_argv
 
-from .conftest import mount_info, run_daemon, wait_for, write_station
+from ..conftest import mount_info, run_daemon, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 

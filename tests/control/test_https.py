@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import radio
-from radio.localicecast import free_port
+from radio.output.local import free_port
 
-from .conftest import listen, mount_info, run_daemon, wait_for, write_station
+from ..conftest import listen, mount_info, run_daemon, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ import pytest
 
 from radio.config import load_stations
 from radio.daemon import Daemon
-from radio.localicecast import LocalIcecast
+from radio.output.local import LocalIcecast
 
-from .conftest import daemon_config, listen, mount_info, wait_for, write_station
+from ..conftest import daemon_config, listen, mount_info, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 

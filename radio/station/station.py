@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import EngineConfig, PlaylistItem, StationConfig
+from ..config import EngineConfig, PlaylistItem, StationConfig
 from .dsp import equal_power_crossfade, rms
-from .logs import Throttle
+from ..logs import Throttle
+from .playlist import Playlist
 
 logger = logging.getLogger(__name__)
 _throttle = Throttle(logger)  # filler comes and goes often on an overloaded machine: once a minute per station
@@ -32,42 +33,6 @@ class _Segment:
     title: str | None  # set on the segment that starts a playlist item
     pos: int = 0
     silent: bool = False
-
-
-class Playlist:
-    """Cycles or shuffles items; shuffle never plays the same item twice in a row."""
-
-    def __init__(self, items: tuple[PlaylistItem, ...], order: str, rng: random.Random) -> None:
-        self.items = items
-        self.order = order
-        self.rng = rng
-        self.index = 0 if order == "cycle" else rng.randrange(len(items))
-        self.upcoming = self._pick_next()
-
-    def _pick_next(self) -> int:
-        n = len(self.items)
-        if n == 1:
-            return 0
-        if self.order == "cycle":
-            return (self.index + 1) % n
-        choice = self.rng.randrange(n - 1)
-        return choice if choice < self.index else choice + 1
-
-    override: PlaylistItem | None = None  # a one-off item set through the control API
-
-    @property
-    def current(self) -> PlaylistItem:
-        return self.override or self.items[self.index]
-
-    @property
-    def next(self) -> PlaylistItem:
-        return self.items[self.upcoming]
-
-    def advance(self) -> PlaylistItem:
-        self.override = None  # a one-off item ends like any other: the upcoming item follows
-        self.index = self.upcoming
-        self.upcoming = self._pick_next()
-        return self.current
 
 
 class Station:

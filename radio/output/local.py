@@ -21,14 +21,14 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .errors import IcecastError
+from ..errors import IcecastError
 
 logger = logging.getLogger(__name__)
 
 
 def find_icecast_xml(explicit: str | None = None) -> Path:
     """The icecast.xml to start from: the given path, the repository's, or ./icecast.xml."""
-    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parent.parent / "icecast.xml",
+    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parents[2] / "icecast.xml",
                                                     Path.cwd() / "icecast.xml"]
     for c in candidates:
         if c.is_file():

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from radio.api import ApiServer
+from radio.control.api import ApiServer
 from radio.config import ApiConfig
 
-from .test_api import request
+from ..conftest import request
 
 
 class Recorder:

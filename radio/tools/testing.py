@@ -22,7 +22,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SHAPES = ("tiny", "tiny-alt", "small", "medium", "large")
+from . import SHAPES  # noqa: F401 - the names make_test_model takes
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ class SineModel:
 
         import numpy as np
 
-        from .musicgen.model import ContinuationResult
+        from ..musicgen.model import ContinuationResult
 
         self.calls.append((list(requests), frames))
         if self.delay:

@@ -11,9 +11,9 @@ from radio.cli import main
 from radio.config import load_daemon_config, load_station, parse_duration
 from radio.errors import ConfigError
 
-from .conftest import write_station
+from ..conftest import write_station
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = """
 name: Good

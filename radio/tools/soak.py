@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .bench import RssSampler
-from .config import DaemonConfig, EngineConfig, IcecastConfig, load_stations
-from .daemon import Daemon
-from .localicecast import LocalIcecast
+from ..config import DaemonConfig, EngineConfig, IcecastConfig, load_stations
+from ..daemon import Daemon
+from ..output.local import LocalIcecast
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import Sampling
-from .musicgen.model import ContinuationRequest, MusicgenModel, resolve_device, resolve_dtype
+from ..config import Sampling
+from ..musicgen.model import ContinuationRequest, MusicgenModel, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    from .musicgen.decoding import BufferLayer
+    from ..musicgen.decoding import BufferLayer
 
     rows = 2 * mounts
     K = model.num_codebooks
@@ -366,9 +366,9 @@ def bench_outputs(mounts: int, seconds: float, progress: Callable[[str], None]) 
     Icecast, and those per 100 mounts."""
     import tempfile
 
-    from .config import DaemonConfig, EngineConfig, IcecastConfig, ApiConfig, load_stations
-    from .daemon import Daemon
-    from .localicecast import free_port
+    from ..config import DaemonConfig, EngineConfig, IcecastConfig, ApiConfig, load_stations
+    from ..daemon import Daemon
+    from ..output.local import free_port
     from .testing import SineModel
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,16 +9,18 @@ traceback on the wire.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import threading
+from importlib import resources
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from .config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig,
+from ..config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig,
                      duration_value, text_problem)
-from .errors import ModelError, RadioError
+from ..errors import ModelError, RadioError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,12 @@ class Controller(Protocol):
     def set_model(self, station_id: str, model: str, dtype: str | None) -> dict[str, Any] | None: ...
 
     def request_reload(self) -> None: ...
+
+
+@functools.lru_cache(maxsize=1)
+def web_page() -> bytes:
+    """The web player: a static page shipped as package data."""
+    return resources.files(__package__).joinpath("static/index.html").read_bytes()
 
 
 def _refuse_constant(name: str) -> Any:
@@ -269,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routes -----------------------------------------------------------------------------------------------
     def _get(self, path: str) -> None:
         if path in ("/", "/index.html"):
-            self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+            self._send(200, web_page(), "text/html; charset=utf-8")
         elif path == "/status":
             self._json(200, self.api.controller.status())
         elif path == "/metrics":
@@ -405,73 +413,3 @@ class ApiServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>radio</title>
-<style>
-  body { font: 16px/1.4 system-ui, sans-serif; margin: 0; background: #14161a; color: #e8e8e8; }
-  header { padding: 1.2rem 1.5rem; font-size: 1.4rem; font-weight: 600; }
-  main { display: grid; gap: 1rem; padding: 0 1.5rem 1.5rem; grid-template-columns: repeat(auto-fill, minmax(18rem, 1fr)); }
-  .station { background: #1f232a; border-radius: 10px; padding: 1rem; }
-  .name { font-weight: 600; font-size: 1.1rem; }
-  .desc { color: #aab; font-size: .9rem; margin: .2rem 0 .6rem; }
-  .now { margin: .4rem 0; } .now b { color: #8fd3ff; }
-  .meta { color: #889; font-size: .8rem; }
-  button { background: #2d6cdf; color: white; border: 0; border-radius: 6px; padding: .5rem 1rem; font-size: 1rem; cursor: pointer; }
-  button.playing { background: #d9534f; }
-</style>
-</head>
-<body>
-<header>radio</header>
-<main id="stations"><p id="loading">Loading stations...</p></main>
-<script>
-const players = {};
-function card(st) {
-  let el = document.getElementById("st-" + st.mount);
-  if (!el) {
-    el = document.createElement("section");
-    el.className = "station"; el.id = "st-" + st.mount;
-    el.innerHTML = '<div class="name"></div><div class="desc"></div>' +
-      '<div class="now">Now playing: <b class="title"></b></div><div class="meta"></div>' +
-      '<p><button class="play">Play</button></p>';
-    const audio = document.createElement("audio");
-    audio.preload = "none"; audio.dataset.src = st.listen_url; el.appendChild(audio);
-    players[st.mount] = audio;
-    el.querySelector(".play").addEventListener("click", () => toggle(st.mount, el));
-    document.getElementById("stations").appendChild(el);
-  }
-  el.querySelector(".name").textContent = st.name;
-  el.querySelector(".desc").textContent = st.description || "";
-  el.querySelector(".title").textContent = st.now_playing || "...";
-  el.querySelector(".meta").textContent = st.format + " " + st.bitrate + " kbit/s, " +
-    (st.listeners == null ? "?" : st.listeners) + " listening, next: " + (st.next || "-");
-}
-function toggle(mount, el) {
-  const audio = players[mount], button = el.querySelector(".play");
-  if (audio.paused) {
-    audio.src = audio.dataset.src + (audio.dataset.src.includes("?") ? "&" : "?") + "t=" + Date.now();
-    audio.play(); button.textContent = "Stop"; button.classList.add("playing");
-  } else {
-    audio.pause(); audio.removeAttribute("src"); audio.load();
-    button.textContent = "Play"; button.classList.remove("playing");
-  }
-}
-async function refresh() {
-  try {
-    const res = await fetch("status", {cache: "no-store"});
-    const status = await res.json();
-    const loading = document.getElementById("loading");
-    if (loading) loading.remove();
-    status.stations.forEach(card);
-  } catch (e) { /* the daemon restarts: try again */ }
-}
-refresh(); setInterval(refresh, 2000);
-</script>
-</body>
-</html>
-"""

@@ -18,9 +18,9 @@ import pytest
 
 from radio.config import load_stations
 from radio.daemon import Daemon
-from radio.localicecast import free_port
+from radio.output.local import free_port
 
-from .conftest import daemon_config, listen, mount_info, wait_for, write_station
+from ..conftest import daemon_config, listen, mount_info, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 TOKEN = "t0ken-for-tests"
@@ -29,7 +29,7 @@ MOUNTS = ("/a.mp3", "/b.ogg", "/c.opus")
 
 def call(base: str, path: str, body: object = None, raw: bytes | None = None, token: str | None = TOKEN,
          headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    from .test_api import request
+    from ..conftest import request
 
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     code, resp, _ = request(f"{base}{path}", "POST" if data is not None else "GET", data, token=token,
@@ -296,7 +296,7 @@ def test_sigterm_during_a_mass_removal_exits_within_5_s(tiny_model_dir: Path, tm
         url = f"http://127.0.0.1:{port}"
 
         def status(self):
-            from radio.localicecast import fetch_status
+            from radio.output.local import fetch_status
 
             return fetch_status(self.url)
 

@@ -23,8 +23,8 @@ from typing import Callable
 
 import shout
 
-from .config import IcecastConfig, StationConfig
-from .encoder import OUTPUT_RATE, SHOUT_FORMAT, Encoder, safe_text
+from ..config import IcecastConfig, StationConfig
+from .encoder import OUTPUT_RATE, SHOUT_FORMAT, TITLES_IN_STREAM, Encoder, safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class IcecastOutput:
     def set_title(self, title: str) -> None:
         """Now-playing title. Sent at once when connected (MP3/Vorbis), and again after every reconnect."""
         self.title = title
-        if self.stats.connected and self.station.format != "opus":
+        if self.stats.connected and self.station.format not in TITLES_IN_STREAM:
             threading.Thread(target=self._send_title, args=(title,), name=f"meta{self.mount}", daemon=True).start()
 
     def _send_title(self, title: str) -> None:
@@ -186,8 +186,8 @@ class IcecastOutput:
             logger.warning("%s: title update failed: %s", self.mount, exc)
 
     def _update_title(self, title: str) -> None:
-        if self.station.format == "opus":
-            return  # in-stream (Ogg chain) instead; Icecast 2.4 refuses updinfo for Opus
+        if self.station.format in TITLES_IN_STREAM:
+            return  # in-stream (Ogg chain) instead
         query = urllib.parse.urlencode({"mount": self.mount, "mode": "updinfo", "song": safe_text(title),
                                         "charset": "UTF-8"})
         url = f"http://{self.server.host}:{self.server.port}/admin/metadata?{query}"

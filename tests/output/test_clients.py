@@ -15,7 +15,7 @@ import pytest
 from radio.config import load_stations
 from radio.daemon import Daemon
 
-from .conftest import daemon_config, mount_info, wait_for, write_station
+from ..conftest import daemon_config, mount_info, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 
@@ -111,7 +111,7 @@ def test_browser_plays_the_web_player_and_follows_now_playing(station_daemon, tm
     import time
     import urllib.request
 
-    from radio.localicecast import free_port
+    from radio.output.local import free_port
 
     daemon, _icecast = station_daemon
     browser = _chromium()
