@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decoder", choices=("auto", "static", "dynamic"), default="auto",
                        help="decode path of ours: auto (static on CUDA, dynamic on CPU), or force one")
 
-    soak = sub.add_parser("soak", help="run the daemon for a long time and report underruns, drift, RSS growth")
+    soak = sub.add_parser("soak", help="run the daemon for a long time and report underruns, drift, RSS slope")
     soak_src = soak.add_mutually_exclusive_group()
     soak_src.add_argument("--model", help="checkpoint directory or hub id (default: the tiny test model)")
     soak_src.add_argument("--shape", choices=("tiny", "small"), default="tiny")
@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--stations", type=int, default=4)
     soak.add_argument("--warmup", type=float, default=60.0, help="seconds before measuring (default 60)")
     soak.add_argument("--json", help="also write the report as JSON to this file")
+    soak.add_argument("--settle-minutes", type=float, default=None,
+                      help="minutes after warm-up before the RSS slope is measured (default: 10, or a third of a "
+                           "shorter run)")
+    soak.add_argument("--trace", action="store_true",
+                      help="also report the allocation sites and object types that grew most (slower)")
+    soak.add_argument("--churn", action="store_true",
+                      help="also create, edit and delete a station file every minute")
 
     make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
     make.add_argument("dir")
@@ -248,7 +255,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     model = args.model or str(cached_test_model(args.shape))
     try:
-        report = run_soak(model, args.minutes, args.stations, warmup=args.warmup)
+        report = run_soak(model, args.minutes, args.stations, warmup=args.warmup, settle_minutes=args.settle_minutes,
+                          trace=args.trace, churn=args.churn)
     except RadioError as exc:
         logger.error("%s", exc)
         return EXIT_RUNTIME

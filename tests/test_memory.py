@@ -1,0 +1,69 @@
+"""Weeks on air: what the daemon holds stays bounded however long it runs (engine, one real mount, a fake
+model that makes audio instantly, a title change every second)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from radio.config import EngineConfig, PlaylistItem
+from radio.engine import Engine
+from radio.output.mount import Mount
+from radio.station.station import Station
+from radio.tools.testing import SineModel
+
+from .conftest import mount_info, station_config, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+class ForgetfulSine(SineModel):
+    """The shared fake keeps every call for inspection; a long run must not."""
+
+    def continue_batch(self, requests, frames):
+        results = super().continue_batch(requests, frames)
+        self.calls.clear()
+        return results
+
+
+def radio_objects() -> Counter[str]:
+    gc.collect()
+    names = (f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
+             if isinstance(type(o).__dict__.get("__module__", type(o).__module__), str))
+    return Counter(n for n in names if n.startswith("radio."))
+
+
+def test_objects_threads_and_processes_stay_bounded_over_hundreds_of_chunks(icecast, tmp_path: Path) -> None:
+    cfg = EngineConfig(chunk_seconds=0.05, first_chunk_seconds=0.05, buffer_seconds=0.4, overlap_frames=2,
+                       crossfade_ms=10)
+    items = tuple(PlaylistItem(f"Title {i}", f"prompt {i}", 1.0) for i in range(3))
+    station = Station(station_config("/mem.mp3", items), 32000, 50, 4, cfg)
+    engine = Engine(ForgetfulSine(), cfg)
+    engine.add_station(station)
+    from radio.config import IcecastConfig
+
+    mount = Mount(station, IcecastConfig(host=icecast.host, port=icecast.port, password=icecast.source_password))
+    engine.start()
+    mount.start()
+    try:
+        wait_for(lambda: mount_info(icecast, "/mem.mp3"), 20, message="on air")
+        wait_for(lambda: station.chunks >= 100, 30, message="100 chunks")
+        time.sleep(1.0)
+        before, threads_before = radio_objects(), threading.active_count()
+        chunks_before = station.chunks
+        wait_for(lambda: station.chunks >= chunks_before + 300, 60, message="300 more chunks")
+        time.sleep(1.0)
+        after, threads_after = radio_objects(), threading.active_count()
+        grown = {k: (before.get(k, 0), n) for k, n in after.items() if n > before.get(k, 0) + 2}
+        assert not grown, grown
+        assert threads_after <= threads_before + 2, (threads_before, threads_after)
+        assert len(mount.encoder._procs) <= 2  # finished ffmpeg processes are not kept
+        assert station.items_started >= 5  # titles kept changing all along
+    finally:
+        mount.stop()
+        engine.stop()
