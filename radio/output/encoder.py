@@ -191,15 +191,18 @@ class Encoder:
             if data:
                 return data
             # EOF: this stream ended (rotation, close), was replaced by a restart, or ffmpeg died.
+            finished = None
             with self._cond:
                 if self._procs and self._procs[0] is proc:
                     if len(self._procs) > 1 or self._closed:
-                        self._procs.popleft()
-                        continue
-                    # It died while being the only one: the writer restarts it; wait for that.
-                    self._cond.wait(timeout)
-                    if self._procs and self._procs[0] is proc:
-                        return b""
+                        finished = self._procs.popleft()
+                    else:
+                        # It died while being the only one: the writer restarts it; wait for that.
+                        self._cond.wait(timeout)
+                        if self._procs and self._procs[0] is proc:
+                            return b""
+            if finished is not None:
+                _reap(finished)  # outside the lock: the writer never waits for an exiting ffmpeg
 
     def close(self, timeout: float = 2.0) -> None:
         """Let ffmpeg flush and exit; kill it if it does not within ``timeout``."""
@@ -224,6 +227,21 @@ class Encoder:
                 proc.stdin.close()
         except OSError:
             pass
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """A finished stream's ffmpeg: close our ends of its pipes and collect its exit status (no zombie, no file
+    descriptors left behind). Its stderr logger thread ends at the pipe's EOF."""
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
