@@ -212,14 +212,13 @@ class SlotDecoder:
                                   window, steps)
             self.last_prefill_seconds = time.monotonic() - t0
         self._write_prompts(requests, slots)
-        index = torch.tensor(slots, dtype=torch.long)
         dev = self.shape.device
+        index = torch.tensor(slots, dtype=torch.long, device=dev)
         st.active.zero_()
-        st.active[index.to(dev)] = True
-        st.guidance[index.to(dev)] = torch.tensor([r.sampling.guidance for r in requests], device=dev)
-        st.temperature[index.to(dev)] = torch.tensor([r.sampling.temperature for r in requests], device=dev)
-        st.top_k[index.to(dev)] = torch.tensor([max(1, min(r.sampling.top_k, self.shape.vocab)) for r in requests],
-                                               device=dev)
+        st.active[index] = True
+        st.guidance[index] = torch.tensor([r.sampling.guidance for r in requests], device=dev)
+        st.temperature[index] = torch.tensor([r.sampling.temperature for r in requests], device=dev)
+        st.top_k[index] = torch.tensor([max(1, min(r.sampling.top_k, self.shape.vocab)) for r in requests], device=dev)
         n = min(self.capacity, bucket(max(slots) + 1))
         kmax = max(max(1, min(r.sampling.top_k, self.shape.vocab)) for r in requests)
         # Rounded up, so few graphs are captured per bucket; never more than the vocabulary.
