@@ -259,7 +259,7 @@ class Engine:
         for s in batch:
             prompt, blend_from, blend = s.conditioning(frames)
             requests.append(ContinuationRequest(context=s.context(), prompt=prompt, sampling=s.config.sampling,
-                                                overlap=min(self.config.overlap_frames, s.context().shape[1]),
+                                                overlap=self.config.overlap_frames,
                                                 key=s.key, blend_from=blend_from, blend=blend))
         t0 = time.monotonic()
         while True:
@@ -314,7 +314,7 @@ class Engine:
     def _set_aside(self, station: Station, message: str) -> None:
         """A station whose current item cannot be generated: it moves on to its next item (filler covers) and
         says why in its status; the other stations are not held up."""
-        station.error = message
+        station.error = station.last_error = message
         station.errors += 1
         self._throttle.log(logging.ERROR, f"aside{station.key}", "%s: %s; skipping to the next playlist item",
                            station.mount, message)

@@ -153,6 +153,6 @@ def station_config(mount: str, items: tuple[PlaylistItem, ...] | None = None, **
 
 def drain(station: Station) -> np.ndarray:
     """Everything a listener can take right now without touching the filler reserve."""
-    n = int(round(station.buffered_seconds * station.sample_rate)) - station._reserve
+    n = int(round(station.buffered_seconds * station.sample_rate)) - station.reserve_samples
     pcm, _ = station.read(n)
     return pcm

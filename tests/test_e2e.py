@@ -275,6 +275,6 @@ def test_the_static_decode_path_end_to_end(icecast, tiny_model_dir: Path, tmp_pa
         for mount in ("/s1.mp3", "/s2.ogg"):
             audio = wait_for(lambda m=mount: _try_listen(f"{icecast.url}{m}"), 40, 1.0, message=f"audio on {mount}")
             assert np.sqrt(np.mean(audio ** 2)) > 0.005, mount
-        assert sorted(k for k in model._slots.keys if k is not None) == sorted(daemon.stations)
+        assert sorted(k for k in model.slots.keys if k is not None) == sorted(daemon.stations)
     finally:
         daemon.stop()

@@ -37,7 +37,7 @@ def test_chunks_join_without_jumps_gaps_or_repeats() -> None:
     ideal = model.pcm_for_frames(0, len(out) // 640 + 1)[: len(out)]
     generated = sum(frames for _, frames in model.calls) * 640
     held = 20 * 32  # the last chunk's crossfade tail waits for the next chunk
-    assert len(out) == generated - held - st._reserve  # nothing repeated, nothing dropped
+    assert len(out) == generated - held - st.reserve_samples  # nothing repeated, nothing dropped
 
     # Sample-to-sample jumps: at the chunk boundaries no larger than inside a chunk.
     jumps = np.abs(np.diff(out))
@@ -139,7 +139,7 @@ def test_items_advance_by_duration_and_keep_the_context() -> None:
     assert prompts == ["p1", "p1", "p2", "p2", "p1"]
     # the first chunk of the new item continues the old item's codes: a segue, not a restart
     assert model.calls[2][0][0].context.shape[1] == 50
-    n = int(round(st.buffered_seconds * 32000)) - st._reserve
+    n = int(round(st.buffered_seconds * 32000)) - st.reserve_samples
     pcm, titles = st.read(n)
     assert titles == ["first", "second", "first"]
 
@@ -246,13 +246,13 @@ def test_idents_play_between_items_crossfaded_in_and_out(tmp_path) -> None:
     engine.add_station(st)
     for _ in range(5):
         engine.run_once()
-    n = int(round(st.buffered_seconds * 32000)) - st._reserve
+    n = int(round(st.buffered_seconds * 32000)) - st.reserve_samples
     pcm, titles = st.read(n)
     assert titles == ["one", "two", "one"]
     generated = sum(frames for _, frames in model.calls) * 640
     xf = held = int(cfg.crossfade_ms * 32)  # the join crossfade; also the engine's held tail
     # two item changes, two idents, each overlapping its neighbours by one crossfade on either side
-    assert len(pcm) + st._reserve + held == generated + 2 * (len(ident) - 2 * xf)
+    assert len(pcm) + st.reserve_samples + held == generated + 2 * (len(ident) - 2 * xf)
     # the ident (1 kHz) sits right before item two's audio
     spectrum_at = lambda a, f: abs(np.fft.rfft(a)[int(f * len(a) / 32000)])  # noqa: E731
     middle = pcm[32000 + 4000: 32000 + 12000]

@@ -55,6 +55,11 @@ class ContinuationRequest:
     blend_from: str | None = None  # during a prompt blend: the previous prompt...
     blend: float = 1.0  # ...and the weight of the new one (0 = old prompt only, 1 = new prompt only)
 
+    @property
+    def decoded_overlap(self) -> int:
+        """The overlap frames actually decoded: never more than the context has."""
+        return min(self.overlap, self.context.shape[1])
+
 
 @dataclass
 class ContinuationResult:
@@ -362,7 +367,7 @@ class MusicgenModel:
             t0 = time.monotonic()
             pcm = self._decode(requests, new_codes)
             self.last_decode_seconds = time.monotonic() - t0
-        return [ContinuationResult(codes=c, pcm=p, overlap=min(r.overlap, r.context.shape[1]), fresh=fresh)
+        return [ContinuationResult(codes=c, pcm=p, overlap=r.decoded_overlap, fresh=fresh)
                 for r, (c, fresh), p in zip(requests, generated, pcm)]
 
     def forget(self, key: str) -> None:
@@ -395,6 +400,16 @@ class MusicgenModel:
         """Bench: after an out-of-memory probe, let the slots grow again to what free memory allows."""
         if self._slots is not None:
             self._slots.max_slots = self._slots.slots_that_fit()
+
+    @property
+    def dynamic_state(self):  # -> DecodeState
+        """The dynamic path's rows and KV buffers (live and parked)."""
+        return self._state
+
+    @property
+    def slots(self):  # -> SlotDecoder | None
+        """The static path's slots (None on the dynamic path): which station holds which, their limit."""
+        return self._slots
 
     def hold_resets(self, hold: bool) -> None:
         """Bench only: hold window resets off (``True``) while steady chunks are measured; a reset's cost is
@@ -625,7 +640,7 @@ class MusicgenModel:
         torch = self._torch
         seqs = []
         for r, c in zip(requests, new_codes):
-            ov = min(r.overlap, r.context.shape[1])
+            ov = r.decoded_overlap
             seqs.append(np.concatenate([r.context[:, r.context.shape[1] - ov:], c], axis=1) if ov else c)
         out: list[np.ndarray | None] = [None] * len(seqs)
         by_len: dict[int, list[int]] = {}

@@ -119,6 +119,12 @@ class Encoder:
             self._cond.notify_all()
 
     @property
+    def processes(self) -> int:
+        """ffmpeg processes held: the stream being encoded and, for a chained Ogg stream, one finishing."""
+        with self._cond:
+            return len(self._procs)
+
+    @property
     def pid(self) -> int | None:
         with self._cond:
             return self._procs[-1].pid if self._procs else None

@@ -47,6 +47,11 @@ class Mount:
         self.last_error: str | None = None
 
     @property
+    def alive(self) -> bool:
+        """The feeder thread runs (it survives anything a station brings: see ``_run``)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def mount(self) -> str:
         return self.station.mount
 

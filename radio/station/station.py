@@ -76,7 +76,8 @@ class Station:
         self.underruns = 0
         self.chunks = 0
         self.dropped_samples = 0  # generated, then skipped by the silence watchdog
-        self.error: str | None = None  # why generation set this station aside last (None: all well)
+        self.error: str | None = None  # why generation sets this station aside now (None: all well)
+        self.last_error: str | None = None  # the last such reason, kept after the station recovered
         self.errors = 0
 
     # -- identity --------------------------------------------------------------------------------------------
@@ -93,6 +94,11 @@ class Station:
     def buffered_seconds(self) -> float:
         with self._lock:
             return self._queued / self.sample_rate
+
+    @property
+    def reserve_samples(self) -> int:
+        """Queued samples held back for the crossfade into the next chunk (or out of filler)."""
+        return self._reserve
 
     @property
     def has_audio(self) -> bool:
@@ -390,5 +396,6 @@ class Station:
             "silence_skips": self.silence_skips,
             "filling": filling,
             "error": self.error,
+            "last_generation_error": self.last_error,
             "errors": self.errors,
         }

@@ -225,7 +225,7 @@ class SineModel:
             T = r.context.shape[1]
             start = int(r.context[0, -1]) + 1 if T else 0
             codes = np.tile(np.arange(start, start + frames, dtype=np.int64), (self.num_codebooks, 1))
-            ov = min(r.overlap, T)
+            ov = r.decoded_overlap
             results.append(ContinuationResult(codes=codes, pcm=self.pcm_for_frames(start - ov, start + frames),
                                               overlap=ov))
         return results

@@ -156,14 +156,14 @@ def test_what_one_station_brings_degrades_that_station_alone(three) -> None:
              30, message="the bad prompt set aside")
     code, status = call(base, "/status")
     a = next(s for s in status["stations"] if s["mount"] == "/a.mp3")
-    assert code == 200 and "prompt cannot be encoded" in a["error"]
+    assert code == 200 and "prompt cannot be encoded" in a["last_generation_error"]
     assert a["generating"] == "Second a"  # it moved on to its next item by itself
     all_keep_going(base, icecast, generated(base))
     wait_for(lambda: next(s for s in call(base, "/status")[1]["stations"] if s["mount"] == "/a.mp3")["error"]
              is None, 30, message="station a recovers by itself")
     # The feeders survived the titles: the Opus and Vorbis mounts are still the same on-air sessions' feeders.
     for mount in ("/b.ogg", "/c.opus"):
-        assert daemon.mounts[next(k for k, s in daemon.stations.items() if s.mount == mount)]._thread.is_alive()
+        assert daemon.mounts[next(k for k, s in daemon.stations.items() if s.mount == mount)].alive
 
 
 def test_http_side_is_bounded(three) -> None:

@@ -158,9 +158,9 @@ def test_window_reset_reprefills_with_the_delay_pattern_right(tiny_model_dir: Pa
         np.testing.assert_array_equal(res.codes[:, :6], fresh.codes)
     # between resets a row never holds more than the window
     if decoder == "dynamic":
-        assert small_window._state.length <= 40 + 4 + 2
+        assert small_window.dynamic_state.length <= 40 + 4 + 2
     else:
-        assert int(small_window._slots.st.length.max()) <= 40 + 4
+        assert int(small_window.slots.st.length.max()) <= 40 + 4
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -226,10 +226,10 @@ def test_a_station_that_sits_a_chunk_out_keeps_its_cache(tiny_model_dir: Path, d
     chunk("abc", 6)
     chunk("c", 5)  # a and b sit out
     if decoder == "dynamic":
-        assert set(m._state.parked) == {"a", "b"} and m._state.row_keys() == ["c"]
+        assert set(m.dynamic_state.parked) == {"a", "b"} and m.dynamic_state.row_keys() == ["c"]
     back = chunk("abc", 7)
     assert not back["a"].fresh and not back["b"].fresh and not back["c"].fresh
-    assert not m._state.parked
+    assert not m.dynamic_state.parked
     # Same codes as one uninterrupted greedy run of each station alone.
     for k, frames in (("a", 13), ("b", 13), ("c", 18)):
         alone = m.continue_batch([ContinuationRequest(start[k], f"prompt {k}", GREEDY)], frames)[0].codes
@@ -240,6 +240,6 @@ def test_a_station_that_sits_a_chunk_out_keeps_its_cache(tiny_model_dir: Path, d
     assert chunk("ab", 3)["b"].fresh
     chunk("a", 3)
     m.forget("b")
-    assert "b" not in m._state.parked and m.memory_bytes() > 0
+    assert "b" not in m.dynamic_state.parked and m.memory_bytes() > 0
     if decoder == "static":
-        assert "b" not in m._slots.keys
+        assert "b" not in m.slots.keys

@@ -28,7 +28,7 @@ def test_the_step_traces_as_one_graph_with_no_host_synchronisation(static: Music
     value. What traces whole can be captured as a CUDA graph."""
     ctx = np.random.default_rng(0).integers(0, static.vocab_size, (4, 9))
     static.continue_batch([ContinuationRequest(ctx, "jazz", s, key=f"k{i}") for i, s in enumerate(MIXED)], 5)
-    slots = static._slots
+    slots = static.slots
     st = slots.st
     before = st.t.clone()
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
@@ -46,7 +46,7 @@ def test_slots_are_kept_freed_and_reused_never_double_booked(static: MusicgenMod
         for k, r in zip(keys, res):
             ctx[k] = np.concatenate([ctx[k], r.codes], axis=1)
 
-    slots = static._slots
+    slots = static.slots
     chunk("abc")
     first = {k: slots.keys.index(k) for k in "abc"}
     chunk("ab")  # c sits out: keeps its slot
@@ -66,7 +66,7 @@ def test_slots_are_kept_freed_and_reused_never_double_booked(static: MusicgenMod
 
 
 def test_more_stations_than_fit_is_a_clear_refusal(static: MusicgenModel) -> None:
-    static._slots.max_slots = 2
+    static.slots.max_slots = 2
     reqs = [ContinuationRequest(np.zeros((4, 0), np.int64), "x", GREEDY, key=k) for k in "abc"]
     with pytest.raises(SlotsFull) as info:
         static.continue_batch(reqs, 3)
