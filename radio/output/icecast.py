@@ -1,6 +1,6 @@
 """The Icecast side of one mount: a python-shout (libshout) connection paced with ``sync()``.
 
-The sender thread reads encoded bytes from the mount's :class:`~radio.encoder.Encoder` and sends them.
+The sender thread reads encoded bytes from the mount's :class:`~radio.output.encoder.Encoder` and sends them.
 If Icecast goes away or refuses us, it reconnects with capped, jittered exponential backoff, forever, and
 logs one line per state change (not one per retry). After every (re)connect it re-sends the current title.
 
