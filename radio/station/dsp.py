@@ -35,3 +35,39 @@ def equal_power_crossfade(out_going: np.ndarray, in_coming: np.ndarray) -> np.nd
 
 def rms(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) if len(pcm) else 0.0
+
+
+class Ring:
+    """The last ``capacity`` samples of a stream, kept in one preallocated buffer written in place."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = np.zeros(max(1, capacity), dtype=np.float32)
+        self.size = 0
+        self.end = 0  # where the next sample goes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, pcm: np.ndarray) -> None:
+        cap, n = len(self.buf), len(pcm)
+        if n >= cap:
+            self.buf[:] = pcm[-cap:]
+            self.end, self.size = 0, cap
+            return
+        first = min(n, cap - self.end)
+        self.buf[self.end:self.end + first] = pcm[:first]
+        self.buf[:n - first] = pcm[first:]
+        self.end = (self.end + n) % cap
+        self.size = min(cap, self.size + n)
+
+    def drop_newest(self, n: int) -> None:
+        n = min(n, self.size)
+        self.size -= n
+        self.end = (self.end - n) % len(self.buf)
+
+    def samples(self) -> np.ndarray:
+        """The kept samples, oldest first (a copy)."""
+        start = (self.end - self.size) % len(self.buf)
+        if start + self.size <= len(self.buf):
+            return self.buf[start:start + self.size].copy()
+        return np.concatenate([self.buf[start:], self.buf[:self.end]])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import EngineConfig, PlaylistItem, StationConfig
-from .dsp import equal_power_crossfade, rms
+from .dsp import Ring, equal_power_crossfade, rms
 from ..logs import Throttle
 from .playlist import Playlist
 
@@ -63,8 +63,9 @@ class Station:
         self._queue: deque[_Segment] = deque()
         self._queued = 0  # samples in _queue
         self._reserve = max(1, int(engine.crossfade_ms / 1000 * sample_rate))
-        self._history = np.zeros(0, dtype=np.float32)  # last real audio handed out, for filler
-        self._history_len = int(engine.filler_seconds * sample_rate) + self._reserve
+        # The last real audio handed out, for filler: a ring written in place, as it is fed every 100 ms (a new
+        # array per block was a steady churn of half-megabyte allocations across the feeder threads).
+        self._history = Ring(int(engine.filler_seconds * sample_rate) + self._reserve)
         self._filler: np.ndarray | None = None
         self._filler_pos = 0
         self.now_playing: str | None = None
@@ -294,7 +295,7 @@ class Station:
         with self._lock:
             if len(pcm) > n:  # the exit crossfade may overshoot by < one reserve; keep it for next time
                 extra = pcm[n:]
-                self._history = self._history[: len(self._history) - len(extra)]
+                self._history.drop_newest(len(extra))
                 self._queue.appendleft(_Segment(extra.copy(), None))
                 self._queued += len(extra)
                 self.real_samples -= len(extra)
@@ -325,12 +326,12 @@ class Station:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _remember(self, pcm: np.ndarray) -> None:
-        self._history = np.concatenate([self._history, pcm])[-self._history_len:]
+        self._history.push(pcm)
 
     def _enter_filler(self, titles: list[str]) -> None:
         reserve = self._take(self._queued, titles)  # what is left: at most one reserve
         self.underruns += 1
-        history = np.concatenate([self._history, reserve])
+        history = np.concatenate([self._history.samples(), reserve])
         xf = self._reserve
         if len(history) < 4 * xf:
             # Nothing played yet: silence is all that exists. It still counts as filled time.

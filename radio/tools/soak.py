@@ -25,6 +25,7 @@ from typing import Any
 from .bench import RssSampler
 from ..config import DaemonConfig, EngineConfig, IcecastConfig, load_stations
 from ..daemon import Daemon
+from ..native import trim
 from ..output.local import LocalIcecast
 
 logger = logging.getLogger(__name__)
@@ -130,11 +131,12 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
                     churn_step += 1
                     daemon.reload()
                 for k, m in daemon.mounts.items():
-                    if m.started_wall is not None:
+                    if m.started_wall is not None and k in max_drift:  # the churned station is not judged
                         drift = m.media_seconds - (time.monotonic() - m.started_wall)
                         max_drift[k] = max(max_drift[k], abs(drift))
                 if time.monotonic() >= next_report:
                     next_report += report_every
+                    trim()  # as `radio run` does once a minute
                     logger.info("soak: %.0f min left, RSS %.0f MB", (t_end - time.monotonic()) / 60,
                                 RssSampler.rss() / 2**20)
             rss_end = RssSampler.rss()
@@ -144,7 +146,7 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
                 gc.collect()
                 diff = tracemalloc.take_snapshot().compare_to(snapshot, "traceback")
                 growth_sites = [f"{d.size_diff / 1024:+.0f} KiB {d.count_diff:+d} blocks: "
-                                f"{' <- '.join(str(f) for f in list(d.traceback)[:3])}"
+                                f"{' <- '.join(str(f) for f in list(d.traceback)[::-1][:4])}"
                                 for d in sorted(diff, key=lambda d: d.size_diff, reverse=True)[:10]]
                 now_counts = _type_counts()
                 growth_types = [f"{name}: {counts.get(name, 0)} -> {n}" for name, n in
