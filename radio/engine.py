@@ -81,6 +81,10 @@ class Engine:
         self._throttle = Throttle(logger)
         self._forgets: deque[tuple[MusicModel, str]] = deque()  # decode states to drop, applied by the engine thread
         self._commands: deque[Command] = deque()  # station changes from other threads, applied by the engine thread
+        # Stations that could not run (no decode slot free, a prompt the model refused): not picked again before
+        # this time, so they neither spin the engine nor take every step from the stations that can run.
+        self._retry_at: dict[str, float] = {}
+        self.retry_seconds = 2.0
         # Audio made against wall time since the load was last judged, busy or idle (overload check).
         self._made_since = (time.monotonic(), 0.0)
         self.keeping_up = True
@@ -183,6 +187,7 @@ class Engine:
 
     def remove_station(self, key: str) -> None:
         with self._lock:
+            self._retry_at.pop(key, None)
             self._stations.pop(key, None)
             self._tails.pop(key, None)
             self._code_formats.pop(key, None)
@@ -217,7 +222,8 @@ class Engine:
         with self._lock:
             stations = [(s, self._assigned.get(k)) for k, s in self._stations.items()]
             models = set(self.models)
-        stations = [(s, m) for s, m in stations if m in models]
+        now = time.monotonic()
+        stations = [(s, m) for s, m in stations if m in models and self._retry_at.get(s.key, 0.0) <= now]
         needy = [(s, m) for s, m in stations if s.needs_audio()]
         if not needy:
             return None, []
@@ -273,6 +279,7 @@ class Engine:
                     raise
                 for s in waiting:
                     s.error = f"waiting for a decode slot: {exc}"
+                    self._retry_at[s.key] = time.monotonic() + self.retry_seconds
                 self._throttle.log(logging.WARNING, "slots", "%d station(s) wait for a decode slot (%s): %s",
                                    len(waiting), exc, ", ".join(s.mount for s in waiting[:5]))
                 batch = [s for s in batch if s.key not in exc.keys]
@@ -284,7 +291,9 @@ class Engine:
                 i = next((i for i, s in enumerate(batch) if s.key == exc.key), None)
                 if i is None:
                     raise
-                self._set_aside(batch.pop(i), str(exc))
+                aside = batch.pop(i)
+                self._set_aside(aside, str(exc))
+                self._retry_at[aside.key] = time.monotonic() + self.retry_seconds
                 requests.pop(i)
                 if not batch:
                     return True
@@ -294,6 +303,7 @@ class Engine:
         for station, result in zip(batch, results):
             if station.key not in live:
                 continue  # removed, or moved to another model, while we generated
+            self._retry_at.pop(station.key, None)
             if station.error is not None:
                 logger.info("%s: generating again", station.mount)
                 station.error = None

@@ -285,6 +285,7 @@ def test_stations_beyond_the_models_slots_wait_and_the_others_play() -> None:
     cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=1.0)
     engine = Engine(_TwoSlots(), cfg)
     stations = [Station(station_config(f"/s{i}.mp3"), 32000, 50, 4, cfg) for i in range(3)]
+    engine.retry_seconds = 0.3
     for st in stations:
         engine.add_station(st)
     for _ in range(6):
@@ -295,6 +296,10 @@ def test_stations_beyond_the_models_slots_wait_and_the_others_play() -> None:
     assert waiting[0].error and "waiting for a decode slot" in waiting[0].error
     assert all(st.error is None for st in playing)
     engine.remove_station(playing[0].key)  # a slot frees up: the waiting station gets it and recovers
+    assert not engine.pick_batch() or waiting[0] not in engine.pick_batch()  # it waits a while before a retry
+    import time
+
+    time.sleep(0.4)
     for _ in range(6):
         engine.run_once()
     assert waiting[0].generated_samples > 0 and waiting[0].error is None
