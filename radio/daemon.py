@@ -251,7 +251,8 @@ class Daemon:
             except ModelError as exc:
                 logger.error("%s", exc)
         stream = ("mount", "format", "bitrate", "name", "description", "genre", "url")
-        if any(getattr(sc, f) != getattr(old, f) for f in stream):
+        on_air = self.mounts[sc.key].config  # what the mount runs with (the station's may still be pending)
+        if any(getattr(sc, f) != getattr(on_air, f) for f in stream):
             logger.info("%s: stream settings changed; restarting %s", sc.path, sc.mount)
             self.mounts[sc.key].stop()
             self.mounts[sc.key] = Mount(station, self.config.icecast, config=sc)
