@@ -227,6 +227,7 @@ def test_edited_playlist_waits_for_the_current_item_or_applies_now() -> None:
     assert model.calls[-1][0][0].prompt == "p1"
 
 
+@pytest.mark.e2e  # reads the ident files through pydub, which runs ffmpeg
 def test_idents_play_between_items_crossfaded_in_and_out(tmp_path) -> None:
     import subprocess
 
