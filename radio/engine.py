@@ -436,6 +436,7 @@ class Engine:
                 self._wake.clear()
 
     def status(self) -> dict[str, object]:
+        on_air = self.on_air()
         return {
             "steps": self.steps,
             "failures": self.failures,
@@ -443,8 +444,8 @@ class Engine:
             "last_model": self.last_model,
             "last_step_seconds": round(self.last_step_seconds, 3),
             "realtime_factor": round(self.realtime_factor, 3),
-            "stations_on_air": self.on_air(),
-            "needed_factor": float(self.on_air()),
+            "stations_on_air": on_air,
+            "needed_factor": float(on_air),
             "capacity_stations": int(self.realtime_factor),
             "keeping_up": self.keeping_up,
         }

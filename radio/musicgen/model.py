@@ -245,6 +245,7 @@ class MusicgenModel:
         self.last_steps = 0
         self.last_prefill_seconds = 0.0  # wall time of the last chunk's prefill (bench: a reset's cost)
         self.last_decode_seconds = 0.0  # wall time of the last chunk's EnCodec decoding
+        self._window_kept: int | None = None  # window_frames while the bench holds resets off
         self.resets = 0
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
         self.window_frames = min(window_frames or int(window_seconds * self.frame_rate), self.max_positions - 8)
@@ -417,8 +418,8 @@ class MusicgenModel:
         if hold:
             self._window_kept = self.window_frames
             self.window_frames = self.max_positions - 8
-        elif hasattr(self, "_window_kept"):
-            self.window_frames = self._window_kept
+        elif self._window_kept is not None:
+            self.window_frames, self._window_kept = self._window_kept, None
         if self._slots is not None:
             self._slots.spread_resets = not hold
 

@@ -164,6 +164,13 @@ class SlotDecoder:
         self.st, self.capacity, self.text_tokens, self.max_steps = new, capacity, text_tokens, max_steps
         self.keys += [None] * (capacity - len(self.keys))
 
+    @property
+    def tensors(self) -> SlotTensors:
+        """The allocated slot tensors (allocated by the first chunk's placement)."""
+        if self.st is None:
+            raise RuntimeError("decode slots used before any were allocated")
+        return self.st
+
     def _slot_for(self, key: str) -> int | None:
         try:
             return self.keys.index(key)
@@ -203,8 +210,7 @@ class SlotDecoder:
         self.last_steps = steps
 
         slots = self._place(keys, fresh, steps)
-        st = self.st
-        assert st is not None
+        st = self.tensors
         self.last_prefill_seconds = 0.0
         if fresh:
             t0 = time.monotonic()
@@ -278,8 +284,7 @@ class SlotDecoder:
 
     def _prefill_slots(self, requests: list, keys: list[str], slots: list[int], window: int, steps: int) -> None:
         """ONE batched prefill of the fresh rows' contexts (transformers' decoder), copied into their slots."""
-        st = self.st
-        assert st is not None
+        st = self.tensors
         pad = self.pad
         rows, contexts = [], []
         for key, r in zip(keys, requests):
@@ -314,8 +319,7 @@ class SlotDecoder:
             while grown < S:
                 grown *= 2
             self._allocate(self.capacity, grown, self.max_steps)
-        st = self.st
-        assert st is not None
+        st = self.tensors
         dev, D = self.shape.device, states[0].shape[1]
         enc = torch.zeros((len(states), self.text_tokens, D), dtype=states[0].dtype, device=dev)
         bias = torch.full((len(states), self.text_tokens), torch.finfo(self.shape.dtype).min, dtype=self.shape.dtype,
@@ -347,8 +351,7 @@ class SlotDecoder:
 
     # -- the step -------------------------------------------------------------------------------------------
     def _run_step(self, n: int, kmax: int) -> None:
-        st = self.st
-        assert st is not None
+        st = self.tensors
         run = lambda: decode_step(self.parts, st, n, kmax, sdpa=self.cuda)  # noqa: E731
         if not self.graphs_enabled:
             with torch.inference_mode():
@@ -370,8 +373,7 @@ class SlotDecoder:
 
     def _capture(self, run: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         """Warm the step up on a side stream (its side effects undone), then capture it."""
-        st = self.st
-        assert st is not None
+        st = self.tensors
         saved = [t.clone() for t in (st.length, st.next_col, st.warm, st.t)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -238,12 +238,7 @@ class Encoder:
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     """A finished stream's ffmpeg: close our ends of its pipes and collect its exit status (no zombie, no file
     descriptors left behind). Its stderr logger thread ends at the pipe's EOF."""
-    for pipe in (proc.stdin, proc.stdout):
-        try:
-            if pipe is not None:
-                pipe.close()
-        except OSError:
-            pass
+    _close_pipes(proc)
     try:
         proc.wait(timeout=2.0)
     except subprocess.TimeoutExpired:
@@ -256,9 +251,14 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(2)
     except (OSError, subprocess.TimeoutExpired):
         pass
-    for f in (proc.stdin, proc.stdout):
+    _close_pipes(proc)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    """Close our ends of an ffmpeg's stdin and stdout."""
+    for pipe in (proc.stdin, proc.stdout):
         try:
-            if f is not None:
-                f.close()
+            if pipe is not None:
+                pipe.close()
         except OSError:
             pass

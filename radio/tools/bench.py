@@ -337,7 +337,7 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
-def _descendants(pid: int) -> dict[int, str]:
+def descendants(pid: int) -> dict[int, str]:
     """Live descendant processes of ``pid``: pid -> command name."""
     parents: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
@@ -399,7 +399,7 @@ def bench_outputs(mounts: int, seconds: float, progress: Callable[[str], None]) 
                 time.sleep(0.5)
             time.sleep(5.0)  # warm-up: buffers filled, every encoder running
             me = os.getpid()
-            kids = _descendants(me)
+            kids = descendants(me)
             enc = [p for p, name in kids.items() if name == "ffmpeg"]
             ice = [p for p, name in kids.items() if name.startswith("icecast")]
             t0, a0, e0, i0 = time.monotonic(), _cpu_seconds([me]), _cpu_seconds(enc), _cpu_seconds(ice)

@@ -18,7 +18,7 @@ import logging
 import tempfile
 import time
 import tracemalloc
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,9 @@ def _type_counts() -> Counter[str]:
     for obj in gc.get_objects():
         t = type(obj)
         module = t.__module__ if isinstance(t.__module__, str) else ""
-        if module.startswith("radio") or t in (dict, list, tuple, bytes, deque_type):
+        if module.startswith("radio") or t in (dict, list, tuple, bytes, deque):
             counts[f"{module}.{t.__qualname__}"] += 1
     return counts
-
-
-deque_type = type(__import__("collections").deque())
 
 
 def _churn_station(directory: Path, step: int) -> None:

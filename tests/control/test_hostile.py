@@ -19,6 +19,7 @@ import pytest
 from radio.config import load_stations
 from radio.daemon import Daemon
 from radio.output.local import free_port
+from radio.tools.bench import descendants
 
 from ..conftest import daemon_config, listen, mount_info, wait_for, write_station
 
@@ -211,25 +212,6 @@ def test_http_side_is_bounded(three) -> None:
     assert set(codes) <= {200, 503} and codes.count(200) >= 100, sorted(set(codes))
 
 
-def _children(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        found.update(kids)
-        todo.extend(kids)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -246,7 +228,7 @@ def _start_cli(st: Path, model: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def _stop_within(proc: subprocess.Popen[bytes], seconds: float) -> str:
-    kids = _children(proc.pid)
+    kids = set(descendants(proc.pid))
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
