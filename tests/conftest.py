@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -19,6 +20,15 @@ import pytest
 from radio.config import PlaylistItem, Sampling, StationConfig
 from radio.output.local import LocalIcecast, mounts
 from radio.station.station import Station
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without a GPU, the GPU's Triton kernels run under Triton's interpreter (read when triton is imported,
+    which nothing above does)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

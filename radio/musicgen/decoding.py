@@ -133,6 +133,17 @@ def delayed_column(context: np.ndarray, column: int, pad: int) -> np.ndarray:
     return out
 
 
+def delayed_columns(context: np.ndarray, count: int, pad: int) -> np.ndarray:
+    """Columns ``0 .. count-1`` of the delay pattern at once, (K, count): ``delayed_column`` for each."""
+    K, T = context.shape
+    out = np.full((K, count), pad, dtype=np.int64)
+    for k in range(K):  # codebook k's frame f sits in column f + 1 + k
+        end = min(count, T + k + 1)
+        if end > k + 1:
+            out[k, k + 1:end] = context[k, : end - k - 1]
+    return out
+
+
 def forced_warmup(context: np.ndarray, pad: int) -> np.ndarray:
     """forced[k, j]: at warm-up step j (column T+1+j), codebook k > j still belongs to the context."""
     K, T = context.shape

@@ -268,7 +268,8 @@ class MusicgenModel:
         self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
         self._slots = self._slot_decoder(seed) if self.decoder == "static" else None
-        logger.info("decode path: %s", self.decoder)
+        logger.info("decode path: %s%s", self.decoder,
+                    f" ({self._slots.attention} attention)" if self._slots is not None else "")
 
     def _slot_decoder(self, seed: int | None):  # -> SlotDecoder
         """The static path: fixed KV slots and one decode step for all of them (captured as a CUDA graph)."""
@@ -556,7 +557,7 @@ class MusicgenModel:
     def _prefill(self, rows: list, contexts: list[np.ndarray], requests: Sequence[ContinuationRequest],
                  use_cfg: bool):
         """Run fresh rows' contexts (all but their last column) through the decoder; return their KV."""
-        from .decoding import delayed_column
+        from .decoding import delayed_columns
 
         torch = self._torch
         K, pad, dev = self.num_codebooks, self.pad_id, self.device
@@ -571,8 +572,7 @@ class MusicgenModel:
             T = ctx.shape[1]
             off = P - T
             offsets[i] = off
-            for col in range(T):  # columns 0..T-1; column T is fed by the first step
-                ids[i, :, off + col] = torch.from_numpy(delayed_column(ctx, col, pad))
+            ids[i, :, off:] = torch.from_numpy(delayed_columns(ctx, T, pad))  # column T is fed by the first step
         offs = torch.cat([offsets, offsets]) if use_cfg else offsets
         ids = torch.cat([ids, ids]) if use_cfg else ids
         phys = ids.shape[0]

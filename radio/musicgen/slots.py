@@ -26,6 +26,7 @@ import torch
 
 from .decoding import Row, delayed_column, forced_warmup
 from ..errors import ModelError, SlotsFull
+from . import attention as attention_kernel
 from .step import DecoderParts, SlotTensors, decode_step
 
 if TYPE_CHECKING:
@@ -74,6 +75,10 @@ class SlotDecoder:
         self._cross_kv = cross_kv  # (layer, states (n, S, D)) -> (keys, values) each (n, H, S, d)
         self.cuda = shape.device.startswith("cuda")
         self.graphs_enabled = self.cuda if graphs is None else graphs
+        # How the step attends (see decode_step): on CUDA the live-column kernel where it runs, else PyTorch's
+        # fused kernels; elsewhere transformers' math op for op.
+        self.attention = ("live" if attention_kernel.available(shape.device, shape.dtype, shape.heads,
+                                                               shape.head_dim) else "sdpa") if self.cuda else "eager"
         self.keys: list[str | None] = []  # slot -> station key
         self.rows: dict[str, Row] = {}  # station key -> its row bookkeeping
         self.text_tokens = TEXT_TOKENS
@@ -298,17 +303,25 @@ class SlotDecoder:
         kv, P, offsets = self._prefill(rows, contexts, requests, True)
         B = len(rows)
         dev = self.shape.device
-        for j, (row, s) in enumerate(zip(rows, slots)):
-            T = row.context_frames
-            if T and kv is not None:
+        if kv is not None:
+            # One copy per layer for all fresh slots of a context length (a chunk's resets share one), both
+            # halves at once: transformers' rows are [cond x B, uncond x B], a slot's are (cond, uncond).
+            by_length: dict[int, list[int]] = {}
+            for j, row in enumerate(rows):
+                if row.context_frames:
+                    by_length.setdefault(row.context_frames, []).append(j)
+            for T, js in by_length.items():
+                src = torch.tensor(js, device=dev)
+                dst = torch.tensor([slots[j] for j in js], device=dev)
                 for layer, (keys_l, values_l) in enumerate(kv):
-                    for half in range(2):
-                        st.k[layer][s, half, :, :T] = keys_l[half * B + j, :, P - T:].to(st.k[layer].dtype)
-                        st.v[layer][s, half, :, :T] = values_l[half * B + j, :, P - T:].to(st.v[layer].dtype)
-            st.length[s] = T
-            st.next_col[s] = torch.from_numpy(row.next_column).to(dev)
-            st.forced[s] = torch.from_numpy(row.forced).to(dev)
-            st.warm[s] = 0
+                    for cache, new in ((st.k[layer], keys_l), (st.v[layer], values_l)):
+                        both = new.view(2, B, *new.shape[1:])[:, src, :, P - T:].transpose(0, 1)
+                        cache[dst, :, :, :T] = both.to(cache.dtype)
+        index = torch.tensor(slots, device=dev)
+        st.length[index] = torch.tensor([row.context_frames for row in rows], device=dev)
+        st.next_col[index] = torch.from_numpy(np.stack([row.next_column for row in rows])).to(dev)
+        st.forced[index] = torch.from_numpy(np.stack([row.forced for row in rows])).to(dev)
+        st.warm[index] = 0
 
     def _write_prompts(self, requests: Sequence, slots: list[int]) -> None:
         """The prompts' cross-attention keys and values into their slots (every chunk: a blend moves them)."""
@@ -352,7 +365,7 @@ class SlotDecoder:
     # -- the step -------------------------------------------------------------------------------------------
     def _run_step(self, n: int, kmax: int) -> None:
         st = self.tensors
-        run = lambda: decode_step(self.parts, st, n, kmax, sdpa=self.cuda)  # noqa: E731
+        run = lambda: decode_step(self.parts, st, n, kmax, self.attention)  # noqa: E731
         if not self.graphs_enabled:
             with torch.inference_mode():
                 run()

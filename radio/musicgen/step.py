@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import decode_attention
+
 
 @dataclass
 class DecoderParts:
@@ -45,11 +47,12 @@ class DecoderParts:
     num_heads: int
     head_dim: int
     qkv: list[torch.Tensor] | None = None  # per layer (3D, D): q, k, v projections as one product (CUDA)
+    heads_w: torch.Tensor | None = None  # (K*V, D): the K heads as one product (CUDA)
 
     @classmethod
     def of(cls, causal_lm: nn.Module, positions: torch.Tensor, fuse_qkv: bool = False) -> "DecoderParts":
         """From a ``MusicgenForCausalLM`` (``model.decoder``). ``fuse_qkv``: one product for the self-attention
-        projections instead of three (fewer kernels per step; a copy of those weights)."""
+        projections instead of three, and one for the K heads (fewer kernels per step; a copy of those weights)."""
         inner = causal_lm.model.decoder
         attn = inner.layers[0].self_attn
         dim = attn.num_heads * attn.head_dim
@@ -61,9 +64,10 @@ class DecoderParts:
                                   for layer in inner.layers])
             qkv = [torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
                               layer.self_attn.v_proj.weight]) for layer in inner.layers] if fuse_qkv else None
+            heads_w = torch.cat([head.weight for head in causal_lm.lm_heads]) if fuse_qkv else None
         return cls(embed=inner.embed_tokens, positions=positions, layers=inner.layers, final_norm=inner.layer_norm,
                    heads=causal_lm.lm_heads, uncond_cross=uncond.clone(), num_heads=attn.num_heads,
-                   head_dim=attn.head_dim, qkv=qkv)
+                   head_dim=attn.head_dim, qkv=qkv, heads_w=heads_w)
 
 
 @dataclass
@@ -88,9 +92,15 @@ class SlotTensors:
     t: torch.Tensor  # () int64: the step within the chunk
 
 
-def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, sdpa: bool) -> None:
+ATTENTION = ("eager", "sdpa", "live")
+
+
+def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, attention: str = "eager") -> None:
     """Advance slots ``[0, n)`` by one column in place. ``n`` and ``kmax`` (the largest top-k of the batch) are
-    Python ints fixed per captured graph; nothing here reads a tensor's value on the host."""
+    Python ints fixed per captured graph; nothing here reads a tensor's value on the host. ``attention``: how the
+    attention is computed: ``eager`` (transformers' math, op for op), ``sdpa`` (PyTorch's fused kernels; the
+    self-attention masks the whole window) or ``live`` (self-attention by :mod:`.attention`'s kernel, which
+    reads only each row's live columns; cross-attention as ``sdpa``)."""
     K = len(parts.embed)
     H, d = parts.num_heads, parts.head_dim
     D = H * d
@@ -110,9 +120,13 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, sdpa: b
     pos = torch.where(act, length, torch.full_like(length, W - 1))
     pos2 = pos.repeat_interleave(2)
     rows = torch.arange(2 * n, device=pos.device)
-    cols = torch.arange(W, device=pos.device)
-    neg = torch.finfo(dtype).min
-    self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, neg).to(dtype)[:, None, None, :]  # (2n,1,1,W)
+    if attention == "live":
+        live = (pos2 + 1).to(torch.int32)
+    else:
+        cols = torch.arange(W, device=pos.device)
+        neg = torch.finfo(dtype).min
+        self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, neg).to(dtype)[:, None, None, :]  # (2n,1,1,W)
+    sdpa = attention != "eager"
     cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
 
     for i, layer in enumerate(parts.layers):
@@ -130,7 +144,10 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, sdpa: b
             q = attn.q_proj(y).view(2 * n, H, 1, d)
             kc[rows, :, pos2] = attn.k_proj(y).view(2 * n, H, d)
             vc[rows, :, pos2] = attn.v_proj(y).view(2 * n, H, d)
-        a = _attend(q, kc, vc, self_bias, attn.scaling, sdpa)
+        if attention == "live":
+            a = decode_attention(q[:, :, 0], kc, vc, live, attn.scaling)
+        else:
+            a = _attend(q, kc, vc, self_bias, attn.scaling, sdpa)
         h = residual + attn.out_proj(a.reshape(2 * n, 1, D))
 
         cross = layer.encoder_attn
@@ -147,7 +164,10 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, sdpa: b
         h = residual + layer.fc2(layer.activation_fn(layer.fc1(y)))
 
     h = parts.final_norm(h)[:, 0]
-    logits = torch.stack([head(h) for head in parts.heads], dim=1).float().view(n, 2, K, -1)
+    if parts.heads_w is not None:
+        logits = torch.nn.functional.linear(h, parts.heads_w).float().view(n, 2, K, -1)
+    else:
+        logits = torch.stack([head(h) for head in parts.heads], dim=1).float().view(n, 2, K, -1)
     cond, uncond = logits[:, 0], logits[:, 1]
     g = st.guidance[:n][:, None, None]
     logits = torch.where(g > 1.0, uncond + (cond - uncond) * g, cond)

@@ -249,9 +249,10 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     """Our engine's steady state, with window resets counted at their long-run rate.
 
     Steady chunks are measured with resets held off, at an average cached context of 2 x ``context_seconds``
-    (the middle of a station's cycle from ``context_seconds`` up to the 3 x window). One chunk with a forced
-    reset then gives a reset's extra cost, which is charged at the rate the engine incurs it: each station
-    resets once per (window - context) seconds of audio. ``audio_per_wall`` includes that charge.
+    (the middle of a station's cycle from ``context_seconds`` up to the 3 x window). One chunk with as many
+    forced resets as a steady chunk has (each station resets once per (window - context) seconds of audio,
+    and a chunk's resets are prefilled together) then gives their cost, which is charged to every chunk.
+    ``audio_per_wall`` includes that charge.
     """
     rng = np.random.default_rng(0)
     fps = model.frame_rate
@@ -295,16 +296,21 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
                 parts["prefill"] += model.last_prefill_seconds
                 progress(f"ours x{mounts} ({_dtype_name(model)}): chunk {c + 1}/{chunks} {dt:.2f}s")
             state_bytes = model.decode_state_bytes_per_station(mounts)
-            # One station's window resets (its context_seconds of codes are prefilled again) while the
-            # others go on.
-            ctx["m0"] = ctx["m0"][:, -context_frames:].copy()
-            ctx["m0"][:, -1] = (ctx["m0"][:, -1] + 1) % model.vocab_size  # not what the cache holds: re-prefill
-            # Its cost: the prefill, timed on its own (the difference of two chunk timings was as noisy as the
-            # machine), and the warm-up steps a fresh row adds to the chunk.
+            # Window resets, as the engine meets them: each station resets once per (window - context) of
+            # audio, so a steady batch has about `resets_per_chunk` of them in every chunk, prefilled together.
+            # That many stations' contexts (context_seconds of codes) are prefilled again while the others go on.
+            resets_per_chunk = mounts * frames / max(1, window_frames - context_frames)
+            resetting = list(ctx)[:max(1, min(mounts, round(resets_per_chunk)))]
+            for k in resetting:
+                ctx[k] = ctx[k][:, -context_frames:].copy()
+                ctx[k][:, -1] = (ctx[k][:, -1] + 1) % model.vocab_size  # not what the cache holds: re-prefill
+            # Their cost: the prefill, timed on its own (the difference of two chunk timings was as noisy as the
+            # machine), and the warm-up steps fresh rows add to the chunk.
             step(keys, frames)
-            # The warm-up steps a fresh row needs run for the whole batch, but they are not lost on the others
-            # (each gets as many more frames): what the reset costs is the prefill and one row's share of them.
-            reset = model.last_prefill_seconds + (model.last_steps - frames) * wall / steps / mounts
+            # The warm-up steps run for the whole batch, but they are not lost on the others (each gets as many
+            # more frames): what the resets cost is the prefill and the fresh rows' share of them.
+            reset = (model.last_prefill_seconds + (model.last_steps - frames) * wall / steps * len(resetting) / mounts
+                     ) / len(resetting)
             # A new station: as the engine schedules it, its first short chunk runs on its own (the running
             # stations sit that step out, their caches parked) and then it joins the batch.
             ctx["m99"] = np.zeros((model.num_codebooks, 0), np.int64)
@@ -314,7 +320,6 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
             del ctx["m99"]
     finally:
         model.hold_resets(False)
-    resets_per_chunk = mounts * frames / max(1, window_frames - context_frames)
     charged = wall + chunks * resets_per_chunk * reset
     breakdown = {"steps": round((wall - parts["encodec"] - parts["prefill"]) / chunks, 4),
                  "encodec": round(parts["encodec"] / chunks, 4), "prefill": round(parts["prefill"] / chunks, 4),
@@ -458,7 +463,8 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
             m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
                               decoder=decoder)
             name = _dtype_name(m)
-            kernels[name] = ("onednn-packed" if m.packed else "stock") + f", {m.decoder} decoder"
+            kernels[name] = ("onednn-packed" if m.packed else "stock") + f", {m.decoder} decoder" + (
+                f", {m.slots.attention} attention" if m.slots is not None else "")
             first_frames = max(1, int(first_seconds * m.frame_rate))
             cuda = str(m.device).startswith("cuda")
             for n in mounts:

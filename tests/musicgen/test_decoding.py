@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from radio.musicgen.decoding import DecodeState, Row
+from radio.musicgen.decoding import DecodeState, Row, delayed_column, delayed_columns
 
 
 def _row(key: str) -> Row:
@@ -112,3 +112,13 @@ def test_a_rejoin_is_sized_for_the_coming_chunk_so_it_is_not_rebuilt_twice() -> 
     assert st.k_bufs[0] is buffers
     st.fit(7)  # no room: rebuilt
     assert st.k_bufs[0] is not buffers and st.capacity == st.length + 7
+
+
+@pytest.mark.parametrize("frames", [0, 1, 2, 3, 4, 9])
+def test_the_delay_pattern_at_once_is_the_pattern_column_by_column(frames: int) -> None:
+    ctx = np.arange(4 * frames, dtype=np.int64).reshape(4, frames) + 1
+    for count in range(frames + 6):
+        whole = delayed_columns(ctx, count, pad=-7)
+        assert whole.shape == (4, count)
+        for col in range(count):
+            np.testing.assert_array_equal(whole[:, col], delayed_column(ctx, col, pad=-7))
