@@ -636,8 +636,10 @@ class MusicgenModel:
         return torch.where(is_greedy[:, None], greedy, sampled)
 
     # -- audio ----------------------------------------------------------------------------------------------
+    DECODE_GROUP = 16  # stations per EnCodec call: its activations (~30 MB per station and 4 s chunk) stay bounded
+
     def _decode(self, requests: Sequence[ContinuationRequest], new_codes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """EnCodec-decode overlap + new frames; requests of equal length share one decoder call."""
+        """EnCodec-decode overlap + new frames; requests of equal length share a decoder call (up to a group)."""
         torch = self._torch
         seqs = []
         for r, c in zip(requests, new_codes):
@@ -647,8 +649,10 @@ class MusicgenModel:
         by_len: dict[int, list[int]] = {}
         for i, s in enumerate(seqs):
             by_len.setdefault(s.shape[1], []).append(i)
+        step = self.DECODE_GROUP
+        groups = [idx[i:i + step] for idx in by_len.values() for i in range(0, len(idx), step)]
         with torch.inference_mode():
-            for idx in by_len.values():
+            for idx in groups:
                 codes = torch.from_numpy(np.stack([seqs[i] for i in idx])).to(self.device)[None]
                 audio = self.model.audio_encoder.decode(codes, audio_scales=[None] * len(idx)).audio_values
                 audio = audio[:, 0].float().cpu().numpy()

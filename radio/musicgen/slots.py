@@ -162,6 +162,8 @@ class SlotDecoder:
             noise=alloc((capacity, K, s.vocab), torch.float32, 0.5), out=alloc((capacity, K, max_steps), torch.long),
             t=alloc((), torch.long),
         )
+        if self.cuda:
+            torch.cuda.empty_cache()  # the old slots' blocks: a later, larger allocation must not find them cut up
         if old is not None:
             new.xbias[:n, :S] = old.xbias[:n, :S]
             for name in ("length", "next_col", "forced", "warm", "guidance", "temperature", "top_k"):
