@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from radio.output.mount import Mount
 from radio.station.station import Station
 from radio.tools.testing import SineModel
 
-from .conftest import mount_info, station_config, wait_for
+from .conftest import mount_info, run_daemon, station_config, wait_for, write_station
+from .test_resilience import station_text
 
 pytestmark = pytest.mark.e2e
 
@@ -67,3 +69,40 @@ def test_objects_threads_and_processes_stay_bounded_over_hundreds_of_chunks(icec
     finally:
         mount.stop()
         engine.stop()
+
+
+def test_a_station_that_leaves_leaves_nothing_behind(icecast, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A station file created and deleted, three times, beside one that stays (what `radio soak --churn` does
+    every minute): each time the station, its mount, its encoder and the model's rows for it all go, and the
+    daemon holds as many of its own objects as before."""
+    st = tmp_path / "stations"
+    write_station(st, "stay.yaml", station_text("Stay", "/stay.mp3", "mp3", "Stay", "calm piano"))
+    daemon = run_daemon(icecast, tiny_model_dir, st)
+    try:
+        wait_for(lambda: mount_info(icecast, "/stay.mp3"), 20, message="on air")
+        left: list[tuple[weakref.ref, weakref.ref]] = []
+        counts = []
+        for i in range(3):
+            path = write_station(st, "churn.yaml", station_text("Churn", "/churn.ogg", "vorbis", f"Churn {i}",
+                                                                  f"churn prompt {i}"))
+            daemon.reload()
+            key = str(path)
+            wait_for(lambda: mount_info(icecast, "/churn.ogg"), 20, message="churn station on air")
+            wait_for(lambda: daemon.stations[key].chunks >= 2, 30, message="churn station generating")
+            left.append((weakref.ref(daemon.stations[key]), weakref.ref(daemon.mounts[key])))
+            path.unlink()
+            daemon.reload()
+            wait_for(lambda: not mount_info(icecast, "/churn.ogg"), 10, message="churn station gone")
+            stay = daemon.stations[str(st / "stay.yaml")]
+            done = stay.chunks
+            wait_for(lambda: stay.chunks >= done + 2, 30, message="the engine moved on")  # the forget is applied
+            counts.append(radio_objects())
+        gc.collect()
+        assert [(s() is None, m() is None) for s, m in left] == [(True, True)] * 3
+        (model,) = daemon.pool.models().values()
+        state = model.dynamic_state
+        assert key not in state.parked and all(row.key != key for row in state.rows)
+        grown = {k: (counts[0].get(k, 0), n) for k, n in counts[-1].items() if n > counts[0].get(k, 0) + 2}
+        assert not grown, grown
+    finally:
+        daemon.stop()
