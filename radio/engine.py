@@ -53,7 +53,7 @@ class Command:
 def code_format(model: MusicModel) -> tuple[object, ...]:
     """What must match for one model to continue another's codes (same codebooks, vocabulary and frame rate:
     true across MusicGen small/medium/large, which share one EnCodec)."""
-    return (model.num_codebooks, getattr(model, "vocab_size", None), model.frame_rate, model.sample_rate)
+    return (model.num_codebooks, model.vocab_size, model.frame_rate, model.sample_rate)
 
 
 class Engine:
@@ -172,9 +172,7 @@ class Engine:
                 if not self._forgets:
                     return
                 model, key = self._forgets.popleft()
-            forget = getattr(model, "forget", None)
-            if forget is not None:
-                forget(key)
+            model.forget(key)
 
     # -- stations --------------------------------------------------------------------------------------------
     def add_station(self, station: Station, model_key: str | None = DEFAULT_MODEL_KEY) -> None:

@@ -83,11 +83,6 @@ Loader = Callable[[ModelSpec], MusicModel]
 Estimator = Callable[[ModelSpec], "int | None"]
 
 
-def memory_bytes(model: MusicModel) -> int:
-    measure = getattr(model, "memory_bytes", None)
-    return int(measure()) if measure is not None else 0
-
-
 class ModelPool:
     """Owns the loaded models and which station plays from which; tells the engine through its public
     methods. ``load`` blocks (startup, new stations); ``change`` returns at once and loads in the background."""
@@ -139,7 +134,7 @@ class ModelPool:
         with self._lock:
             self.sample_rate = self.sample_rate or model.sample_rate
             self._models[spec] = model
-            self._bytes[spec] = memory_bytes(model)
+            self._bytes[spec] = int(model.memory_bytes())
         self.engine.add_model(spec.key, model)
         logger.info("model %s ready (%s)", spec, mb(self._bytes[spec]))
         return model

@@ -82,11 +82,20 @@ class MusicModel(Protocol):
     num_codebooks: int
     samples_per_frame: int
     batch_limit: int  # the most stations one continue_batch call should carry
+    vocab_size: int  # codes are in [0, vocab_size): with the three above, whether two models share a code format
 
     def continue_batch(self, requests: Sequence[ContinuationRequest], frames: int) -> list[ContinuationResult]:
         """Generate ``frames`` new frames for every request in ONE batched pass. Raises
         :class:`~radio.errors.ConditioningError` (naming the request's key) before generating anything when one
         request's conditioning cannot be computed."""
+        ...
+
+    def forget(self, key: str) -> None:
+        """Drop whatever the model keeps for the station ``key`` (it has left, or moved to another model)."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """Bytes the model holds (weights and decode state), for the pool's memory budget."""
         ...
 
 

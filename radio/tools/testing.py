@@ -197,6 +197,7 @@ class SineModel:
     num_codebooks = 4
 
     batch_limit = 16
+    vocab_size = 2048
 
     def __init__(self, freq: float = 440.0, amplitude: float = 0.5, delay: float = 0.0) -> None:
         self.freq = freq
@@ -209,6 +210,12 @@ class SineModel:
 
         n = np.arange(start * self.samples_per_frame, stop * self.samples_per_frame, dtype=np.float64)
         return (self.amplitude * np.sin(2 * np.pi * self.freq * n / self.sample_rate)).astype(np.float32)
+
+    def forget(self, key: str) -> None:
+        """Nothing is kept per station."""
+
+    def memory_bytes(self) -> int:
+        return 0
 
     def continue_batch(self, requests, frames: int):
         import time
