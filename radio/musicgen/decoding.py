@@ -122,6 +122,29 @@ class Row:
         return n > 0 and np.array_equal(self.tail[:, -n:], context[:, -n:])
 
 
+def fresh_row(key: str, context: np.ndarray, window: int, steps: int, pad: int) -> tuple[Row, np.ndarray]:
+    """A row to prefill from a station's codes: the context cut so the row and this chunk's ``steps`` fit the
+    window, with its first column and its warm-up forcing. Returns the row and the cut context."""
+    ctx = np.asarray(context, dtype=np.int64)
+    ctx = ctx[:, max(0, ctx.shape[1] - max(0, window - steps - 1)):]
+    T = ctx.shape[1]
+    return Row(key=key, context_frames=T, next_column=delayed_column(ctx, T, pad), forced=forced_warmup(ctx, pad)), ctx
+
+
+def resets_due(tokens: dict[int, int], window: int, frames: int, num_codebooks: int, spread: bool = True) -> list[int]:
+    """Which kept rows (index -> tokens in its cache) reset this chunk: every row that would outgrow the window
+    in it, and, when none must, the first in line if the rows due soon could not all get a chunk of their own
+    (``spread``: resets come one per chunk instead of bunching, so no chunk pays for many prefills)."""
+    worst = frames + num_codebooks - 1
+    room = {j: (window - worst - t) // max(1, frames) for j, t in tokens.items()}  # chunks left (< 0: now)
+    hard = [j for j in tokens if room[j] < 0]
+    if not hard and spread:
+        line = sorted(tokens, key=lambda j: room[j])
+        if any(room[j] < p for p, j in enumerate(line)):
+            hard = [line[0]]
+    return hard
+
+
 def delayed_column(context: np.ndarray, column: int, pad: int) -> np.ndarray:
     """Column ``column`` of the delay pattern over ``context`` (K, T): codebook k holds frame column-1-k."""
     K, T = context.shape

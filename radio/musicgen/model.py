@@ -444,19 +444,48 @@ class MusicgenModel:
         return self._state.nbytes() + (self._slots.nbytes() if self._slots is not None else 0)
 
     def _generate_codes(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
-        """Decode ``frames`` (or more) new frames for every request; returns (codes, was_fresh) per request."""
-        from .decoding import Row, delayed_column, forced_warmup
+        """The dynamic path: decode ``frames`` (or more) new frames for every request; returns (codes, was_fresh)
+        per request. Rows are placed (kept, brought back from parking, or prefilled), the buffers assembled for
+        the chunk, then :meth:`_decode_steps` runs the chunk's steps."""
+        from .decoding import fresh_row
 
-        torch = self._torch
-        K, pad = self.num_codebooks, self.pad_id
         state = self._state
         use_cfg = any(r.sampling.guidance > 1.0 for r in requests)
         keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
-        window = self.window_frames
-        state.max_columns = window + K  # kept rows stay within the window (+ a fresh row's warm-up steps)
-        # Rows this chunk leaves out keep their caches, parked (they leave the buffers at this chunk's rebuild);
-        # parked rows asked for again come back as they were if they still continue their station's codes (else
-        # they are dropped and prefilled afresh).
+        keep_idx, fresh_req = self._place_rows(keys, requests, frames, use_cfg)
+        steps = frames + (self.num_codebooks - 1 if fresh_req else 0)
+        self.last_steps = steps
+
+        kept_keys = {state.rows[j].key for j in keep_idx}
+        fresh = [fresh_row(keys[i], requests[i].context, self.window_frames, steps, self.pad_id) for i in fresh_req]
+        self.last_prefill_seconds = 0.0
+        if fresh or len(keep_idx) != len(state.rows):
+            t0 = time.monotonic()
+            kv, length, offsets = self._prefill([row for row, _ in fresh], [ctx for _, ctx in fresh],
+                                                [requests[i] for i in fresh_req], use_cfg)
+            self.last_prefill_seconds = time.monotonic() - t0
+            state.assemble(keep_idx, [row for row, _ in fresh], kv, length, offsets, use_cfg, steps)
+        else:
+            state.fit(steps)
+        order = {row.key: n for n, row in enumerate(state.rows)}
+        row_requests = [requests[i] for i in sorted(range(len(requests)), key=lambda i: order[keys[i]])]
+        out = self._decode_steps(row_requests, use_cfg, steps)
+        results: dict[str, tuple[np.ndarray, bool]] = {}
+        for b, row in enumerate(state.rows):
+            results[row.key] = (row.emit(out[b], row_requests[b].context), row.key not in kept_keys)
+        return [results[k] for k in keys]
+
+    def _place_rows(self, keys: list[str], requests: Sequence[ContinuationRequest], frames: int,
+                    use_cfg: bool) -> tuple[list[int], list[int]]:
+        """Which rows continue from their cache (indices into the state's rows) and which requests are
+        (re)prefilled from their station's codes (new, changed codes, or a window reset: at most one per chunk
+        unless a row cannot wait). Rows this chunk leaves out are parked with their caches; parked rows asked
+        for again come back as they were if they still continue their station's codes."""
+        from .decoding import resets_due
+
+        K = self.num_codebooks
+        state = self._state
+        state.max_columns = self.window_frames + K  # kept rows stay within the window (+ a fresh row's warm-up)
         state.park({k for k in state.row_keys() if k not in keys and not k.startswith(ANON)})
         back = []
         for key, r in zip(keys, requests):
@@ -470,8 +499,6 @@ class MusicgenModel:
                 del state.parked[key]
         state.unpark(back, room=frames + K - 1)  # the chunk's steps, with warm-up if a row turns out fresh
         existing = {row.key: i for i, row in enumerate(state.rows)}
-
-        # Which rows continue from their cache, which are (re)prefilled from their station's codes.
         keep_idx: list[int] = []
         fresh_req: list[int] = []
         for i, (key, r) in enumerate(zip(keys, requests)):
@@ -480,49 +507,20 @@ class MusicgenModel:
                 keep_idx.append(j)
             else:
                 fresh_req.append(i)
-        worst = frames + K - 1
-        # Chunks each kept row can still run before it outgrows the window (< 0: it must reset now).
-        room = {j: (window - worst - state.tokens(j)) // max(1, frames) for j in keep_idx}
-        hard = [j for j in keep_idx if room[j] < 0]
-        if not hard:
-            # At most one prefill per chunk: if the rows queued for a reset could not all get their turn
-            # (the p-th in line needs p chunks of room), reset the first in line now.
-            line = sorted(keep_idx, key=lambda j: room[j])
-            if any(room[j] < p for p, j in enumerate(line)):
-                hard = [line[0]]
+        hard = resets_due({j: state.tokens(j) for j in keep_idx}, self.window_frames, frames, K)
         for j in hard:
             self.resets += 1
             logger.debug("window reset for %s after %d frames", state.rows[j].key, state.tokens(j))
         keep_idx = [j for j in keep_idx if j not in hard]
-        fresh_req += [keys.index(state.rows[j].key) for j in hard]
-        fresh_req.sort()
-        steps = frames + (K - 1 if fresh_req else 0)
-        self.last_steps = steps
+        return keep_idx, sorted(fresh_req + [keys.index(state.rows[j].key) for j in hard])
 
-        kept_keys = {state.rows[j].key for j in keep_idx}
-        fresh_rows, fresh_ctx = [], []
-        for i in fresh_req:
-            ctx = np.asarray(requests[i].context, dtype=np.int64)
-            ctx = ctx[:, max(0, ctx.shape[1] - max(0, window - steps - 1)):]
-            fresh_ctx.append(ctx)
-            T = ctx.shape[1]
-            fresh_rows.append(Row(key=keys[i], context_frames=T, next_column=delayed_column(ctx, T, pad),
-                                  forced=forced_warmup(ctx, pad)))
-        self.last_prefill_seconds = 0.0
-        if fresh_rows or len(keep_idx) != len(state.rows):
-            t0 = time.monotonic()
-            fresh_kv, fresh_len, fresh_offsets = self._prefill(fresh_rows, fresh_ctx, [requests[i] for i in fresh_req],
-                                                               use_cfg)
-            self.last_prefill_seconds = time.monotonic() - t0
-            state.assemble(keep_idx, fresh_rows, fresh_kv, fresh_len, fresh_offsets, use_cfg, steps)
-        else:
-            state.fit(steps)
-        order = {row.key: n for n, row in enumerate(state.rows)}
-        by_row = sorted(range(len(requests)), key=lambda i: order[keys[i]])
-        row_requests = [requests[i] for i in by_row]
-
+    def _decode_steps(self, row_requests: Sequence[ContinuationRequest], use_cfg: bool, steps: int) -> np.ndarray:
+        """The chunk's decode steps over the assembled rows (transformers' decoder, one token per row, on our
+        in-place KV buffers): returns the sampled columns, (rows, K, steps)."""
+        torch = self._torch
+        K, dev = self.num_codebooks, self.device
+        state = self._state
         B = len(state.rows)
-        dev = self.device
         guidance = torch.tensor([r.sampling.guidance for r in row_requests], dtype=torch.float32, device=dev)
         temperature = torch.tensor([r.sampling.temperature for r in row_requests], dtype=torch.float32, device=dev)
         top_k = torch.tensor([max(1, min(r.sampling.top_k, self.vocab_size)) for r in row_requests], device=dev)
@@ -549,7 +547,7 @@ class MusicgenModel:
                     logits = res.logits[:, -1, :].float().reshape(rows, K, -1)
                     sampled = self._sample(logits, B, use_cfg, guidance, temperature, top_k).cpu().numpy()
                     for b, row in enumerate(state.rows):
-                        if row.steps < K - 1:
+                        if row.steps < K - 1:  # the delay pattern's warm-up: codebooks still in the context
                             f = row.forced[:, row.steps]
                             sampled[b] = np.where(f >= 0, f, sampled[b])
                         row.steps += 1
@@ -557,11 +555,7 @@ class MusicgenModel:
                     next_cols = sampled
         finally:
             self._positions.position_ids = None
-        results: dict[str, tuple[np.ndarray, bool]] = {}
-        for b, row in enumerate(state.rows):
-            new = row.emit(out[b], row_requests[b].context)
-            results[row.key] = (new, row.key not in kept_keys)
-        return [results[k] for k in keys]
+        return out
 
     def _prefill(self, rows: list, contexts: list[np.ndarray], requests: Sequence[ContinuationRequest],
                  use_cfg: bool):

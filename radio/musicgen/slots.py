@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from .decoding import Row, delayed_column, forced_warmup
+from .decoding import Row, fresh_row, resets_due
 from ..errors import ModelError, SlotsFull
 from . import attention as attention_kernel
 from .step import DecoderParts, SlotTensors, decode_step
@@ -203,13 +203,7 @@ class SlotDecoder:
         for i, (key, r) in enumerate(zip(keys, requests)):
             row = self.rows.get(key)
             (keep if row is not None and row.continues(r.context) else fresh).append(i)
-        worst = frames + K - 1
-        room = {i: (window - worst - self._tokens(keys[i])) // max(1, frames) for i in keep}
-        hard = [i for i in keep if room[i] < 0]
-        if not hard and self.spread_resets:
-            line = sorted(keep, key=lambda i: room[i])
-            if any(room[i] < p for p, i in enumerate(line)):
-                hard = [line[0]]
+        hard = resets_due({i: self._tokens(keys[i]) for i in keep}, window, frames, K, self.spread_resets)
         self.resets += len(hard)
         keep = [i for i in keep if i not in hard]
         fresh = sorted(fresh + hard)
@@ -295,11 +289,8 @@ class SlotDecoder:
         pad = self.pad
         rows, contexts = [], []
         for key, r in zip(keys, requests):
-            ctx = np.asarray(r.context, dtype=np.int64)
-            ctx = ctx[:, max(0, ctx.shape[1] - max(0, window - steps - 1)):]
+            row, ctx = fresh_row(key, r.context, window, steps, pad)
             contexts.append(ctx)
-            T = ctx.shape[1]
-            row = Row(key=key, context_frames=T, next_column=delayed_column(ctx, T, pad), forced=forced_warmup(ctx, pad))
             rows.append(row)
             self.rows[key] = row
         kv, P, offsets = self._prefill(rows, contexts, requests, True)
