@@ -1,5 +1,5 @@
-"""The Triton kernels of :mod:`radio.musicgen.attention` (imported only where they may run: importing triton
-maps ~70 MB of libraries, which a CPU daemon has no use for)."""
+"""The Triton kernels of :mod:`radio.musicgen.attention`, apart so that the package imports where triton is not
+installed (PyTorch's CPU builds do not ship it)."""
 
 import triton
 import triton.language as tl

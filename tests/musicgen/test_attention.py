@@ -37,15 +37,3 @@ def test_splits_fill_the_card_and_stay_a_power_of_two() -> None:
     assert all(s & (s - 1) == 0 and 1 <= s <= 32 for s in (attention.splits_for(r, h) for r in range(1, 300, 7)
                                                              for h in (1, 4, 16, 32)))
 
-
-def test_a_cpu_daemon_does_not_load_triton() -> None:
-    """Importing triton maps ~70 MB of libraries: the step module must not pull it in, only a CUDA device does."""
-    import subprocess
-    import sys
-
-    code = ("import sys, radio.musicgen.step, radio.musicgen.slots, radio.daemon; "
-            "from radio.musicgen import attention; attention.available('cpu', __import__('torch').float32, 4, 16); "
-            "print('triton' in sys.modules)")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr[-2000:]
