@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import RssSampler
-from ..config import DaemonConfig, EngineConfig, IcecastConfig, load_stations
+from ..config import ApiConfig, DaemonConfig, EngineConfig, IcecastConfig, load_stations
 from ..daemon import Daemon
 from ..native import trim
 from ..output.local import LocalIcecast
@@ -92,7 +92,7 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
     with LocalIcecast(min_sources=stations + 4) as server:
         cfg = DaemonConfig(stations_dir=str(workdir / "stations"), model=model, device="auto", dtype="auto",
                            icecast=IcecastConfig(host=server.host, port=server.port, password=server.source_password),
-                           engine=EngineConfig())
+                           engine=EngineConfig(), api=ApiConfig(enabled=False))  # two soaks may run at once
         daemon = Daemon(cfg, configs)
         daemon.start()
         try:
