@@ -1,0 +1,21 @@
+"""The soak's memory verdict: a slope over each minute's floor, so a chunk's passing buffers are not a leak."""
+
+from __future__ import annotations
+
+import pytest
+
+from radio.tools.soak import floor_samples, rss_slope
+
+
+def test_passing_spikes_are_not_a_slope_but_a_rising_floor_is() -> None:
+    flat = [(t, 500.0 + (120.0 if t % 60 == 30 else 0.0)) for t in range(0, 1800, 10)]  # a spike each minute
+    for i in (-3, -9, -14):  # and more of them near the end
+        flat[i] = (flat[i][0], 650.0)
+    assert rss_slope(flat) > 5  # single samples see a slope that is not there
+    assert rss_slope(floor_samples(flat)) == pytest.approx(0.0, abs=0.01)
+    leak = [(t, 500.0 + 10.0 * t / 3600 + (120.0 if t % 60 == 30 else 0.0)) for t in range(0, 7200, 10)]
+    assert rss_slope(floor_samples(leak)) == pytest.approx(10.0, rel=0.02)
+
+
+def test_each_minute_keeps_its_lowest_sample() -> None:
+    assert floor_samples([(0, 5.0), (10, 3.0), (59, 4.0), (60, 9.0), (70, 8.0)]) == [(10, 3.0), (70, 8.0)]
