@@ -153,10 +153,16 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
             growth_types: list[str] = []
             if trace and snapshot is not None and counts is not None:
                 gc.collect()
-                diff = tracemalloc.take_snapshot().compare_to(snapshot, "traceback")
-                growth_sites = [f"{d.size_diff / 1024:+.0f} KiB {d.count_diff:+d} blocks: "
-                                f"{' <- '.join(str(f) for f in list(d.traceback)[::-1][:4])}"
-                                for d in sorted(diff, key=lambda d: d.size_diff, reverse=True)[:10]]
+                end_snapshot = tracemalloc.take_snapshot()
+                # By line first: a leak spread over many call paths (a C extension called from one line, say)
+                # adds up there; then the fullest call paths.
+                by_line = end_snapshot.compare_to(snapshot, "lineno")
+                growth_sites = [f"{d.size_diff / 1024:+.0f} KiB {d.count_diff:+d} blocks at {d.traceback[0]}"
+                                for d in sorted(by_line, key=lambda d: d.size_diff, reverse=True)[:10]]
+                diff = end_snapshot.compare_to(snapshot, "traceback")
+                growth_sites += [f"{d.size_diff / 1024:+.0f} KiB {d.count_diff:+d} blocks: "
+                                 f"{' <- '.join(str(f) for f in list(d.traceback)[::-1][:4])}"
+                                 for d in sorted(diff, key=lambda d: d.size_diff, reverse=True)[:5]]
                 now_counts = _type_counts()
                 growth_types = [f"{name}: {counts.get(name, 0)} -> {n}" for name, n in
                                 sorted(now_counts.items(), key=lambda kv: kv[1] - counts.get(kv[0], 0),
