@@ -257,7 +257,8 @@ class Engine:
         # A new station starts with a short chunk and doubles up to chunk_seconds, so it is on air within
         # seconds and its buffer grows ahead of the next, longer step.
         youngest = min(s.chunks for s in batch)
-        seconds = min(self.config.chunk_seconds, self.config.first_chunk_seconds * 2 ** youngest)
+        # (capped: 2 ** chunks overflows a float after ~1,000 chunks, about an hour on air)
+        seconds = min(self.config.chunk_seconds, self.config.first_chunk_seconds * 2.0 ** min(youngest, 32))
         frames = max(1, int(round(seconds * fps)))
         requests = []
         for s in batch:

@@ -112,6 +112,18 @@ def test_first_chunk_is_short_then_grows() -> None:
     assert [frames for _, frames in model.calls] == [25, 50, 100, 200, 200]
 
 
+def test_a_station_on_air_for_hours_keeps_its_chunk_size() -> None:
+    """The first chunks double from first_chunk_seconds; after ~1,000 chunks (an hour on air) that doubling
+    overflowed a float and every step failed."""
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=4.0, first_chunk_seconds=0.5, buffer_seconds=100)
+    engine, (station,) = make(model, cfg, "/a.mp3")
+    engine.run_once()
+    station.chunks = 5000  # what a station counts after 5 1/2 hours
+    assert engine.run_once()
+    assert [frames for _, frames in model.calls] == [25, 200]
+
+
 def test_hungriest_station_first_and_full_stations_wait() -> None:
     model = SineModel()
     cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=1.0, buffer_seconds=1.5, max_batch=1)
