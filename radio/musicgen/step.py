@@ -92,9 +92,6 @@ class SlotTensors:
     t: torch.Tensor  # () int64: the step within the chunk
 
 
-ATTENTION = ("eager", "sdpa", "live")
-
-
 def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, attention: str = "eager") -> None:
     """Advance slots ``[0, n)`` by one column in place. ``n`` and ``kmax`` (the largest top-k of the batch) are
     Python ints fixed per captured graph; nothing here reads a tensor's value on the host. ``attention``: how the
