@@ -176,6 +176,20 @@ def estimate_model_bytes(name: str, dtype: str = "auto", device: str = "cpu") ->
     return decoder * size + (total - decoder) * 4 + buffers
 
 
+def cache_keyword(module) -> str:
+    """The name a transformers forward takes the KV cache by: ``cache`` since transformers renamed it (5.2x),
+    ``past_key_values`` before (the old name is removed in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(output):  # -> transformers Cache
+    """The KV cache a transformers forward returned, under either of its names."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class _RowPositions:
     """Per-row position ids for MusicGen's sinusoidal positions (transformers' module has none).
 
@@ -188,9 +202,9 @@ class _RowPositions:
         self.original = original
         self.position_ids = None
 
-    def __call__(self, input_ids, past_key_values_length: int = 0):
+    def __call__(self, input_ids, cache_length: int = 0):
         if self.position_ids is None:
-            return self.original(input_ids, past_key_values_length)
+            return self.original(input_ids, cache_length)
         weights = self.original.weights
         return weights[self.position_ids.clamp(min=0, max=weights.shape[0] - 1)]
 
@@ -234,6 +248,7 @@ class MusicgenModel:
         self._positions = _RowPositions(inner.embed_positions)
         # Plain attribute, not a submodule: keeps state_dict and .to() of the real module untouched.
         object.__setattr__(inner, "embed_positions", self._positions)
+        self._cache_kw = cache_keyword(model.decoder)
         self.tokenizer = processor.tokenizer
         audio_cfg = model.config.audio_encoder
         self.sample_rate = int(audio_cfg.sampling_rate)
@@ -542,7 +557,7 @@ class MusicgenModel:
                     mask = ((columns[None, :] >= offsets[:, None]) & (columns[None, :] <= L)).long()
                     self._positions.position_ids = (L - offsets)[:, None]
                     res = decoder(input_ids=tok.reshape(rows * K, 1), attention_mask=mask, encoder_hidden_states=enc,
-                                  encoder_attention_mask=enc_mask, past_key_values=cache, use_cache=True)
+                                  encoder_attention_mask=enc_mask, use_cache=True, **{self._cache_kw: cache})
                     state.sync_length(cache)
                     logits = res.logits[:, -1, :].float().reshape(rows, K, -1)
                     sampled = self._sample(logits, B, use_cfg, guidance, temperature, top_k).cpu().numpy()
@@ -589,7 +604,7 @@ class MusicgenModel:
                                                use_cache=True)
         finally:
             self._positions.position_ids = None
-        layers = res.past_key_values.self_attention_cache.layers
+        layers = output_cache(res).self_attention_cache.layers
         return [(layer.keys, layer.values) for layer in layers], P, [int(o) for o in offsets]
 
     def conditioning(self, request: ContinuationRequest):  # -> torch.Tensor (tokens, hidden)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import Sampling
-from ..musicgen.model import ContinuationRequest, MusicgenModel, resolve_device, resolve_dtype
+from ..musicgen.model import ContinuationRequest, MusicgenModel, cache_keyword, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
     rows = 2 * mounts
     K = model.num_codebooks
     dec = model.model.decoder
+    keyword = cache_keyword(dec)
     cfg = dec.config
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
@@ -232,7 +233,7 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
         if bare:
             for layer in layers:
                 layer.length = context  # the same column, written again
-        dec(input_ids=step, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)
+        dec(input_ids=step, encoder_hidden_states=enc, use_cache=True, **{keyword: cache})
 
     with torch.inference_mode():
         forward()  # warm-up (and the cross-attention cache)

@@ -243,3 +243,18 @@ def test_a_station_that_sits_a_chunk_out_keeps_its_cache(tiny_model_dir: Path, d
     assert "b" not in m.dynamic_state.parked and m.memory_bytes() > 0
     if decoder == "static":
         assert "b" not in m.slots.keys
+
+
+def test_decoding_uses_no_deprecated_transformers_api(model: MusicgenModel) -> None:
+    """A name transformers has deprecated is one a later 5.x release removes (``past_key_values`` goes in 5.40):
+    the prefill and the step loop must call the decoder by its current names."""
+    import warnings
+
+    ctx = np.random.default_rng(3).integers(0, model.vocab_size, (4, 9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.continue_batch([ContinuationRequest(ctx, "a deprecation check", GREEDY, key="dep")], 5)
+        model.forget("dep")
+    deprecated = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                  and "transformers" in w.filename]
+    assert not deprecated, [str(w.message) for w in deprecated]
