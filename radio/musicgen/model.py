@@ -293,7 +293,7 @@ class MusicgenModel:
         self.decoder = resolve_decoder(decoder, self.device)
         self._slots = self._slot_decoder(seed) if self.decoder == "static" else None
         logger.info("decode path: %s%s", self.decoder,
-                    f" ({self._slots.attention} attention)" if self._slots is not None else "")
+                    f" ({self._slots.kernels} kernels)" if self._slots is not None else "")
 
     def _slot_decoder(self, seed: int | None):  # -> SlotDecoder
         """The static path: fixed KV slots and one decode step for all of them (captured as a CUDA graph)."""

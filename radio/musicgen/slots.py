@@ -26,7 +26,7 @@ import torch
 
 from .decoding import Row, fresh_row, resets_due
 from ..errors import ModelError, SlotsFull
-from . import attention as attention_kernel
+from . import fused
 from .step import DecoderParts, SlotTensors, decode_step
 
 if TYPE_CHECKING:
@@ -75,10 +75,10 @@ class SlotDecoder:
         self._cross_kv = cross_kv  # (layer, states (n, S, D)) -> (keys, values) each (n, H, S, d)
         self.cuda = shape.device.startswith("cuda")
         self.graphs_enabled = self.cuda if graphs is None else graphs
-        # How the step attends (see decode_step): on CUDA the live-column kernel where it runs, else PyTorch's
-        # fused kernels; elsewhere transformers' math op for op.
-        self.attention = ("live" if attention_kernel.available(shape.device, shape.dtype, shape.heads,
-                                                               shape.head_dim) else "sdpa") if self.cuda else "eager"
+        # How the step computes its layers (see decode_step): on CUDA our fused kernels where they run, else
+        # PyTorch's fused attention; elsewhere transformers' math op for op.
+        self.kernels = ("fused" if fused.available(shape.device, shape.dtype, shape.heads, shape.head_dim)
+                        else "sdpa") if self.cuda else "eager"
         self.keys: list[str | None] = []  # slot -> station key
         self.rows: dict[str, Row] = {}  # station key -> its row bookkeeping
         self.text_tokens = TEXT_TOKENS
@@ -358,7 +358,7 @@ class SlotDecoder:
     # -- the step -------------------------------------------------------------------------------------------
     def _run_step(self, n: int, kmax: int) -> None:
         st = self.tensors
-        run = lambda: decode_step(self.parts, st, n, kmax, self.attention)  # noqa: E731
+        run = lambda: decode_step(self.parts, st, n, kmax, self.kernels)  # noqa: E731
         if not self.graphs_enabled:
             with torch.inference_mode():
                 run()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import decode_attention
+from .fused import add_norm, decode_attention
 
 
 @dataclass
@@ -92,17 +92,15 @@ class SlotTensors:
     t: torch.Tensor  # () int64: the step within the chunk
 
 
-def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, attention: str = "eager") -> None:
+def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, kernels: str = "eager") -> None:
     """Advance slots ``[0, n)`` by one column in place. ``n`` and ``kmax`` (the largest top-k of the batch) are
-    Python ints fixed per captured graph; nothing here reads a tensor's value on the host. ``attention``: how the
-    attention is computed: ``eager`` (transformers' math, op for op), ``sdpa`` (PyTorch's fused kernels; the
-    self-attention masks the whole window) or ``live`` (self-attention by :mod:`.attention`'s kernel, which
-    reads only each row's live columns; cross-attention as ``sdpa``)."""
+    Python ints fixed per captured graph; nothing here reads a tensor's value on the host. ``kernels``: how the
+    layers are computed: ``eager`` (transformers' math, op for op), ``sdpa`` (PyTorch's fused attention kernels;
+    the self-attention masks the whole window) or ``fused`` (:mod:`.fused`'s kernels: self-attention over each
+    row's live columns with the key/value write in it, residual adds fused with the next layer norm;
+    cross-attention as ``sdpa``)."""
     K = len(parts.embed)
-    H, d = parts.num_heads, parts.head_dim
-    D = H * d
     W = st.k[0].shape[3]
-    dtype = st.k[0].dtype
     act = st.active[:n]
     tok = st.next_col[:n]
     length = st.length[:n]
@@ -111,56 +109,16 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, attenti
     for k in range(1, K):
         x = x + parts.embed[k](tok[:, k])
     x = x + parts.positions[length.clamp(max=parts.positions.shape[0] - 1)].to(x.dtype)
-    h = x[:, None, :].expand(n, 2, D).reshape(2 * n, 1, D)
+    h = x[:, None, :].expand(n, 2, x.shape[-1]).reshape(2 * n, x.shape[-1])
 
     # Where each row writes its new key/value: its next column, or the scratch column W-1 when it sits out.
     pos = torch.where(act, length, torch.full_like(length, W - 1))
     pos2 = pos.repeat_interleave(2)
-    rows = torch.arange(2 * n, device=pos.device)
-    if attention == "live":
-        live = (pos2 + 1).to(torch.int32)
+    if kernels == "fused":
+        h = _fused_layers(parts, st, n, h, pos2)
     else:
-        cols = torch.arange(W, device=pos.device)
-        neg = torch.finfo(dtype).min
-        self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, neg).to(dtype)[:, None, None, :]  # (2n,1,1,W)
-    sdpa = attention != "eager"
-    cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
+        h = _layers(parts, st, n, h, pos2, sdpa=kernels == "sdpa")
 
-    for i, layer in enumerate(parts.layers):
-        attn = layer.self_attn
-        residual = h
-        y = layer.self_attn_layer_norm(h)
-        kc = st.k[i][:n].view(2 * n, H, W, d)
-        vc = st.v[i][:n].view(2 * n, H, W, d)
-        if parts.qkv is not None:
-            qkv = torch.nn.functional.linear(y, parts.qkv[i]).view(2 * n, 3, H, d)
-            q = qkv[:, 0, :, None, :]
-            kc[rows, :, pos2] = qkv[:, 1]
-            vc[rows, :, pos2] = qkv[:, 2]
-        else:
-            q = attn.q_proj(y).view(2 * n, H, 1, d)
-            kc[rows, :, pos2] = attn.k_proj(y).view(2 * n, H, d)
-            vc[rows, :, pos2] = attn.v_proj(y).view(2 * n, H, d)
-        if attention == "live":
-            a = decode_attention(q[:, :, 0], kc, vc, live, attn.scaling)
-        else:
-            a = _attend(q, kc, vc, self_bias, attn.scaling, sdpa)
-        h = residual + attn.out_proj(a.reshape(2 * n, 1, D))
-
-        cross = layer.encoder_attn
-        residual = h
-        y = layer.encoder_attn_layer_norm(h).view(n, 2, D)[:, 0]
-        q = cross.q_proj(y).view(n, H, 1, d)
-        a = _attend(q, st.xk[i][:n], st.xv[i][:n], cross_bias, cross.scaling, sdpa)
-        c = cross.out_proj(a.reshape(n, D))
-        both = torch.stack([c, parts.uncond_cross[i].expand(n, D)], dim=1)  # (n, 2, D)
-        h = residual + both.reshape(2 * n, 1, D)
-
-        residual = h
-        y = layer.final_layer_norm(h)
-        h = residual + layer.fc2(layer.activation_fn(layer.fc1(y)))
-
-    h = parts.final_norm(h)[:, 0]
     if parts.heads_w is not None:
         logits = torch.nn.functional.linear(h, parts.heads_w).float().view(n, 2, K, -1)
     else:
@@ -179,6 +137,85 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, attenti
     st.length[:n] += act.long()
     st.warm[:n] += act.long()
     st.t += 1
+
+
+def _layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor, pos2: torch.Tensor,
+            sdpa: bool) -> torch.Tensor:
+    """The decoder layers and the final norm with PyTorch's ops: h (2n, D) -> (2n, D)."""
+    H, d = parts.num_heads, parts.head_dim
+    D = H * d
+    W = st.k[0].shape[3]
+    dtype = st.k[0].dtype
+    rows = torch.arange(2 * n, device=pos2.device)
+    cols = torch.arange(W, device=pos2.device)
+    self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
+    h = h[:, None, :]  # (2n, 1, D): one token per row
+    for i, layer in enumerate(parts.layers):
+        attn = layer.self_attn
+        residual = h
+        y = layer.self_attn_layer_norm(h)
+        kc = st.k[i][:n].view(2 * n, H, W, d)
+        vc = st.v[i][:n].view(2 * n, H, W, d)
+        q, k_new, v_new = _self_qkv(parts, i, y)
+        kc[rows, :, pos2] = k_new
+        vc[rows, :, pos2] = v_new
+        a = _attend(q[:, :, None, :], kc, vc, self_bias, attn.scaling, sdpa)
+        h = residual + attn.out_proj(a.reshape(2 * n, 1, D))
+
+        residual = h
+        y = layer.encoder_attn_layer_norm(h).view(n, 2, D)[:, 0]
+        c = _cross(parts, st, n, i, y, cross_bias, sdpa=sdpa)
+        both = torch.stack([c, parts.uncond_cross[i].expand(n, D)], dim=1)  # (n, 2, D)
+        h = residual + both.reshape(2 * n, 1, D)
+
+        residual = h
+        y = layer.final_layer_norm(h)
+        h = residual + layer.fc2(layer.activation_fn(layer.fc1(y)))
+    return parts.final_norm(h)[:, 0]
+
+
+def _fused_layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor, pos2: torch.Tensor) -> torch.Tensor:
+    """:func:`_layers` with :mod:`.fused`'s kernels: per layer, the attention (which writes the new key/value)
+    and three add+norm kernels in place of two index writes, three adds, three norms and a stack."""
+    H, d = parts.num_heads, parts.head_dim
+    W = st.k[0].shape[3]
+    live = (pos2 + 1).to(torch.int32)
+    cross_bias = st.xbias[:n][:, None, None, :]
+    layers = list(parts.layers)
+    y = layers[0].self_attn_layer_norm(h)
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        q, k_new, v_new = _self_qkv(parts, i, y)
+        a = decode_attention(q, st.k[i][:n].view(2 * n, H, W, d), st.v[i][:n].view(2 * n, H, W, d), k_new, v_new,
+                             live, attn.scaling)
+        h, y = add_norm(h, attn.out_proj(a.reshape(2 * n, H * d)), layer.encoder_attn_layer_norm)
+        c = _cross(parts, st, n, i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa=True)
+        h, y = add_norm(h, c, layer.final_layer_norm, uncond=parts.uncond_cross[i])
+        following = layers[i + 1].self_attn_layer_norm if i + 1 < len(layers) else parts.final_norm
+        h, y = add_norm(h, layer.fc2(layer.activation_fn(layer.fc1(y))), following)
+    return y  # the final norm's output
+
+
+def _self_qkv(parts: DecoderParts, i: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention's query, key and value of the new token, each (rows, H, d)."""
+    H, d = parts.num_heads, parts.head_dim
+    rows = y.shape[0]
+    if parts.qkv is not None:
+        qkv = torch.nn.functional.linear(y, parts.qkv[i]).view(rows, 3, H, d)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    attn = parts.layers[i].self_attn
+    return attn.q_proj(y).view(rows, H, d), attn.k_proj(y).view(rows, H, d), attn.v_proj(y).view(rows, H, d)
+
+
+def _cross(parts: DecoderParts, st: SlotTensors, n: int, i: int, y: torch.Tensor, bias: torch.Tensor,
+           sdpa: bool) -> torch.Tensor:
+    """Cross-attention of the conditional rows over their slot's prompt: y (n, D) -> (n, D)."""
+    H, d = parts.num_heads, parts.head_dim
+    cross = parts.layers[i].encoder_attn
+    q = cross.q_proj(y).view(n, H, 1, d)
+    a = _attend(q, st.xk[i][:n], st.xv[i][:n], bias, cross.scaling, sdpa)
+    return cross.out_proj(a.reshape(n, H * d))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float,

@@ -465,7 +465,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                               decoder=decoder)
             name = _dtype_name(m)
             kernels[name] = ("onednn-packed" if m.packed else "stock") + f", {m.decoder} decoder" + (
-                f", {m.slots.attention} attention" if m.slots is not None else "")
+                f", {m.slots.kernels} kernels" if m.slots is not None else "")
             first_frames = max(1, int(first_seconds * m.frame_rate))
             cuda = str(m.device).startswith("cuda")
             for n in mounts:

@@ -11,7 +11,7 @@ import torch
 from radio.config import Sampling
 from radio.musicgen.model import ContinuationRequest, MusicgenModel
 from radio.errors import ModelError, SlotsFull
-from radio.musicgen import attention
+from radio.musicgen import fused
 from radio.musicgen.step import DecoderParts, decode_step
 
 GREEDY = Sampling(temperature=0.0, top_k=250, guidance=3.0)
@@ -104,22 +104,22 @@ def test_out_of_device_memory_in_a_step_shrinks_the_slots_and_is_a_model_error(s
     assert len(static.continue_batch(reqs[:2], 3)) == 2  # the others go on (re-prefilled)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "live"])
+@pytest.mark.parametrize("kernel", ["sdpa", "fused"])
 def test_the_cuda_arrangement_of_the_step_gives_the_same_codes(static: MusicgenModel, tiny_model_dir: Path,
                                                                kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What CUDA runs (fused q/k/v and head products; PyTorch's fused attention, or the live-column kernel under
+    """What CUDA runs (fused q/k/v and head products; PyTorch's fused attention, or our fused kernels under
     Triton's interpreter), run here on CPU: the same greedy codes as the eager step, across chunks and a joining
     station."""
     heads = static.model.config.decoder.num_attention_heads
-    if kernel == "live" and not attention.available("cpu", torch.float32, heads,
-                                                    static.model.config.decoder.hidden_size // heads):
+    if kernel == "fused" and not fused.available("cpu", torch.float32, heads,
+                                                 static.model.config.decoder.hidden_size // heads):
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(attention, "TARGET_PROGRAMS", 16)  # fewer programs: the interpreter runs each in Python
+    monkeypatch.setattr(fused, "TARGET_PROGRAMS", 16)  # fewer programs: the interpreter runs each in Python
     cuda_like = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder="static",
                               fast_kernels=False)
     slots = cuda_like.slots
     slots.parts = DecoderParts.of(cuda_like.model.decoder, slots.parts.positions, fuse_qkv=True)
-    slots.attention = kernel
+    slots.kernels = kernel
     assert slots.parts.qkv is not None and slots.parts.heads_w is not None
     rng = np.random.default_rng(4)
     ctx = {k: rng.integers(0, static.vocab_size, (4, 7 + 3 * i)) for i, k in enumerate("abc")}
