@@ -6,6 +6,7 @@ exceptions, which the CLI turns into one log line and a non-zero exit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
@@ -13,7 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
 from .engine import Engine
@@ -83,9 +84,10 @@ class Daemon:
         # Models first (the slow part, and the one that can fail); a station whose model fails is not started,
         # the others are. If no station can start, the daemon cannot do anything useful: that is fatal.
         errors: list[str] = []
+        pool = self.pool
         for spec in dict.fromkeys(model_spec(cfg, sc) for sc in self.station_configs):
             try:
-                self._unless_stopped(lambda spec=spec: self.pool.load(spec))  # type: ignore[union-attr]
+                self._unless_stopped(functools.partial(pool.load, spec))
             except ModelError as exc:
                 errors.append(str(exc))
                 users = [sc.path or sc.mount for sc in self.station_configs if model_spec(cfg, sc) == spec]
@@ -354,7 +356,7 @@ class Daemon:
         self._listeners = (time.monotonic(), counts)
         return counts
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         """Everything the API and the periodic log show; built from public methods only."""
         listeners = self._listener_counts()
         base = self.config.icecast.listen_base
@@ -384,7 +386,7 @@ class Daemon:
         return next((st for st in self.stations.values() if st.mount == mount), None)
 
     def _station_status(self, station: Station) -> dict[str, object]:
-        return next(s for s in self.status()["stations"] if s["mount"] == station.mount)  # type: ignore[index]
+        return next(s for s in self.status()["stations"] if s["mount"] == station.mount)
 
     def set_prompt(self, station_id: str, prompt: str, title: str | None, duration: float | None,
                    blend: float) -> dict[str, object] | None:

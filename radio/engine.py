@@ -434,7 +434,7 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         on_air = self.on_air()
         return {
             "steps": self.steps,

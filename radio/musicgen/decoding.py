@@ -399,4 +399,4 @@ class DecodeState:
         return EncoderDecoderCache(self_attn, DynamicCache())
 
     def sync_length(self, cache: EncoderDecoderCache) -> None:
-        self.length = cache.self_attention_cache.layers[0].get_seq_length()
+        self.length = cache.self_attention_cache.layers[0].get_seq_length()  # type: ignore[union-attr]

@@ -25,12 +25,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
 from ..config import DECODERS, DEFAULT_MODEL, DTYPES, Sampling
 from ..errors import ConditioningError, ModelError
+
+if TYPE_CHECKING:
+    from .slots import SlotDecoder
 
 logger = logging.getLogger(__name__)
 ANON = "\0anon"  # key prefix of requests without a station key: their rows are never kept across calls
@@ -81,7 +84,12 @@ class MusicModel(Protocol):
     frame_rate: int
     num_codebooks: int
     samples_per_frame: int
-    batch_limit: int  # the most stations one continue_batch call should carry
+
+    @property
+    def batch_limit(self) -> int:
+        """The most stations one continue_batch call should carry."""
+        ...
+
     vocab_size: int  # codes are in [0, vocab_size): with the three above, whether two models share a code format
 
     def continue_batch(self, requests: Sequence[ContinuationRequest], frames: int) -> list[ContinuationResult]:
@@ -200,7 +208,7 @@ class _RowPositions:
 
     def __init__(self, original) -> None:  # original: MusicgenSinusoidalPositionalEmbedding
         self.original = original
-        self.position_ids = None
+        self.position_ids: Any = None  # torch.Tensor (rows, seq) while a call of ours runs
 
     def __call__(self, input_ids, cache_length: int = 0):
         if self.position_ids is None:
@@ -229,7 +237,8 @@ class MusicgenModel:
         try:
             # Eager attention: a decode step has ONE query per row, where the CPU SDPA kernels spend most of
             # their time on setup (measured with radio bench: bf16 step at 550 cached tokens 0.20 s -> 0.17 s).
-            model = MusicgenForConditionalGeneration.from_pretrained(source, attn_implementation="eager")
+            # Any: transformers types its sub-configs loosely (dict | config | None)
+            model: Any = MusicgenForConditionalGeneration.from_pretrained(source, attn_implementation="eager")
             processor = AutoProcessor.from_pretrained(source)
         except Exception as exc:  # noqa: BLE001 - OSError: unknown id, offline with nothing cached, missing
             # files; safetensors/ValueError/RuntimeError: a corrupt directory (unreadable weights, a config of
@@ -242,7 +251,7 @@ class MusicgenModel:
             raise ModelError(f"model {name!r} is stereo; only mono MusicGen checkpoints are supported")
         model.eval().to(self.device)
         self._torch = torch
-        self.model = model
+        self.model: Any = model
         self._set_decoder_dtype(self.dtype)
         inner = model.decoder.model.decoder
         self._positions = _RowPositions(inner.embed_positions)
@@ -291,11 +300,11 @@ class MusicgenModel:
 
         self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
-        self._slots = self._slot_decoder(seed) if self.decoder == "static" else None
+        self._slots: SlotDecoder | None = self._slot_decoder(seed) if self.decoder == "static" else None
         logger.info("decode path: %s%s", self.decoder,
                     f" ({self._slots.kernels} kernels)" if self._slots is not None else "")
 
-    def _slot_decoder(self, seed: int | None):  # -> SlotDecoder
+    def _slot_decoder(self, seed: int | None) -> "SlotDecoder":
         """The static path: fixed KV slots and one decode step for all of them (captured as a CUDA graph)."""
         from .slots import SlotDecoder, SlotShape
         from .step import DecoderParts
@@ -405,6 +414,8 @@ class MusicgenModel:
 
     def _generate_static(self, requests: Sequence[ContinuationRequest], frames: int) -> list[tuple[np.ndarray, bool]]:
         slots = self._slots
+        if slots is None:
+            raise ModelError("the static decode path was asked for a chunk but is not set up")
         keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
         try:
             return slots.generate(requests, keys, frames, self.window_frames)
@@ -433,7 +444,7 @@ class MusicgenModel:
         return self._state
 
     @property
-    def slots(self):  # -> SlotDecoder | None
+    def slots(self) -> "SlotDecoder | None":
         """The static path's slots (None on the dynamic path): which station holds which, their limit."""
         return self._slots
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class SlotDecoder:
         self.capacity = 0
         self.max_steps = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}  # None: capture failed, eager
-        self._pool = None
+        self._pool: Any = None  # the graphs' memory pool handle
         self.max_slots = max_slots or self.slots_that_fit()
         self.generator = torch.Generator(device=shape.device)
         self.resets = 0
@@ -199,7 +199,8 @@ class SlotDecoder:
         window = min(window, self.shape.window)
         # Slots of stations this chunk does not ask for stay as they are (they may come back); a caller that
         # removes a station calls forget().
-        keep, fresh = [], []
+        keep: list[int] = []
+        fresh: list[int] = []
         for i, (key, r) in enumerate(zip(keys, requests)):
             row = self.rows.get(key)
             (keep if row is not None and row.continues(r.context) else fresh).append(i)
@@ -266,11 +267,13 @@ class SlotDecoder:
             capacity = min(self.max_slots, max(self.capacity, bucket(used + need)))
             self._allocate(capacity, self.text_tokens, max(self.max_steps, steps, 256))
             free = [i for i, k in enumerate(self.keys) if k is None]
-        for j, key in enumerate(keys):
-            if slots[j] is None:
-                slots[j] = free.pop(0)
-                self.keys[slots[j]] = key
-        return [int(s) for s in slots]  # type: ignore[arg-type]
+        placed = []
+        for key, slot in zip(keys, slots):
+            if slot is None:
+                slot = free.pop(0)
+                self.keys[slot] = key
+            placed.append(slot)
+        return placed
 
     PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
 

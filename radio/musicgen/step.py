@@ -27,6 +27,7 @@ long as the slots, so on CUDA it is captured once per batch bucket as a CUDA gra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,13 +37,14 @@ from .fused import add_norm, decode_attention
 
 @dataclass
 class DecoderParts:
-    """The transformers modules the step uses (not copies: the model's own weights)."""
+    """The transformers modules the step uses (not copies: the model's own weights). Typed ``Any``: their
+    submodules are transformers' (``layer.self_attn.q_proj``...), which ``nn.Module``'s typing cannot name."""
 
-    embed: nn.ModuleList  # K embeddings
+    embed: Any  # nn.ModuleList: K embeddings
     positions: torch.Tensor  # (max_positions, D) sinusoidal table
-    layers: nn.ModuleList  # MusicgenDecoderLayer
-    final_norm: nn.Module
-    heads: nn.ModuleList  # K lm heads
+    layers: Any  # nn.ModuleList of MusicgenDecoderLayer
+    final_norm: nn.LayerNorm
+    heads: Any  # nn.ModuleList: K lm heads
     uncond_cross: torch.Tensor  # (L, D): each layer's cross-attention output for zero text states
     num_heads: int
     head_dim: int
@@ -50,7 +52,7 @@ class DecoderParts:
     heads_w: torch.Tensor | None = None  # (K*V, D): the K heads as one product (CUDA)
 
     @classmethod
-    def of(cls, causal_lm: nn.Module, positions: torch.Tensor, fuse_qkv: bool = False) -> "DecoderParts":
+    def of(cls, causal_lm: Any, positions: torch.Tensor, fuse_qkv: bool = False) -> "DecoderParts":
         """From a ``MusicgenForCausalLM`` (``model.decoder``). ``fuse_qkv``: one product for the self-attention
         projections instead of three, and one for the K heads (fewer kernels per step; a copy of those weights)."""
         inner = causal_lm.model.decoder

@@ -191,7 +191,8 @@ class Encoder:
                         return b""
                 proc = self._procs[0]
             try:
-                data = proc.stdout.read1(n) if proc.stdout is not None else b""
+                # a pipe is a BufferedReader: read1 returns what is there (up to n) without waiting for n
+                data = proc.stdout.read1(n) if proc.stdout is not None else b""  # type: ignore[attr-defined]
             except (ValueError, OSError):  # closed under us by a restart
                 data = b""
             if data:

@@ -72,7 +72,8 @@ def render_config(template: Path, workdir: Path, port: int, source_password: str
     if limits is None:
         limits = ET.SubElement(root, "limits")
     sources = limits.find("sources")
-    current = int(sources.text) if sources is not None and (sources.text or "").strip().isdigit() else 2
+    text = (sources.text or "").strip() if sources is not None else ""
+    current = int(text) if text.isdigit() else 2
     _set(limits, "sources", str(max(current, min_sources)))
     auth = root.find("authentication")
     if auth is None:

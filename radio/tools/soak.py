@@ -168,15 +168,15 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
                                 sorted(now_counts.items(), key=lambda kv: kv[1] - counts.get(kv[0], 0),
                                        reverse=True)[:10] if n > counts.get(name, 0)]
                 tracemalloc.stop()
-            rows = []
+            rows: list[dict[str, Any]] = []
             for k, st in daemon.stations.items():
                 if k.endswith("churn.yaml"):
                     continue
-                s, m = st.status(), daemon.mounts[k].status()
+                s, ms = st.status(), daemon.mounts[k].status()
                 rows.append({"mount": st.mount, "format": st.config.format,
                              "underruns": st.underruns - under_start.get(k, 0),
                              "filled_seconds": s["filled_seconds"], "max_drift_seconds": round(max_drift[k], 3),
-                             "reconnects": m["reconnects"], "encoder_restarts": m["encoder_restarts"]})
+                             "reconnects": ms["reconnects"], "encoder_restarts": ms["encoder_restarts"]})
         finally:
             daemon.stop()
     growth = (rss_end - rss_start) / rss_start * 100 if rss_start else 0.0

@@ -129,7 +129,8 @@ def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    text = T5Config(
+    # decoder_start_token_id: not in the configs' typed signatures, kept as an attribute (generate reads it)
+    text = T5Config(  # type: ignore[call-arg]
         vocab_size=s.t5_vocab, d_model=s.t5_d_model, d_kv=s.t5_d_kv, d_ff=s.t5_d_ff, num_layers=s.t5_layers,
         num_heads=s.t5_heads, relative_attention_num_buckets=32, feed_forward_proj="relu",
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
@@ -143,7 +144,7 @@ def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> 
         norm_type="weight_norm", pad_mode="reflect", use_causal_conv=False, normalize=False,
         chunk_length_s=None, overlap=None,
     )
-    decoder = MusicgenDecoderConfig(
+    decoder = MusicgenDecoderConfig(  # type: ignore[call-arg]
         vocab_size=s.codebook_size, hidden_size=s.dec_hidden, num_hidden_layers=s.dec_layers,
         num_attention_heads=s.dec_heads, ffn_dim=s.dec_ffn, num_codebooks=4, max_position_embeddings=2048,
         pad_token_id=s.codebook_size, bos_token_id=s.codebook_size, decoder_start_token_id=s.codebook_size,
