@@ -69,9 +69,10 @@ def splits_for(rows: int, heads: int) -> int:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      live: torch.Tensor, scale: float) -> torch.Tensor:
     """q, k_new, v_new (rows, H, d); k, v (rows, H, W, d); last dims contiguous; live (rows,) int32: how many
-    leading columns of each row to attend to (>= 1), the last of them the step's new key/value, which is written
-    into the cache at column ``live - 1`` as it is read. Returns (rows, H, d) in q's dtype. Fixed shapes, no host
-    synchronisation: safe inside a captured CUDA graph."""
+    leading columns of each row to attend to, the last of them the step's new key/value, which is written into
+    the cache at column ``live - 1`` as it is read; 0 for a row that sits the step out (nothing read or written,
+    zeros out). Returns (rows, H, d) in q's dtype. Fixed shapes, no host synchronisation: safe inside a captured
+    CUDA graph."""
     rows, H, W, D = k.shape
     splits = splits_for(rows, H)
     out = torch.empty((rows, H, D), dtype=q.dtype, device=q.device)
@@ -97,14 +98,16 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: torch.Te
               live: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`decode_attention` in plain PyTorch: the new key/value written, then attention masked over the whole
     window in fp32."""
-    rows = torch.arange(k.shape[0], device=k.device)
-    pos = live.long() - 1
-    k[rows, :, pos] = k_new.to(k.dtype)
-    v[rows, :, pos] = v_new.to(v.dtype)
+    on = live > 0
+    rows = torch.arange(k.shape[0], device=k.device)[on]
+    pos = live.long()[on] - 1
+    k[rows, :, pos] = k_new[on].to(k.dtype)
+    v[rows, :, pos] = v_new[on].to(v.dtype)
     cols = torch.arange(k.shape[2], device=k.device)
-    bias = torch.where(cols[None, :] < live[:, None].long(), 0.0, float("-inf"))[:, None, None, :]
+    bias = torch.where(cols[None, :] < live[:, None].clamp(min=1).long(), 0.0, float("-inf"))[:, None, None, :]
     w = torch.matmul(q[:, :, None].float(), k.float().transpose(2, 3)) * scale + bias
-    return torch.matmul(torch.softmax(w, dim=-1), v.float())[:, :, 0].to(q.dtype)
+    out = torch.matmul(torch.softmax(w, dim=-1), v.float())[:, :, 0]
+    return torch.where(on[:, None, None], out, 0.0).to(q.dtype)
 
 
 def add_norm(x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.LayerNorm,
@@ -163,10 +166,10 @@ def _probe(device: str, dtype: torch.dtype, heads: int, head_dim: int) -> bool:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device, dtype=dtype, generator=g)
 
-    rows, W = 3, 150
+    rows, W = 4, 150
     k, v = randn(rows, heads, W, head_dim), randn(rows, heads, W, head_dim)
     q, k_new, v_new = randn(rows, heads, head_dim), randn(rows, heads, head_dim), randn(rows, heads, head_dim)
-    live = torch.tensor([1, 70, W], device=device, dtype=torch.int32)
+    live = torch.tensor([1, 0, 70, W], device=device, dtype=torch.int32)  # 0: a slot sitting the step out
     k_want, v_want = k.clone(), v.clone()
     want = reference(q, k_want, v_want, k_new, v_new, live, head_dim ** -0.5).float()
     got = decode_attention(q, k, v, k_new, v_new, live, head_dim ** -0.5).float()

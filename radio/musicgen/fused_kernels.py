@@ -11,7 +11,8 @@ def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, 
                  H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (row, head, split): attention of the row's query over its share of the live columns. The last live
     column is the step's new key/value, read from ``kn``/``vn`` (never from the cache, so no program reads what
-    another writes) and stored into the cache by split 0."""
+    another writes) and stored into the cache by split 0. A row with no live columns (a slot sitting the step
+    out) reads and writes nothing; its output is zeros."""
     rh = tl.program_id(0)  # row * H + head
     split = tl.program_id(1)
     r = rh // H
@@ -26,7 +27,7 @@ def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, 
     k_new = tl.load(kn_ptr + r * s_nr + h * s_nh + d)
     v_new = tl.load(vn_ptr + r * s_nr + h * s_nh + d)
     base = r * s_kr + h * s_kh
-    if split == 0:
+    if (split == 0) & (n_live > 0):
         tl.store(k_ptr + base + pos * s_kw + d, k_new.to(k_ptr.dtype.element_ty))
         tl.store(v_ptr + base + pos * s_kw + d, v_new.to(v_ptr.dtype.element_ty))
     k_new = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it
@@ -51,8 +52,8 @@ def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, 
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
-    if SPLITS == 1:
-        tl.store(out_ptr + rh * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty))
+    if SPLITS == 1:  # l_sum >= 1 when any column was read (the largest score adds exp(0)); 0 when none was
+        tl.store(out_ptr + rh * D + d, (acc / tl.maximum(l_sum, 1.0)).to(out_ptr.dtype.element_ty))
     else:
         tl.store(acc_ptr + (rh * SPLITS + split) * D + d, acc)
         tl.store(m_ptr + rh * SPLITS + split, m)
@@ -65,10 +66,12 @@ def combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.c
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
     m = tl.load(m_ptr + rh * SPLITS + s)
-    w = tl.exp(m - tl.max(m, axis=0))  # an empty split (m = -inf) weighs 0
-    total = tl.sum(w * tl.load(l_ptr + rh * SPLITS + s), axis=0)
+    top = tl.max(m, axis=0)
+    top = tl.where(top == -float("inf"), 0.0, top)  # a row with no live columns: every split empty
+    w = tl.exp(m - top)  # an empty split (m = -inf) weighs 0
+    total = tl.sum(w * tl.load(l_ptr + rh * SPLITS + s), axis=0)  # >= 1 unless every split was empty
     acc = tl.load(acc_ptr + (rh * SPLITS + s)[:, None] * D + d[None, :])
-    out = tl.sum(w[:, None] * acc, axis=0) / total
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(total, 1.0)
     tl.store(out_ptr + rh * D + d, out.to(out_ptr.dtype.element_ty))
 
 

@@ -24,15 +24,19 @@ def test_attention_reads_each_rows_live_columns_and_writes_the_new_one(rows: int
     q, k_new, v_new = (torch.randn(rows, heads, dim, generator=g).to(dtype) for _ in range(3))
     live = torch.randint(1, window + 1, (rows,), generator=g).int()
     live[0] = 1
+    live[-1] = 0  # a slot sitting the step out: reads and writes nothing, attends to nothing
     k_want, v_want = k.clone(), v.clone()
     want = fused.reference(q, k_want, v_want, k_new, v_new, live, dim ** -0.5)
     k[0, :, 1:] = float("nan")  # what lies past a row's live columns is never read...
     k_want[0, :, 1:] = float("nan")
-    for r in range(rows):  # ...nor is the new column read back from the cache
+    for r in range(rows - 1):  # ...nor is the new column read back from the cache
         k[r, :, live[r] - 1] = float("nan")
         v[r, :, live[r] - 1] = float("nan")
+    k[-1], v[-1] = float("nan"), float("nan")  # nor anything of a row that sits out
+    k_want[-1], v_want[-1] = float("nan"), float("nan")
     got = fused.decode_attention(q, k, v, k_new, v_new, live, dim ** -0.5)
     assert got.shape == q.shape and got.dtype == dtype
+    assert (got[-1] == 0).all()
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
     # the new key and value are in the cache at each row's last live column, and nothing else changed

@@ -123,7 +123,7 @@ def test_the_cuda_arrangement_of_the_step_gives_the_same_codes(static: MusicgenM
     assert slots.parts.qkv is not None and slots.parts.heads_w is not None
     rng = np.random.default_rng(4)
     ctx = {k: rng.integers(0, static.vocab_size, (4, 7 + 3 * i)) for i, k in enumerate("abc")}
-    for keys in ("ab", "abc", "bc"):
+    for keys in ("ab", "abc", "bc", "abc"):  # a sits a chunk out (its slot runs along inactive), then resumes
         got = [m.continue_batch([ContinuationRequest(ctx[k], "jazz", GREEDY, key=k) for k in keys], 5)
                for m in (static, cuda_like)]
         for k, ours, theirs in zip(keys, *got):
