@@ -82,8 +82,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: t
         l_sum = torch.empty((rows * H, splits), dtype=torch.float32, device=q.device)
     else:
         acc = m = l_sum = out  # unused
-    if k_new.stride() != v_new.stride():
-        raise ValueError("the new keys and values must share one layout")
+    if k_new.stride() != v_new.stride() or k.stride() != v.stride():
+        raise ValueError("keys and values (cached and new) must share one layout")
     kernels = _kernels()
     kernels.split_kernel[(rows * H, splits)](q, k, v, k_new, v_new, live, acc, m, l_sum, out, scale,
                                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
