@@ -87,7 +87,8 @@ def _compose(path: Path, problems: _Problems) -> yaml.Node | None:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        problems.add(mark.line + 1 if mark else None, "yaml", f"syntax error: {exc.problem or exc.context}; check indentation and quoting")
+        problems.add(mark.line + 1 if mark else None, "yaml",
+                     f"syntax error: {exc.problem or exc.context}; check indentation and quoting")
         return None
     except yaml.YAMLError as exc:
         problems.add(1, "yaml", f"syntax error: {exc}")
