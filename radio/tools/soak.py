@@ -64,11 +64,16 @@ def floor_samples(samples: list[tuple[float, float]], period: float = 60.0) -> l
     """Each ``period``'s lowest sample. A chunk in flight holds its working buffers for a moment (with 16
     stations single samples swing by 100 MB), so a single sample says little; what a leak raises is the floor."""
     floors: dict[int, tuple[float, float]] = {}
+    counts: Counter[int] = Counter()
     for t, r in samples:
         k = int(t // period)
+        counts[k] += 1
         if k not in floors or r < floors[k][1]:
             floors[k] = (t, r)
-    return [floors[k] for k in sorted(floors)]
+    # A period with few samples (the run's last, cut short: often one sample, taken mid-chunk) has no floor to
+    # speak of; it would weigh as much as a whole minute at the end of the fit.
+    full = max(counts.values(), default=0)
+    return [floors[k] for k in sorted(floors) if 2 * counts[k] >= full]
 
 
 def _type_counts() -> Counter[str]:

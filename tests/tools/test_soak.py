@@ -19,3 +19,11 @@ def test_passing_spikes_are_not_a_slope_but_a_rising_floor_is() -> None:
 
 def test_each_minute_keeps_its_lowest_sample() -> None:
     assert floor_samples([(0, 5.0), (10, 3.0), (59, 4.0), (60, 9.0), (70, 8.0)]) == [(10, 3.0), (70, 8.0)]
+
+
+def test_a_minute_cut_short_has_no_floor() -> None:
+    """The run's last sample alone in its minute (taken mid-chunk, 50 MB up) must not bend the slope: a 16-station
+    run's verdict read +71 MB/h from flat floors because of it."""
+    flat = [(t, 700.0 + (5.0 if t % 30 == 0 else 0.0)) for t in range(600, 1800, 10)] + [(1801, 795.0)]
+    assert (1801, 795.0) not in floor_samples(flat)
+    assert rss_slope(floor_samples(flat)) == pytest.approx(0.0, abs=0.01)
