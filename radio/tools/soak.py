@@ -6,8 +6,9 @@ media time and wall time, reconnects, encoder restarts; and the process's memory
 ``sample_every`` seconds, and its *slope* after the first ``settle`` minutes (least squares over each minute's
 lowest sample, MB per hour: a chunk's working buffers come and go), which is what a run of weeks cares about
 (a percentage over half an hour cannot see a steady leak). ``trace`` adds the allocation sites (tracemalloc)
-and the object types (gc) that grew most between the settle point and the end. ``churn`` adds, edits and
-deletes a station file every minute.
+and the object types (gc) that grew most between the settle point and the end. ``churn`` creates, edits and
+deletes a station file, one step a minute, and judges too the floors of the minutes the churned station is
+gone: memory must come back to its level when a station leaves, cycle after cycle.
 Targets (tiny model): 0 underruns, |drift| <= 1 s, RSS slope <= 2 MB per hour.
 """
 
@@ -76,6 +77,15 @@ def floor_samples(samples: list[tuple[float, float]], period: float = 60.0) -> l
     return [floors[k] for k in sorted(floors) if 2 * counts[k] >= full]
 
 
+def churn_floors(floors: list[tuple[float, float]]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Split minute floors by whether the churned station was on air: churn step ``s`` runs at minute ``s + 1``
+    (steps 0, 1, 2: create, edit, delete), so the station is gone in minutes 0 and 3, 6, 9, ... and on air in
+    the others. The minute a station goes still holds it for a moment; its floor is after it left."""
+    gone = [(t, r) for t, r in floors if int(t // 60) % 3 == 0]
+    present = [(t, r) for t, r in floors if int(t // 60) % 3 != 0]
+    return gone, present
+
+
 def _type_counts() -> Counter[str]:
     """Live objects by type, for the daemon's own types and the containers that usually leak."""
     counts: Counter[str] = Counter()
@@ -88,7 +98,7 @@ def _type_counts() -> Counter[str]:
 
 
 def _churn_station(directory: Path, step: int) -> None:
-    """Every minute, one of: create a station file, edit it, delete it."""
+    """Every minute, one of: create a station file, edit it, delete it (step 0 creates)."""
     path = directory / "churn.yaml"
     phase = step % 3
     if phase == 2:
@@ -99,7 +109,7 @@ def _churn_station(directory: Path, step: int) -> None:
 
 
 def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
-             report_every: float = 60.0, settle_minutes: float | None = None, sample_every: float = 10.0,
+             report_every: float = 60.0, settle_minutes: float | None = None, sample_every: float = 2.0,
              trace: bool = False, churn: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="radio-soak-"))
     write_soak_stations(workdir / "stations", stations)
@@ -185,18 +195,28 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
         finally:
             daemon.stop()
     growth = (rss_end - rss_start) / rss_start * 100 if rss_start else 0.0
-    slope = rss_slope(floor_samples(samples))
-    report = {"minutes": minutes, "stations": stations, "model": model, "mounts": rows, "churn": churn,
+    floors = floor_samples(samples)
+    slope = rss_slope(floors)
+    report: dict[str, Any] = {"minutes": minutes, "stations": stations, "model": model, "mounts": rows, "churn": churn,
               "rss_start_mb": round(rss_start / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
               "rss_growth_percent": round(growth, 2), "settle_minutes": settle,
               "rss_slope_mb_per_hour": round(slope, 2), "rss_slope_all_samples_mb_per_hour": round(rss_slope(samples), 2),
               "rss_samples": [[round(t), round(r, 1)] for t, r in samples],
+              "rss_floors": [[round(t), round(r, 1)] for t, r in floors],
               "growth_sites": growth_sites, "growth_types": growth_types}
     report["targets"] = {
         "underruns == 0": all(r["underruns"] == 0 for r in rows),
         "|drift| <= 1 s": all(abs(r["max_drift_seconds"]) <= 1.0 for r in rows),
         f"RSS slope <= {SLOPE_TARGET_MB_PER_HOUR:g} MB/h after {settle:g} min": slope <= SLOPE_TARGET_MB_PER_HOUR,
     }
+    if churn:
+        gone, present = churn_floors(floors)
+        gone_slope = rss_slope(gone)
+        report["churn_floors"] = {
+            "gone_mb": [round(r, 1) for _, r in gone], "on_air_mb": [round(r, 1) for _, r in present],
+            "gone_slope_mb_per_hour": round(gone_slope, 2)}
+        report["targets"][f"RSS slope with the churned station gone <= {SLOPE_TARGET_MB_PER_HOUR:g} MB/h"] = (
+            len(gone) >= 2 and gone_slope <= SLOPE_TARGET_MB_PER_HOUR)
     return report
 
 
@@ -212,6 +232,11 @@ def format_soak(report: dict[str, Any]) -> str:
                  f"slope after {report['settle_minutes']:g} min: {report['rss_slope_mb_per_hour']:+.2f} MB/h "
                  f"(each minute's lowest of {len(report['rss_samples'])} samples; all samples: "
                  f"{report['rss_slope_all_samples_mb_per_hour']:+.2f} MB/h)")
+    churned = report.get("churn_floors")
+    if churned:
+        lines.append(f"churn: lowest RSS of each minute the station was gone: "
+                     f"{', '.join(f'{r:g}' for r in churned['gone_mb'])} MB (slope {churned['gone_slope_mb_per_hour']:+.2f} "
+                     f"MB/h); on air: {', '.join(f'{r:g}' for r in churned['on_air_mb'])} MB")
     for title, key in (("allocation sites that grew most (tracemalloc)", "growth_sites"),
                        ("object types that grew most (gc)", "growth_types")):
         if report.get(key):

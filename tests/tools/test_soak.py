@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from radio.tools.soak import floor_samples, rss_slope
+from radio.tools.soak import churn_floors, floor_samples, rss_slope
 
 
 def test_passing_spikes_are_not_a_slope_but_a_rising_floor_is() -> None:
@@ -27,3 +27,13 @@ def test_a_minute_cut_short_has_no_floor() -> None:
     flat = [(t, 700.0 + (5.0 if t % 30 == 0 else 0.0)) for t in range(600, 1800, 10)] + [(1801, 795.0)]
     assert (1801, 795.0) not in floor_samples(flat)
     assert rss_slope(floor_samples(flat)) == pytest.approx(0.0, abs=0.01)
+
+
+def test_churn_floors_split_the_minutes_by_whether_the_churned_station_is_on_air() -> None:
+    """Step s (create, edit, delete, ...) runs at minute s + 1: gone in minutes 0, 3, 6, on air in 1, 2, 4, 5."""
+    floors = [(m * 60.0 + 7, 600.0 + (0.0 if m % 3 == 0 else 9.0)) for m in range(12)]
+    gone, on_air = churn_floors(floors)
+    assert [int(t // 60) for t, _ in gone] == [0, 3, 6, 9]
+    assert [int(t // 60) for t, _ in on_air] == [1, 2, 4, 5, 7, 8, 10, 11]
+    assert {r for _, r in gone} == {600.0} and {r for _, r in on_air} == {609.0}
+    assert rss_slope(gone) == pytest.approx(0.0, abs=0.01)
