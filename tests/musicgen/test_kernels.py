@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from radio.musicgen.kernels import PackedLinear, accelerate, pack_linears, packing_works
+from radio.musicgen.kernels import PackedLinear, accelerate, pack_linears, packing_works, row_bucket
+from radio.native import trim
+from radio.tools.bench import RssSampler
 from radio.config import Sampling
 from radio.musicgen.model import ContinuationRequest, MusicgenModel
 
@@ -18,17 +20,42 @@ pytestmark = pytest.mark.skipif(not packing_works(torch.float32), reason="this P
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_equals_linear(dtype: torch.dtype, bias: bool) -> None:
+@pytest.mark.parametrize("batch", [5, 35])  # 35 rows are padded to 36
+def test_packed_linear_equals_linear(dtype: torch.dtype, bias: bool, batch: int) -> None:
     if not packing_works(dtype):
         pytest.skip(f"no oneDNN linear for {dtype} here")
     torch.manual_seed(1)
     dense = nn.Linear(96, 40, bias=bias).to(dtype)
-    x = torch.randn(5, 1, 96).to(dtype)
+    x = torch.randn(batch, 1, 96).to(dtype)
     with torch.no_grad():
         want, got = dense(x).float(), PackedLinear(dense)(x).float()
-    assert got.shape == want.shape == (5, 1, 40)
+    assert got.shape == want.shape == (batch, 1, 40)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * 10)
+
+
+def test_row_buckets_are_few_and_pad_by_under_an_eighth() -> None:
+    sizes = [row_bucket(m) for m in range(1, 65537)]
+    assert sizes[:16] == list(range(1, 17))
+    assert all(m <= b < m * 9 / 8 for m, b in zip(range(1, 65537), sizes))
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) == 16 + 8 * 12  # 8 per doubling above 16
+
+
+def test_new_row_counts_do_not_grow_memory_for_good() -> None:
+    """oneDNN keeps a compiled primitive per GEMM shape (about 0.56 MB in its two caches): 600 row counts, each
+    its own shape, held ~330 MB until the process ended. Padded to row buckets they are 42 shapes."""
+    layer = PackedLinear(nn.Linear(40, 24))  # a shape no other test uses, so its primitives are new here
+    with torch.inference_mode():
+        layer(torch.randn(16, 40))
+        trim()
+        before = RssSampler.rss()
+        for rows in range(17, 617):
+            layer(torch.randn(rows, 40))
+        trim()
+        grown = (RssSampler.rss() - before) / 2**20
+    assert grown < 120, f"RSS grew {grown:.0f} MB over 600 row counts"
+    assert len({row_bucket(m) for m in range(17, 617)}) == 42
 
 
 def test_pack_linears_replaces_every_linear_in_place() -> None:
