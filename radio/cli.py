@@ -21,6 +21,7 @@ from .config import (
     looks_like_daemon_config,
 )
 from .errors import ConfigError, RadioError
+from .native import bound_kernel_caches
 from .tools import SHAPES
 
 logger = logging.getLogger("radio")
@@ -266,6 +267,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    bound_kernel_caches()  # before any command runs a model (bench and soak too)
     if args.command == "check":
         return cmd_check(args.paths)
     if args.command == "make-test-model":

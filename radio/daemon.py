@@ -24,7 +24,7 @@ from .control.api import ApiServer
 from .output.local import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
 from .musicgen.model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
 from .output.mount import Mount
-from .native import trim, tune_allocator
+from .native import bound_kernel_caches, trim, tune_allocator
 from .pool import ModelPool, ModelSpec, resolve_budget
 from .station.station import Station
 
@@ -75,6 +75,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
         tune_allocator()  # before the engine, mounts and API start their threads
+        bound_kernel_caches()  # before the first model runs
         cfg = self.config
         self.engine = Engine(None, cfg.engine)
         self.pool = ModelPool(self.engine, self._load_model, budget=resolve_budget(cfg.memory_budget, cfg.device),

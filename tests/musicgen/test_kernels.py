@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import torch
 from torch import nn
 
 from radio.musicgen.kernels import PackedLinear, accelerate, pack_linears, packing_works, row_bucket
-from radio.native import trim
+from radio.native import KERNEL_CACHE_VARIABLES, trim
 from radio.tools.bench import RssSampler
 from radio.config import Sampling
 from radio.musicgen.model import ContinuationRequest, MusicgenModel
@@ -96,3 +99,23 @@ def test_engine_model_is_packed_and_agrees_with_the_stock_model(tiny_model_dir: 
     got = packed.continue_batch(reqs, 16)[0].codes
     want = stock.continue_batch(reqs, 16)[0].codes
     np.testing.assert_array_equal(got, want)
+
+
+def test_bounded_kernel_caches_keep_changing_attention_shapes_from_growing_memory() -> None:
+    """CPU bf16 attention (eager matmuls) compiles a oneDNN kernel per KV width: 300 widths held ~330 MB with
+    the default caches. The daemon bounds them before its first model runs; a fresh process, as the daemon."""
+    script = (
+        "import torch\n"
+        "from radio.native import bound_kernel_caches, trim\n"
+        "from radio.tools.bench import RssSampler\n"
+        "bound_kernel_caches()\n"
+        "q = torch.randn(6, 4, 1, 16, dtype=torch.bfloat16)\n"
+        "torch.matmul(q, torch.randn(6, 4, 16, 50, dtype=torch.bfloat16)); trim(); before = RssSampler.rss()\n"
+        "for width in range(100, 400):\n"
+        "    w = torch.matmul(q, torch.randn(6, 4, 16, width, dtype=torch.bfloat16))\n"
+        "    torch.matmul(torch.softmax(w, -1), torch.randn(6, 4, width, 16, dtype=torch.bfloat16))\n"
+        "trim(); print((RssSampler.rss() - before) / 2**20)\n")
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=True)
+    grown = float(out.stdout.strip().splitlines()[-1])
+    assert grown < 120, f"RSS grew {grown:.0f} MB over 300 attention widths"
