@@ -66,7 +66,7 @@ class PackedLinear(nn.Module):
         rows = flat.shape[0]
         padded = row_bucket(rows)
         if padded != rows:
-            flat = torch.cat([flat, flat.new_zeros(padded - rows, self.in_features)])
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))  # zero rows, sliced off below
         elif not flat.is_contiguous():
             flat = flat.contiguous()
         y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")

@@ -48,6 +48,8 @@ def write_soak_stations(directory: Path, count: int) -> None:
 
 
 SLOPE_TARGET_MB_PER_HOUR = 2.0
+CHURN_EVERY = 60.0  # seconds between churn steps
+CHURN_STEPS = 3  # create, edit, delete
 
 
 def rss_slope(samples: list[tuple[float, float]]) -> float:
@@ -81,8 +83,10 @@ def churn_floors(floors: list[tuple[float, float]]) -> tuple[list[tuple[float, f
     """Split minute floors by whether the churned station was on air: churn step ``s`` runs at minute ``s + 1``
     (steps 0, 1, 2: create, edit, delete), so the station is gone in minutes 0 and 3, 6, 9, ... and on air in
     the others. The minute a station goes still holds it for a moment; its floor is after it left."""
-    gone = [(t, r) for t, r in floors if int(t // 60) % 3 == 0]
-    present = [(t, r) for t, r in floors if int(t // 60) % 3 != 0]
+    gone: list[tuple[float, float]] = []
+    present: list[tuple[float, float]] = []
+    for t, r in floors:
+        (gone if int(t // CHURN_EVERY) % CHURN_STEPS == 0 else present).append((t, r))
     return gone, present
 
 
@@ -100,8 +104,7 @@ def _type_counts() -> Counter[str]:
 def _churn_station(directory: Path, step: int) -> None:
     """Every minute, one of: create a station file, edit it, delete it (step 0 creates)."""
     path = directory / "churn.yaml"
-    phase = step % 3
-    if phase == 2:
+    if step % CHURN_STEPS == CHURN_STEPS - 1:
         path.unlink(missing_ok=True)
         return
     path.write_text(f"name: Churn\nmount: /churn.mp3\nplaylist:\n  - {{title: Churn {step}, prompt: churn test "
@@ -134,7 +137,7 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
             settle_at = t0 + settle * 60
             samples: list[tuple[float, float]] = []
             next_sample = t0
-            next_churn = t0 + 60.0
+            next_churn = t0 + CHURN_EVERY
             churn_step = 0
             snapshot = counts = None
             if trace:
@@ -150,7 +153,7 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
                     gc.collect()
                     snapshot, counts = tracemalloc.take_snapshot(), _type_counts()
                 if churn and now >= next_churn:
-                    next_churn += 60.0
+                    next_churn += CHURN_EVERY
                     _churn_station(workdir / "stations", churn_step)
                     churn_step += 1
                     daemon.reload()
@@ -197,13 +200,16 @@ def run_soak(model: str, minutes: float, stations: int, warmup: float = 60.0,
     growth = (rss_end - rss_start) / rss_start * 100 if rss_start else 0.0
     floors = floor_samples(samples)
     slope = rss_slope(floors)
-    report: dict[str, Any] = {"minutes": minutes, "stations": stations, "model": model, "mounts": rows, "churn": churn,
-              "rss_start_mb": round(rss_start / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
-              "rss_growth_percent": round(growth, 2), "settle_minutes": settle,
-              "rss_slope_mb_per_hour": round(slope, 2), "rss_slope_all_samples_mb_per_hour": round(rss_slope(samples), 2),
-              "rss_samples": [[round(t), round(r, 1)] for t, r in samples],
-              "rss_floors": [[round(t), round(r, 1)] for t, r in floors],
-              "growth_sites": growth_sites, "growth_types": growth_types}
+    report: dict[str, Any] = {
+        "minutes": minutes, "stations": stations, "model": model, "mounts": rows, "churn": churn,
+        "rss_start_mb": round(rss_start / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
+        "rss_growth_percent": round(growth, 2), "settle_minutes": settle,
+        "rss_slope_mb_per_hour": round(slope, 2),
+        "rss_slope_all_samples_mb_per_hour": round(rss_slope(samples), 2),
+        "rss_samples": [[round(t), round(r, 1)] for t, r in samples],
+        "rss_floors": [[round(t), round(r, 1)] for t, r in floors],
+        "growth_sites": growth_sites, "growth_types": growth_types,
+    }
     report["targets"] = {
         "underruns == 0": all(r["underruns"] == 0 for r in rows),
         "|drift| <= 1 s": all(abs(r["max_drift_seconds"]) <= 1.0 for r in rows),
@@ -235,8 +241,9 @@ def format_soak(report: dict[str, Any]) -> str:
     churned = report.get("churn_floors")
     if churned:
         lines.append(f"churn: lowest RSS of each minute the station was gone: "
-                     f"{', '.join(f'{r:g}' for r in churned['gone_mb'])} MB (slope {churned['gone_slope_mb_per_hour']:+.2f} "
-                     f"MB/h); on air: {', '.join(f'{r:g}' for r in churned['on_air_mb'])} MB")
+                     f"{', '.join(f'{r:g}' for r in churned['gone_mb'])} MB "
+                     f"(slope {churned['gone_slope_mb_per_hour']:+.2f} MB/h); "
+                     f"on air: {', '.join(f'{r:g}' for r in churned['on_air_mb'])} MB")
     for title, key in (("allocation sites that grew most (tracemalloc)", "growth_sites"),
                        ("object types that grew most (gc)", "growth_types")):
         if report.get(key):

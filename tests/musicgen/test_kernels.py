@@ -116,6 +116,7 @@ def test_bounded_kernel_caches_keep_changing_attention_shapes_from_growing_memor
         "    torch.matmul(torch.softmax(w, -1), torch.randn(6, 4, width, 16, dtype=torch.bfloat16))\n"
         "trim(); print((RssSampler.rss() - before) / 2**20)\n")
     env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         check=True)
     grown = float(out.stdout.strip().splitlines()[-1])
     assert grown < 120, f"RSS grew {grown:.0f} MB over 300 attention widths"
