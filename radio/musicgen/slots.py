@@ -27,7 +27,7 @@ import torch
 from .decoding import Row, fresh_row, resets_due
 from ..errors import ModelError, SlotsFull
 from . import fused
-from .step import DecoderParts, SlotTensors, decode_step
+from .step import DecoderParts, SlotTensors, decode_step, finish_step
 
 if TYPE_CHECKING:
     from .model import ContinuationRequest
@@ -93,6 +93,7 @@ class SlotDecoder:
         self.spread_resets = True  # reset ahead of need, one per chunk, so resets never bunch up (bench: off)
         self.last_prefill_seconds = 0.0
         self.last_steps = 0
+        self.last_batch: tuple[int, int] | None = None  # the last chunk's (bucket, top-k bound): its step
 
     # -- memory ---------------------------------------------------------------------------------------------
     def slots_that_fit(self) -> int:
@@ -232,6 +233,7 @@ class SlotDecoder:
         # Rounded up, so few graphs are captured per bucket; never more than the vocabulary.
         kmax = min(self.shape.vocab, next((b for b in (1, 16, 64, 256, 1024) if b >= kmax), self.shape.vocab))
         st.t.zero_()
+        self.last_batch = (n, kmax)
         try:
             for _ in range(steps):
                 torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
@@ -380,18 +382,71 @@ class SlotDecoder:
             return
         graph.replay()
 
+    REGISTERS = ("length", "next_col", "warm", "t")  # what a step advances (besides cache columns past them)
+
+    def anatomy(self, repeats: int = 20) -> dict[str, float] | None:
+        """Where the last chunk's step spends its time, in seconds per step (for ``radio bench``): ``step``, the
+        whole step as the chunk loop runs it (a graph replay on CUDA); ``sampling``, its heads, guidance,
+        sampling, forcing and writes, run the same way on fixed hidden states (so ``step - sampling`` is the
+        embeddings and layers); ``noise``, the draw before each step. The slots' registers are restored and the
+        decoder's generator is not drawn from: the next chunk is what it would have been. None before a chunk."""
+        if self.last_batch is None or self.st is None:
+            return None
+        n, kmax = self.last_batch
+        st = self.st
+        # Each step writes its slots' next cache column and column t of the chunk's codes: both must stay inside
+        # (the last cache column is the scratch one of slots sitting out).
+        room = self.shape.window - 1 - int(torch.where(st.active, st.length, 0).max())
+        repeats = min(repeats, self.max_steps - 2, room - 2)
+        if repeats < 1:
+            return None
+        saved = [getattr(st, name).clone() for name in self.REGISTERS]
+        h = torch.zeros((2 * n, self.shape.heads * self.shape.head_dim), dtype=self.shape.dtype,
+                        device=self.shape.device)
+        tail = lambda: finish_step(self.parts, st, n, kmax, h)  # noqa: E731
+        tail_graph = self._capture(tail) if self.graphs_enabled and self._graphs.get((n, kmax)) else None
+        noise = torch.Generator(device=self.shape.device).manual_seed(0)
+
+        def clock(run: Callable[[], object]) -> float:
+            st.t.zero_()
+            run()  # warm-up (a first replay, a first eager call)
+            self._sync()
+            t0 = time.monotonic()
+            for _ in range(repeats):
+                run()
+            self._sync()
+            return (time.monotonic() - t0) / repeats
+
+        def eager_tail() -> None:
+            with torch.inference_mode():
+                tail()
+
+        try:
+            parts = {"step": clock(lambda: self._run_step(n, kmax)),
+                     "sampling": clock(tail_graph.replay if tail_graph is not None else eager_tail),
+                     "noise": clock(lambda: torch.rand(st.noise[:n].shape, generator=noise, device=st.noise.device,
+                                                       out=st.noise[:n]))}
+        finally:
+            for name, value in zip(self.REGISTERS, saved):
+                getattr(st, name).copy_(value)
+        return parts
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
     def _capture(self, run: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         """Warm the step up on a side stream (its side effects undone), then capture it."""
         st = self.tensors
-        saved = [t.clone() for t in (st.length, st.next_col, st.warm, st.t)]
+        saved = [getattr(st, name).clone() for name in self.REGISTERS]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((st.length, st.next_col, st.warm, st.t), saved):
-            t.copy_(s)
+        for name, value in zip(self.REGISTERS, saved):
+            getattr(st, name).copy_(value)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -102,6 +102,12 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, kernels
     the self-attention masks the whole window) or ``fused`` (:mod:`.fused`'s kernels: self-attention over each
     row's live columns with the key/value write in it, residual adds fused with the next layer norm;
     cross-attention as ``sdpa``)."""
+    finish_step(parts, st, n, kmax, hidden_states(parts, st, n, kernels))
+
+
+def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "eager") -> torch.Tensor:
+    """Steps 1-2 of :func:`decode_step`: the embeddings of slots ``[0, n)``'s next columns through the decoder
+    layers and the final norm (each layer's new key/value written into the slot): (2n, D)."""
     K = len(parts.embed)
     W = st.k[0].shape[3]
     act = st.active[:n]
@@ -116,12 +122,19 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, kernels
 
     if kernels == "fused":
         # Each row's live columns with the new one; 0 for a slot sitting out: it reads and writes nothing.
-        h = _fused_layers(parts, st, n, h, torch.where(act, length + 1, 0).repeat_interleave(2))
-    else:
-        # Where each row writes its new key/value: its next column, or the scratch column W-1 when it sits out.
-        pos = torch.where(act, length, torch.full_like(length, W - 1))
-        h = _layers(parts, st, n, h, pos.repeat_interleave(2), sdpa=kernels == "sdpa")
+        return _fused_layers(parts, st, n, h, torch.where(act, length + 1, 0).repeat_interleave(2))
+    # Where each row writes its new key/value: its next column, or the scratch column W-1 when it sits out.
+    pos = torch.where(act, length, torch.full_like(length, W - 1))
+    return _layers(parts, st, n, h, pos.repeat_interleave(2), sdpa=kernels == "sdpa")
 
+
+def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torch.Tensor) -> None:
+    """Steps 3-5 of :func:`decode_step` from the final hidden states ``h`` (2n, D): the heads, guidance,
+    sampling, the delay pattern's forcing, and the sampled column written into the chunk's codes and the
+    slots' registers."""
+    K = len(parts.embed)
+    act = st.active[:n]
+    tok = st.next_col[:n]
     if parts.heads_w is not None:
         logits = torch.nn.functional.linear(h, parts.heads_w).float().view(n, 2, K, -1)
     else:

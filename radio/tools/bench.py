@@ -60,7 +60,10 @@ class Result:
     realtime_per_mount: float = 0.0  # audio seconds per wall second for each mount (>= 1.0: real time)
     state_bytes_per_mount: int = 0  # decode state (KV caches / slots) per mount
     peak_device_mb: float = 0.0  # peak device memory allocated (CUDA)
-    breakdown: dict[str, float] | None = None  # seconds per steady chunk: steps, prefill, encodec, other
+    # seconds per steady chunk: steps (on the static path split into layers, sampling, noise and other), encodec,
+    # prefill, resets_charged
+    breakdown: dict[str, float] | None = None
+    step_anatomy: dict[str, float] | None = None  # static path: seconds per step (SlotDecoder.anatomy)
 
 
 class RssSampler:
@@ -297,6 +300,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
                 parts["prefill"] += model.last_prefill_seconds
                 progress(f"ours x{mounts} ({_dtype_name(model)}): chunk {c + 1}/{chunks} {dt:.2f}s")
             state_bytes = model.decode_state_bytes_per_station(mounts)
+            anatomy = model.slots.anatomy() if model.slots is not None else None
             # Window resets, as the engine meets them: each station resets once per (window - context) of
             # audio, so a steady batch has about `resets_per_chunk` of them in every chunk, prefilled together.
             # That many stations' contexts (context_seconds of codes) are prefilled again while the others go on.
@@ -322,12 +326,19 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     finally:
         model.hold_resets(False)
     charged = wall + chunks * resets_per_chunk * reset
-    breakdown = {"steps": round((wall - parts["encodec"] - parts["prefill"]) / chunks, 4),
-                 "encodec": round(parts["encodec"] / chunks, 4), "prefill": round(parts["prefill"] / chunks, 4),
-                 "resets_charged": round(resets_per_chunk * reset, 4)}
+    stepping = (wall - parts["encodec"] - parts["prefill"]) / chunks
+    breakdown = {"steps": stepping}
+    if anatomy:  # the steps' time split: what the device does in a step, and what is left (Python, launches...)
+        per_chunk = steps / chunks
+        breakdown.update(layers=(anatomy["step"] - anatomy["sampling"]) * per_chunk,
+                         sampling=anatomy["sampling"] * per_chunk, noise=anatomy["noise"] * per_chunk,
+                         other=stepping - (anatomy["step"] + anatomy["noise"]) * per_chunk)
+    breakdown.update(encodec=parts["encodec"] / chunks, prefill=parts["prefill"] / chunks,
+                     resets_charged=resets_per_chunk * reset)
+    breakdown = {k: round(v, 4) for k, v in breakdown.items()}
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
-                  peak_device_mb=_device_peak_mb(model), breakdown=breakdown)
+                  peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -578,7 +589,7 @@ def format_table(report: dict[str, Any]) -> str:
         per = r.get("realtime_per_mount") or r["audio_per_wall"] / r["mounts"]
         state = f"{r.get('state_bytes_per_mount', 0) / 2**20:.0f}" if r.get("state_bytes_per_mount") else "-"
         dev = f"{r.get('peak_device_mb', 0):.0f}" if r.get("peak_device_mb") else "-"
-        where = " ".join(f"{k}={v:.3f}" for k, v in (r.get("breakdown") or {}).items())
+        where = _where(r.get("breakdown") or {})
         lines.append(f"{r['scenario']:<10} {r['dtype']:<9} {r['mounts']:>6} {r['audio_per_wall']:>10.3f} "
                      f"{per:>8.2f} {1000 * r['seconds_per_step']:>8.1f} {ttfa:>7} {reset:>8} "
                      f"{r['peak_rss_mb']:>8.0f} {state:>9} {dev:>8}  {where}")
@@ -592,6 +603,17 @@ def format_table(report: dict[str, Any]) -> str:
     for k, v in report["ratios"].items():
         lines.append(f"{k:<50} {v}")
     return "\n".join(lines)
+
+
+STEP_PARTS = ("layers", "sampling", "noise", "other")  # what "steps" splits into on the static path
+
+
+def _where(breakdown: dict[str, float]) -> str:
+    """A chunk's time, its steps' parts in brackets: ``steps=2.315 (layers=... other=...) encodec=...``."""
+    inner = " ".join(f"{k}={breakdown[k]:.3f}" for k in STEP_PARTS if k in breakdown)
+    outer = [f"{k}={v:.3f}" + (f" ({inner})" if k == "steps" and inner else "")
+             for k, v in breakdown.items() if k not in STEP_PARTS]
+    return " ".join(outer)
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

@@ -129,3 +129,30 @@ def test_the_cuda_arrangement_of_the_step_gives_the_same_codes(static: MusicgenM
         for k, ours, theirs in zip(keys, *got):
             np.testing.assert_array_equal(theirs.codes, ours.codes)
             ctx[k] = np.concatenate([ctx[k], ours.codes], axis=1)
+
+
+def test_the_step_anatomy_leaves_the_next_chunk_as_it_would_have_been(static: MusicgenModel,
+                                                                       tiny_model_dir: Path) -> None:
+    """``radio bench`` times the running batch's step in parts between chunks: the slots' registers come back,
+    the cache columns it wrote are past every slot's length, and the decoder's generator is not drawn from."""
+    twin = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder="static",
+                         fast_kernels=False)
+    assert static.slots.anatomy() is None  # no chunk yet: no batch to time
+    rng = np.random.default_rng(5)
+    ctx = {k: rng.integers(0, static.vocab_size, (4, 8 + i)) for i, k in enumerate("abc")}
+    runs = []
+    for m in (static, twin):
+        codes = dict(ctx)
+        for chunk in range(2):
+            keys = "abc" if chunk else "ab"  # c joins in the second chunk
+            res = m.continue_batch([ContinuationRequest(codes[k], "jazz", MIXED[i], key=k)
+                                    for i, k in enumerate(keys)], 6)
+            for k, r in zip(keys, res):
+                codes[k] = np.concatenate([codes[k], r.codes], axis=1)
+            if m is static:
+                parts = m.slots.anatomy(repeats=5)
+                assert parts is not None and set(parts) == {"step", "sampling", "noise"}
+                assert all(v > 0 for v in parts.values())
+        runs.append(codes)
+    for k in "abc":
+        np.testing.assert_array_equal(runs[0][k], runs[1][k])

@@ -34,3 +34,21 @@ def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     assert set(report["bare_decode_step_seconds"]) == set(report["raw_decode_step_seconds"])
     assert report["machine"]["cores"] >= 1
     assert (tmp_path / "cache" / "radio" / "test-models" / "tiny-seed0" / "config.json").exists()
+
+
+def test_bench_splits_the_static_steps_time_into_its_parts(tmp_path: Path) -> None:
+    """On the static path a chunk's step time is split into the layers, sampling, the noise draw and the rest
+    (Python, launches, the copy back), so a missed target says where the time goes."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "radio.cli", "bench", "--shape", "tiny", "--mounts", "2",
+                           "--scenarios", "ours", "--decoder", "static", "--dtypes", "float32", "--frames", "20",
+                           "--chunks", "2", "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["results"]
+    parts = r["breakdown"]
+    assert list(parts)[:5] == ["steps", "layers", "sampling", "noise", "other"]
+    assert parts["layers"] > 0 and parts["sampling"] > 0
+    assert abs(parts["layers"] + parts["sampling"] + parts["noise"] + parts["other"] - parts["steps"]) < 1e-3
+    assert set(r["step_anatomy"]) == {"step", "sampling", "noise"}
+    assert "steps=" in proc.stdout and "(layers=" in proc.stdout
