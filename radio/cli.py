@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure generation speed against the prototype loop and raw generate")
     src = bench.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory or hub id")
-    src.add_argument("--shape", choices=("tiny", "small"), default="tiny",
-                     help="use (and make once, in ~/.cache/radio) a random-weight checkpoint of this shape")
+    src.add_argument("--shape", choices=("tiny", "small", "medium", "large"), default="tiny",
+                     help="use (and make once, in ~/.cache/radio) a random-weight checkpoint of this shape "
+                          "(small, medium, large: facebook/musicgen-*'s shapes)")
     bench.add_argument("--mounts", default="1,2,3,4,8", help="comma-separated mount counts (default 1,2,3,4,8)")
     bench.add_argument("--frames", type=int, default=200, help="frames per chunk (50 = 1 s; default 200 = the engine's 4 s chunk)")
     bench.add_argument("--chunks", type=int, default=3, help="measured steady-state chunks (default 3)")
