@@ -156,3 +156,30 @@ def test_the_step_anatomy_leaves_the_next_chunk_as_it_would_have_been(static: Mu
         runs.append(codes)
     for k in "abc":
         np.testing.assert_array_equal(runs[0][k], runs[1][k])
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_and_is_tried_once(static: MusicgenModel, tiny_model_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA graph capture that fails costs speed, never a station: the bucket's step runs eagerly from then
+    on (the same codes), with one warning, and the capture is not retried every step."""
+    graphed = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder="static",
+                            fast_kernels=False)
+    graphed.slots.graphs_enabled = True
+    tries: list[int] = []
+
+    def fail(run: object) -> None:
+        tries.append(1)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed.slots, "_capture", fail)
+    ctx = {k: np.random.default_rng(6).integers(0, static.vocab_size, (4, 9)) for k in "ab"}
+    with caplog.at_level("WARNING", logger="radio.musicgen.slots"):
+        for _ in range(2):
+            got = [m.continue_batch([ContinuationRequest(ctx[k], "jazz", MIXED[i], key=k)
+                                     for i, k in enumerate("ab")], 5) for m in (static, graphed)]
+            for k, ours, theirs in zip("ab", *got):
+                np.testing.assert_array_equal(theirs.codes, ours.codes)
+                ctx[k] = np.concatenate([ctx[k], ours.codes], axis=1)
+    assert len(tries) == 1
+    assert sum("could not capture the decode step" in r.getMessage() for r in caplog.records) == 1
