@@ -65,6 +65,8 @@ class SlotShape:
 class SlotDecoder:
     """Slots, their registers on the device, and the chunk loop around the captured step."""
 
+    PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
+
     def __init__(self, parts: DecoderParts, shape: SlotShape, pad: int, prefill: Callable, conditioning: Callable,
                  cross_kv: Callable, max_slots: int | None = None, graphs: bool | None = None) -> None:
         self.parts = parts
@@ -212,17 +214,41 @@ class SlotDecoder:
         steps = frames + (K - 1 if fresh else 0)
         self.last_steps = steps
 
+        stage = ["placing the slots"]  # where an out-of-memory error struck, for its message
+        try:
+            slots, out = self._chunk(requests, keys, fresh, steps, window, stage)
+        except torch.OutOfMemoryError as exc:
+            self._shrink(exc)
+            raise ModelError(f"out of device memory {stage[0]}; now at most {self.max_slots} slots") from exc
+
+        results = []
+        for i, (key, r) in enumerate(zip(keys, requests)):
+            row = self.rows[key]
+            row.steps += steps
+            new = row.emit(out[slots[i]], r.context)
+            results.append((new, i in fresh))
+        return results
+
+    def _chunk(self, requests: Sequence["ContinuationRequest"], keys: list[str], fresh: list[int], steps: int,
+               window: int, stage: list[str]) -> tuple[list[int], np.ndarray]:
+        """A chunk's device work: slots placed (grown if need be), fresh rows prefilled, prompts and sampling
+        settings written, ``steps`` steps run. Returns each request's slot and the codes (slots, K, steps)."""
         slots = self._place(keys, fresh, steps)
         st = self.tensors
         self.last_prefill_seconds = 0.0
         if fresh:
+            stage[0] = "in a prefill"
             t0 = time.monotonic()
-            self._prefill_guarded([requests[i] for i in fresh], [keys[i] for i in fresh], [slots[i] for i in fresh],
-                                  window, steps)
+            for i in range(0, len(fresh), self.PREFILL_GROUP):  # bounded transient attention memory
+                part = fresh[i:i + self.PREFILL_GROUP]
+                self._prefill_slots([requests[j] for j in part], [keys[j] for j in part], [slots[j] for j in part],
+                                    window, steps)
             self.last_prefill_seconds = time.monotonic() - t0
+        stage[0] = "writing the prompts"
         self._write_prompts(requests, slots)
         dev = self.shape.device
         index = torch.tensor(slots, dtype=torch.long, device=dev)
+        st = self.tensors  # (longer prompts reallocate the slots)
         st.active.zero_()
         st.active[index] = True
         st.guidance[index] = torch.tensor([r.sampling.guidance for r in requests], device=dev)
@@ -234,23 +260,11 @@ class SlotDecoder:
         kmax = min(self.shape.vocab, next((b for b in (1, 16, 64, 256, 1024) if b >= kmax), self.shape.vocab))
         st.t.zero_()
         self.last_batch = (n, kmax)
-        try:
-            for _ in range(steps):
-                torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
-                self._run_step(n, kmax)
-            out = st.out[:n, :, :steps].cpu().numpy().copy()  # the one trip back to the host (a copy on CPU too)
-        except torch.OutOfMemoryError as exc:
-            self._shrink(exc)
-            raise ModelError(f"out of device memory during a decode step; now at most {self.max_slots} slots") \
-                from exc
-
-        results = []
-        for i, (key, r) in enumerate(zip(keys, requests)):
-            row = self.rows[key]
-            row.steps += steps
-            new = row.emit(out[slots[i]], r.context)
-            results.append((new, i in fresh))
-        return results
+        stage[0] = "during a decode step"
+        for _ in range(steps):
+            torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
+            self._run_step(n, kmax)
+        return slots, st.out[:n, :, :steps].cpu().numpy().copy()  # the one trip back to the host (a copy on CPU too)
 
     def _tokens(self, key: str) -> int:
         row = self.rows[key]
@@ -276,17 +290,6 @@ class SlotDecoder:
                 self.keys[slot] = key
             placed.append(slot)
         return placed
-
-    PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
-
-    def _prefill_guarded(self, requests: list, keys: list[str], slots: list[int], window: int, steps: int) -> None:
-        try:
-            for i in range(0, len(requests), self.PREFILL_GROUP):
-                part = slice(i, i + self.PREFILL_GROUP)
-                self._prefill_slots(requests[part], keys[part], slots[part], window, steps)
-        except torch.OutOfMemoryError as exc:
-            self._shrink(exc)
-            raise ModelError(f"out of device memory in a prefill; now at most {self.max_slots} slots") from exc
 
     def _prefill_slots(self, requests: list, keys: list[str], slots: list[int], window: int, steps: int) -> None:
         """ONE batched prefill of the fresh rows' contexts (transformers' decoder), copied into their slots."""
@@ -350,14 +353,16 @@ class SlotDecoder:
         """After an out-of-memory error: drop the graphs and their pool, return cached memory, and take no more
         stations than hold slots now (less one), so the next chunks fit; the caller's stations wait on filler.
         The interrupted chunk is void: every slot is prefilled afresh from its station's codes."""
-        self._graphs.clear()
-        self._pool = None
-        if self.cuda:
-            torch.cuda.empty_cache()
         used = sum(1 for k in self.keys if k is not None)
         self.max_slots = max(1, min(self.max_slots, used - 1))
-        self.rows.clear()  # their caches are in an unknown state
-        self.keys = [None] * len(self.keys)
+        # Every slot is released (a growth cut short leaves some layers' buffers at the new size and some at
+        # the old); the next chunk allocates what it needs afresh.
+        self._graphs.clear()
+        self._pool = None
+        self.st, self.capacity, self.keys = None, 0, []
+        self.rows.clear()
+        if self.cuda:
+            torch.cuda.empty_cache()
         logger.error("out of device memory (%s); slots limited to %d", str(exc).splitlines()[0][:120], self.max_slots)
 
     # -- the step -------------------------------------------------------------------------------------------

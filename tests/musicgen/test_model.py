@@ -258,3 +258,23 @@ def test_decoding_uses_no_deprecated_transformers_api(model: MusicgenModel) -> N
     deprecated = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
                   and "transformers" in w.filename]
     assert not deprecated, [str(w.message) for w in deprecated]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_prompt_longer_than_the_slots_hold_joins_with_the_right_codes(tiny_model_dir: Path, decoder: str) -> None:
+    """A prompt of more text tokens than a slot holds at first grows every slot's prompt buffers (the static
+    path reallocates them) in the middle of a chunk: the running station and the newcomer both keep
+    transformers' codes."""
+    m = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=1, decoder=decoder)
+    long = ("a very long and detailed description of slowly evolving ambient music with warm analog synth pads, "
+            "distant church bells, soft rain on a tin roof, deep sub bass swells, granular textures, field "
+            "recordings of a harbour at dawn, gentle tape saturation and a hint of shimmering reverb")
+    assert m.tokenizer([long], return_tensors="pt")["input_ids"].shape[1] > 64
+    rng = np.random.default_rng(8)
+    ctx = {"a": rng.integers(0, m.vocab_size, (4, 9)), "b": rng.integers(0, m.vocab_size, (4, 6))}
+    prompts = {"a": "jazz piano at night", "b": long}
+    first = m.continue_batch([ContinuationRequest(ctx["a"], prompts["a"], GREEDY, key="a")], 5)[0]
+    ctx["a"] = np.concatenate([ctx["a"], first.codes], axis=1)
+    both = m.continue_batch([ContinuationRequest(ctx[k], prompts[k], GREEDY, key=k) for k in "ab"], 12)
+    for k, got in zip("ab", both):  # (a chunk with a fresh row makes a few frames more: its warm-up steps)
+        np.testing.assert_array_equal(got.codes[:, :12], _generate_codes(m, prompts[k], ctx[k], 12))

@@ -183,3 +183,49 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_is_tried_once(static: M
                 ctx[k] = np.concatenate([ctx[k], ours.codes], axis=1)
     assert len(tries) == 1
     assert sum("could not capture the decode step" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_out_of_device_memory_while_slots_grow_voids_them_cleanly(static: MusicgenModel, tiny_model_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing the slots replaces their buffers layer by layer; running out of memory half-way must not leave a
+    mix of old and new buffers: the chunk is a ModelError, the slots are limited, and the next chunks re-prefill
+    every station from its codes (the same greedy codes as a decoder that never ran out)."""
+    twin = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder="static",
+                         fast_kernels=False)
+    rng = np.random.default_rng(7)
+    ctx = {k: rng.integers(0, static.vocab_size, (4, 8 + i)) for i, k in enumerate("abc")}
+
+    def chunk(m: MusicgenModel, keys: str) -> dict[str, np.ndarray]:
+        res = m.continue_batch([ContinuationRequest(ctx[k], "jazz", GREEDY, key=k) for k in keys], 5)
+        return {k: r.codes for k, r in zip(keys, res)}
+
+    def advance(codes: dict[str, np.ndarray]) -> None:
+        for k, c in codes.items():
+            ctx[k] = np.concatenate([ctx[k], c], axis=1)
+
+    first = chunk(static, "ab")
+    assert chunk(twin, "ab").keys() == first.keys()
+    advance(first)
+    real_full = torch.full
+    made: list[tuple] = []
+
+    def full(size, *args, **kwargs):  # the second layer's new key buffer does not fit
+        if isinstance(size, tuple) and len(size) == 5 and size[0] == 4:
+            made.append(size)
+            if len(made) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_full(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "full", full)
+    with pytest.raises(ModelError, match="out of device memory"):
+        chunk(static, "abc")  # c needs a third slot: the slots grow from 2 to 4
+    monkeypatch.undo()
+    assert static.slots.max_slots == 1  # fewer than were held
+    with pytest.raises(SlotsFull):
+        chunk(static, "ab")
+    static.slots.max_slots = 4  # as if memory were freed again (the bench's reset_slot_limit)
+    for _ in range(2):  # (fresh rows make fewer frames than continuing ones in a chunk with warm-up steps)
+        ours, theirs = chunk(static, "abc"), chunk(twin, "abc")
+        for k in "abc":
+            np.testing.assert_array_equal(ours[k], theirs[k][:, :ours[k].shape[1]])
+        advance(ours)
