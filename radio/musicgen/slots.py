@@ -105,7 +105,7 @@ class SlotDecoder:
             return 512
         torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(torch.device(self.shape.device))
-        usable = free - max(2 << 30, free // 10)
+        usable = max(0, free - max(2 << 30, free // 10))  # never below what is held: slots are not taken back
         return max(1, min(BUCKETS[-1], self._held() + usable // self.shape.slot_bytes()))
 
     def _held(self) -> int:
