@@ -379,6 +379,14 @@ class DecodeState:
         live = [i for i, row in enumerate(self.rows) if row.key not in self.parked and row.key not in keys]
         self.assemble(live, [p.row for p in back], kv, n, [n - p.tokens for p in back], cfg, room)
 
+    def drop_live(self) -> None:
+        """Drop every live row and the buffers, as before the first chunk (after a chunk cut short, their contents
+        are unknown); parked rows keep their own caches."""
+        self.rows = []
+        self.length = self.capacity = 0
+        self.offsets = torch.zeros(0, dtype=torch.long)
+        self.k_bufs, self.v_bufs = [], []
+
     def forget(self, key: str) -> None:
         """Drop a row (live or parked) and its cache."""
         self.parked.pop(key, None)

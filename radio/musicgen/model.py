@@ -397,7 +397,13 @@ class MusicgenModel:
             if self._slots is not None:
                 generated = self._generate_static(requests, frames)
             else:
-                generated = self._generate_codes(requests, frames)
+                try:
+                    generated = self._generate_codes(requests, frames)
+                except BaseException:
+                    # A chunk cut short (steps that ran part-way, a prefill or an assembly interrupted): the live
+                    # rows' caches no longer match their stations' codes; the next chunk prefills them afresh.
+                    self._state.drop_live()
+                    raise
             new_codes = [c for c, _ in generated]
             t0 = time.monotonic()
             pcm = self._decode(requests, new_codes)

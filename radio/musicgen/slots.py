@@ -220,6 +220,12 @@ class SlotDecoder:
         except torch.OutOfMemoryError as exc:
             self._shrink(exc)
             raise ModelError(f"out of device memory {stage[0]}; now at most {self.max_slots} slots") from exc
+        except BaseException:
+            # A chunk cut short (an interrupted prefill, steps that ran part-way): its slots' caches and registers
+            # no longer match their stations' codes; the next chunk prefills them afresh.
+            for key in keys:
+                self.rows.pop(key, None)
+            raise
 
         results = []
         for i, (key, r) in enumerate(zip(keys, requests)):

@@ -278,3 +278,38 @@ def test_a_prompt_longer_than_the_slots_hold_joins_with_the_right_codes(tiny_mod
     both = m.continue_batch([ContinuationRequest(ctx[k], prompts[k], GREEDY, key=k) for k in "ab"], 12)
     for k, got in zip("ab", both):  # (a chunk with a fresh row makes a few frames more: its warm-up steps)
         np.testing.assert_array_equal(got.codes[:, :12], _generate_codes(m, prompts[k], ctx[k], 12))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_chunk_cut_short_by_an_error_is_prefilled_afresh_next_time(tiny_model_dir: Path, decoder: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps that ran part-way advanced the caches past what their stations' codes say: the next chunk must not
+    continue those caches (the same greedy codes as a decoder that was never interrupted)."""
+    m, twin = (MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder=decoder)
+               for _ in range(2))
+    ctx = {k: np.random.default_rng(9).integers(0, m.vocab_size, (4, 7)) for k in "ab"}
+
+    def chunk(model: MusicgenModel) -> list[np.ndarray]:
+        return [r.codes for r in model.continue_batch([ContinuationRequest(ctx[k], "jazz", GREEDY, key=k)
+                                                       for k in "ab"], 5)]
+
+    first, _ = chunk(m), chunk(twin)
+    for k, c in zip("ab", first):
+        ctx[k] = np.concatenate([ctx[k], c], axis=1)
+    import radio.musicgen.slots as slots_module
+
+    owner, name = (slots_module, "decode_step") if decoder == "static" else (m, "_sample")
+    real, calls = getattr(owner, name), []
+
+    def flaky(*args, **kwargs):  # the third step of the chunk fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, flaky)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        chunk(m)
+    monkeypatch.undo()
+    for ours, theirs in zip(chunk(m), chunk(twin)):
+        np.testing.assert_array_equal(ours, theirs[:, :ours.shape[1]])

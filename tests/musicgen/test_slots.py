@@ -229,3 +229,4 @@ def test_out_of_device_memory_while_slots_grow_voids_them_cleanly(static: Musicg
         for k in "abc":
             np.testing.assert_array_equal(ours[k], theirs[k][:, :ours[k].shape[1]])
         advance(ours)
+
