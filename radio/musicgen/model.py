@@ -278,6 +278,7 @@ class MusicgenModel:
         self.last_steps = 0
         self.last_prefill_seconds = 0.0  # wall time of the last chunk's prefill (bench: a reset's cost)
         self.last_decode_seconds = 0.0  # wall time of the last chunk's EnCodec decoding
+        self.decode_group = self.DECODE_GROUP  # halved on an out-of-memory error in EnCodec
         self._window_kept: int | None = None  # window_frames while the bench holds resets off
         self.resets = 0
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
@@ -684,12 +685,26 @@ class MusicgenModel:
         by_len: dict[int, list[int]] = {}
         for i, s in enumerate(seqs):
             by_len.setdefault(s.shape[1], []).append(i)
-        step = self.DECODE_GROUP
+        step = self.decode_group
         groups = [idx[i:i + step] for idx in by_len.values() for i in range(0, len(idx), step)]
         with torch.inference_mode():
-            for idx in groups:
+            while groups:
+                idx = groups.pop(0)
                 codes = torch.from_numpy(np.stack([seqs[i] for i in idx])).to(self.device)[None]
-                audio = self.model.audio_encoder.decode(codes, audio_scales=[None] * len(idx)).audio_values
+                try:
+                    audio = self.model.audio_encoder.decode(codes, audio_scales=[None] * len(idx)).audio_values
+                except torch.OutOfMemoryError as exc:
+                    if len(idx) == 1:
+                        raise ModelError(f"out of device memory decoding one station's audio: {exc}") from exc
+                    # Activations scale with the group: halve it (this chunk, and the ones after) and go on.
+                    self.decode_group = max(1, len(idx) // 2)
+                    logger.warning("out of device memory in EnCodec with %d stations at once; now %d at once",
+                                   len(idx), self.decode_group)
+                    if self.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                    g = self.decode_group
+                    groups[:0] = [idx[i:i + g] for i in range(0, len(idx), g)]
+                    continue
                 audio = audio[:, 0].float().cpu().numpy()
                 if not np.isfinite(audio).all():
                     self.nonfinite += 1

@@ -313,3 +313,46 @@ def test_a_chunk_cut_short_by_an_error_is_prefilled_afresh_next_time(tiny_model_
     monkeypatch.undo()
     for ours, theirs in zip(chunk(m), chunk(twin)):
         np.testing.assert_array_equal(ours, theirs[:, :ours.shape[1]])
+
+
+def test_out_of_device_memory_in_encodec_halves_its_group_and_decodes_everything(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    m, twin = (MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=1) for _ in range(2))
+    real = m.model.audio_encoder.decode
+    sizes: list[int] = []
+
+    def tight(codes, *args, **kwargs):  # (1, stations, K, frames): more than 2 stations at once do not fit
+        sizes.append(codes.shape[1])
+        if codes.shape[1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(codes, *args, **kwargs)
+
+    monkeypatch.setattr(m.model.audio_encoder, "decode", tight)
+    rng = np.random.default_rng(10)
+    reqs = [ContinuationRequest(rng.integers(0, m.vocab_size, (4, 6)), "jazz", GREEDY, key=f"s{i}") for i in range(5)]
+    with caplog.at_level("WARNING", logger="radio.musicgen.model"):
+        got = m.continue_batch(reqs, 8)
+    want = twin.continue_batch(reqs, 8)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.codes, w.codes)
+        np.testing.assert_allclose(g.pcm, w.pcm, atol=1e-5)
+    assert sizes[0] == 5 and max(sizes[1:]) <= 2 and m.decode_group == 2
+    assert any("out of device memory in EnCodec" in r.getMessage() for r in caplog.records)
+    sizes.clear()
+    m.continue_batch(reqs, 8)
+    assert max(sizes) <= 2  # the smaller group is kept
+
+
+def test_encodec_out_of_memory_for_a_single_station_is_a_model_error(tiny_model_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from radio.errors import ModelError
+
+    m = MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=1)
+
+    def none_fit(codes, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(m.model.audio_encoder, "decode", none_fit)
+    with pytest.raises(ModelError, match="out of device memory decoding one station's audio"):
+        m.continue_batch([ContinuationRequest(np.zeros((4, 3), np.int64), "jazz", GREEDY, key=f"s{i}")
+                          for i in range(3)], 4)
