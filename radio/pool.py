@@ -297,13 +297,21 @@ class ModelPool:
                     users.setdefault(s, []).append(k)
             return {
                 "models": [{"name": s.name, "dtype": s.dtype, "memory_bytes": self._bytes.get(s, 0),
-                            "stations": sorted(users.get(s, []))} for s in self._models],
+                            "stations": sorted(users.get(s, [])), **self._describe(m)}
+                           for s, m in self._models.items()],
                 "loading": self._loading.key if self._loading else None,
                 "memory_budget_bytes": self.budget,
                 "memory_used_bytes": sum(self._bytes.values()),
                 "loads": self.loads,
                 "unloads": self.unloads,
             }
+
+    @staticmethod
+    def _describe(model: MusicModel) -> dict[str, str | int | None]:
+        try:
+            return model.describe()
+        except Exception as exc:  # noqa: BLE001 - a status read must never fail on one model
+            return {"describe_error": f"{type(exc).__name__}: {exc}"[:200]}
 
     def models(self) -> dict[ModelSpec, MusicModel]:
         with self._lock:

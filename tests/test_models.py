@@ -310,7 +310,9 @@ def test_two_models_on_two_mounts_and_a_live_swap_without_a_gap(icecast, tiny_mo
     try:
         models = daemon.status()["models"]["models"]
         assert {m["name"] for m in models} == {str(tiny_model_dir), str(alt_model_dir)}
+        assert all(m["device"] == "cpu" and m["decoder"] == "dynamic" and m["batch_limit"] == 16 for m in models)
         wait_for(lambda: mount_info(icecast, "/a.mp3") and mount_info(icecast, "/b.mp3"), 20, message="on air")
+        assert all(m["decode_state_bytes"] > 0 for m in daemon.status()["models"]["models"])  # each has a KV cache
         for mount in ("/a.mp3", "/b.mp3"):
             audio = listen(f"{icecast.url}{mount}", 2.0)
             assert np.sqrt(np.mean(audio ** 2)) > 0.005, mount

@@ -113,10 +113,18 @@ def _metrics(status: dict[str, Any]) -> bytes:
             steps.add_metric([], float(engine.get("steps", 0)))
             yield steps
             models = status.get("models", {})
-            memory = GaugeMetricFamily("radio_model_memory_bytes", "Memory held by a loaded model", labels=["model"])
-            for m in models.get("models", []):
-                memory.add_metric([f"{m['name']} ({m['dtype']})"], float(m["memory_bytes"]))
-            yield memory
+            for name, doc, key in (
+                    ("radio_model_memory_bytes", "Memory held by a loaded model", "memory_bytes"),
+                    ("radio_model_batch_limit", "The most stations one batched step of a model takes (on a GPU: "
+                     "the decode slots that fit)", "batch_limit"),
+                    ("radio_model_decode_state_bytes", "Decode state (KV caches, slots) a model held after its "
+                     "last step", "decode_state_bytes"),
+                    ("radio_model_slots_used", "Decode slots held by stations (GPU decode path)", "slots_used")):
+                family = GaugeMetricFamily(name, doc, labels=["model"])
+                for m in models.get("models", []):
+                    if isinstance(m.get(key), (int, float)):
+                        family.add_metric([f"{m['name']} ({m['dtype']})"], float(m[key]))
+                yield family
             for name, doc, key, kind in (
                     ("radio_model_loads", "Model loads (startup and live swaps)", "loads", CounterMetricFamily),
                     ("radio_model_unloads", "Models unloaded because no station used them", "unloads",

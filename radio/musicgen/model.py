@@ -106,6 +106,12 @@ class MusicModel(Protocol):
         """Bytes the model holds (weights and decode state), for the pool's memory budget."""
         ...
 
+    def describe(self) -> dict[str, str | int | None]:
+        """How the model runs, for ``/status`` and ``/metrics``: ``device``, ``decoder`` (its decode path),
+        ``kernels``, ``batch_limit``, ``decode_state_bytes`` (after the last chunk), and on the static path
+        ``slots_used`` and ``slot_bytes`` (else None). Cheap, and safe to call from any thread."""
+        ...
+
 
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matmul (avx512_bf16 or AMX), where bf16 is a real speed-up."""
@@ -279,6 +285,7 @@ class MusicgenModel:
         self.last_prefill_seconds = 0.0  # wall time of the last chunk's prefill (bench: a reset's cost)
         self.last_decode_seconds = 0.0  # wall time of the last chunk's EnCodec decoding
         self.decode_group = self.DECODE_GROUP  # halved on an out-of-memory error in EnCodec
+        self.state_bytes = 0  # decode state held after the last chunk (describe(): read without the lock)
         self._window_kept: int | None = None  # window_frames while the bench holds resets off
         self.resets = 0
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
@@ -405,6 +412,7 @@ class MusicgenModel:
                     # rows' caches no longer match their stations' codes; the next chunk prefills them afresh.
                     self._state.drop_live()
                     raise
+            self.state_bytes = self.decode_state_bytes()
             new_codes = [c for c, _ in generated]
             t0 = time.monotonic()
             pcm = self._decode(requests, new_codes)
@@ -471,6 +479,14 @@ class MusicgenModel:
         if self._slots is not None:
             return self._slots.bytes_per_slot()
         return self._state.nbytes() // max(1, stations)
+
+    def describe(self) -> dict[str, str | int | None]:
+        slots = self._slots
+        return {"device": self.device, "decoder": self.decoder,
+                "kernels": slots.kernels if slots is not None else ("onednn-packed" if self.packed else "stock"),
+                "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,
+                "slots_used": sum(k is not None for k in list(slots.keys)) if slots is not None else None,
+                "slot_bytes": slots.bytes_per_slot() if slots is not None else None}
 
     def decode_state_bytes(self) -> int:
         """Memory of the decode state (KV caches, slots) alone, in bytes."""

@@ -218,6 +218,10 @@ class SineModel:
     def memory_bytes(self) -> int:
         return 0
 
+    def describe(self) -> dict[str, str | int | None]:
+        return {"device": "cpu", "decoder": "sine", "kernels": "numpy", "batch_limit": self.batch_limit,
+                "decode_state_bytes": 0, "slots_used": None, "slot_bytes": None}
+
     def continue_batch(self, requests, frames: int):
         import time
 

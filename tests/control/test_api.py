@@ -111,8 +111,10 @@ def test_metrics_and_web_page(api_daemon) -> None:
     for name in ("radio_station_buffered_seconds{mount=\"/alpha.mp3\"}", "radio_station_generated_seconds_total",
                  "radio_station_filled_seconds_total", "radio_station_reconnects_total",
                  "radio_station_encoder_restarts_total", "radio_engine_batch_size", "radio_engine_step_seconds",
-                 "radio_engine_realtime_factor", "radio_model_memory_bytes{model=", "radio_model_loads_total 1.0"):
+                 "radio_engine_realtime_factor", "radio_model_memory_bytes{model=", "radio_model_loads_total 1.0",
+                 "radio_model_batch_limit{model=", "radio_model_decode_state_bytes{model="):
         assert name in text, name
+    assert "radio_model_slots_used{" not in text  # only a model on the static (GPU) path has slots
     code, body, headers = request(f"{base}/")
     assert code == 200 and headers["Content-Type"].startswith("text/html")
     assert b"<audio" in body or b"createElement(\"audio\")" in body

@@ -230,3 +230,16 @@ def test_out_of_device_memory_while_slots_grow_voids_them_cleanly(static: Musicg
             np.testing.assert_array_equal(ours[k], theirs[k][:, :ours[k].shape[1]])
         advance(ours)
 
+
+
+def test_describe_reports_the_static_paths_slots(static: MusicgenModel) -> None:
+    """What /status and /metrics show of a model on the static path."""
+    before = static.describe()
+    assert before["decoder"] == "static" and before["slots_used"] == 0 and before["decode_state_bytes"] == 0
+    reqs = [ContinuationRequest(np.zeros((4, 5), np.int64), "x", GREEDY, key=k) for k in "abc"]
+    static.continue_batch(reqs, 3)
+    after = static.describe()
+    assert after["slots_used"] == 3 and after["slot_bytes"] == static.slots.bytes_per_slot() > 0
+    assert after["decode_state_bytes"] >= 3 * after["slot_bytes"] and after["batch_limit"] == static.slots.max_slots
+    static.forget("b")
+    assert static.describe()["slots_used"] == 2
