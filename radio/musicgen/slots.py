@@ -208,7 +208,6 @@ class SlotDecoder:
             row = self.rows.get(key)
             (keep if row is not None and row.continues(r.context) else fresh).append(i)
         hard = resets_due({i: self._tokens(keys[i]) for i in keep}, window, frames, K, self.spread_resets)
-        self.resets += len(hard)
         keep = [i for i in keep if i not in hard]
         fresh = sorted(fresh + hard)
         steps = frames + (K - 1 if fresh else 0)
@@ -220,6 +219,8 @@ class SlotDecoder:
         except torch.OutOfMemoryError as exc:
             self._shrink(exc)
             raise ModelError(f"out of device memory {stage[0]}; now at most {self.max_slots} slots") from exc
+        except SlotsFull:
+            raise  # nothing was touched: the stations that fit go on with their caches
         except BaseException:
             # A chunk cut short (an interrupted prefill, steps that ran part-way): its slots' caches and registers
             # no longer match their stations' codes; the next chunk prefills them afresh.
@@ -227,6 +228,7 @@ class SlotDecoder:
                 self.rows.pop(key, None)
             raise
 
+        self.resets += len(hard)
         results = []
         for i, (key, r) in enumerate(zip(keys, requests)):
             row = self.rows[key]

@@ -72,7 +72,13 @@ def test_more_stations_than_fit_is_a_clear_refusal(static: MusicgenModel) -> Non
     with pytest.raises(SlotsFull) as info:
         static.continue_batch(reqs, 3)
     assert info.value.keys == ["c"] and "2 slots fit in memory" in str(info.value)
-    assert len(static.continue_batch(reqs[:2], 3)) == 2  # the ones that fit still run
+    res = static.continue_batch(reqs[:2], 3)  # the ones that fit still run
+    assert len(res) == 2
+    # ...and a refusal while they play costs them nothing: they continue their caches, no prefill
+    reqs = [ContinuationRequest(r.codes, "x", GREEDY, key=k) for k, r in zip("ab", res)] + reqs[2:]
+    with pytest.raises(SlotsFull):
+        static.continue_batch(reqs, 3)
+    assert not any(r.fresh for r in static.continue_batch(reqs[:2], 3))
 
 
 def test_mixed_sampling_settings_share_one_step(static: MusicgenModel, tiny_model_dir: Path) -> None:
