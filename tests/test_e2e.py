@@ -260,13 +260,15 @@ def test_the_static_decode_path_end_to_end(icecast, tiny_model_dir: Path, tmp_pa
     """The GPU's slot path, run eagerly on CPU, behind the real engine, encoders and Icecast: every mount
     decodes, and the stations hold slots while they play."""
     st = tmp_path / "stations"
-    for name, mount, fmt in (("s1", "/s1.mp3", "mp3"), ("s2", "/s2.ogg", "vorbis")):
+    # s2's prompt is longer than the 32 text tokens a slot holds at first: the slots grow while s1 plays
+    long = ", ".join(["slow evolving ambient pads with distant bells and soft rain on a tin roof"] * 4)
+    for name, mount, fmt, prompt in (("s1", "/s1.mp3", "mp3", "calm piano"), ("s2", "/s2.ogg", "vorbis", long)):
         write_station(st, f"{name}.yaml", f"""
             name: {name}
             mount: {mount}
             format: {fmt}
             playlist:
-              - {{title: Slot {name}, prompt: calm piano, duration: 10m}}
+              - {{title: Slot {name}, prompt: "{prompt}", duration: 10m}}
         """)
     daemon = run_daemon(icecast, tiny_model_dir, st, decoder="static")
     try:
@@ -276,5 +278,6 @@ def test_the_static_decode_path_end_to_end(icecast, tiny_model_dir: Path, tmp_pa
             audio = wait_for(lambda m=mount: _try_listen(f"{icecast.url}{m}"), 40, 1.0, message=f"audio on {mount}")
             assert np.sqrt(np.mean(audio ** 2)) > 0.005, mount
         assert sorted(k for k in model.slots.keys if k is not None) == sorted(daemon.stations)
+        assert model.slots.text_tokens > 32
     finally:
         daemon.stop()
