@@ -249,3 +249,19 @@ def test_describe_reports_the_static_paths_slots(static: MusicgenModel) -> None:
     assert after["decode_state_bytes"] >= 3 * after["slot_bytes"] and after["batch_limit"] == static.slots.max_slots
     static.forget("b")
     assert static.describe()["slots_used"] == 2
+
+
+def test_slots_that_fit_never_count_below_the_slots_held(static: MusicgenModel,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With less free device memory than the planner's margin, the estimate keeps what is held (a growth
+    planned from a lower figure would cut held slots off)."""
+    slots = static.slots
+    static.continue_batch([ContinuationRequest(np.zeros((4, 2), np.int64), "x", GREEDY, key=k) for k in "abcde"], 2)
+    assert slots.capacity == 8
+    monkeypatch.setattr(slots, "cuda", True)  # the CUDA branch, with a nearly full card
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    assert slots.slots_that_fit() == 8
+    over = 64 << 20  # free memory 64 MB above the 2 GB margin: that much more in slots
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: ((2 << 30) + over, 80 << 30))
+    assert slots.slots_that_fit() == 8 + over // slots.shape.slot_bytes()
