@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +97,7 @@ class SlotDecoder:
         self.last_prefill_seconds = 0.0
         self.last_steps = 0
         self.last_batch: tuple[int, int] | None = None  # the last chunk's (bucket, top-k bound): its step
+        self._stage = ""  # the part of a chunk running now (see _chunk)
 
     # -- memory ---------------------------------------------------------------------------------------------
     def slots_that_fit(self) -> int:
@@ -213,12 +215,11 @@ class SlotDecoder:
         steps = frames + (K - 1 if fresh else 0)
         self.last_steps = steps
 
-        stage = ["placing the slots"]  # where an out-of-memory error struck, for its message
         try:
-            slots, out = self._chunk(requests, keys, fresh, steps, window, stage)
+            slots, out = self._chunk(requests, keys, fresh, steps, window)
         except torch.OutOfMemoryError as exc:
             self._shrink(exc)
-            raise ModelError(f"out of device memory {stage[0]}; now at most {self.max_slots} slots") from exc
+            raise ModelError(f"out of device memory {self._stage}; now at most {self.max_slots} slots") from exc
         except SlotsFull:
             raise  # nothing was touched: the stations that fit go on with their caches
         except BaseException:
@@ -238,21 +239,22 @@ class SlotDecoder:
         return results
 
     def _chunk(self, requests: Sequence["ContinuationRequest"], keys: list[str], fresh: list[int], steps: int,
-               window: int, stage: list[str]) -> tuple[list[int], np.ndarray]:
+               window: int) -> tuple[list[int], np.ndarray]:
         """A chunk's device work: slots placed (grown if need be), fresh rows prefilled, prompts and sampling
-        settings written, ``steps`` steps run. Returns each request's slot and the codes (slots, K, steps)."""
+        settings written, ``steps`` steps run. Returns each request's slot and the codes (slots, K, steps).
+        ``_stage`` says which part runs (an out-of-memory error's message names it)."""
+        self._stage = "placing the slots"
         slots = self._place(keys, fresh, steps)
-        st = self.tensors
         self.last_prefill_seconds = 0.0
         if fresh:
-            stage[0] = "in a prefill"
+            self._stage = "in a prefill"
             t0 = time.monotonic()
             for i in range(0, len(fresh), self.PREFILL_GROUP):  # bounded transient attention memory
                 part = fresh[i:i + self.PREFILL_GROUP]
                 self._prefill_slots([requests[j] for j in part], [keys[j] for j in part], [slots[j] for j in part],
                                     window, steps)
             self.last_prefill_seconds = time.monotonic() - t0
-        stage[0] = "writing the prompts"
+        self._stage = "writing the prompts"
         self._write_prompts(requests, slots)
         dev = self.shape.device
         index = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -268,7 +270,7 @@ class SlotDecoder:
         kmax = min(self.shape.vocab, next((b for b in (1, 16, 64, 256, 1024) if b >= kmax), self.shape.vocab))
         st.t.zero_()
         self.last_batch = (n, kmax)
-        stage[0] = "during a decode step"
+        self._stage = "during a decode step"
         for _ in range(steps):
             torch.rand(st.noise[:n].shape, generator=self.generator, device=dev, out=st.noise[:n])
             self._run_step(n, kmax)
@@ -413,7 +415,6 @@ class SlotDecoder:
         repeats = min(repeats, self.max_steps - 2, room - 2)
         if repeats < 1:
             return None
-        saved = [getattr(st, name).clone() for name in self.REGISTERS]
         h = torch.zeros((2 * n, self.shape.heads * self.shape.head_dim), dtype=self.shape.dtype,
                         device=self.shape.device)
         tail = lambda: finish_step(self.parts, st, n, kmax, h)  # noqa: E731
@@ -434,15 +435,23 @@ class SlotDecoder:
             with torch.inference_mode():
                 tail()
 
+        with self._registers_kept():
+            return {"step": clock(lambda: self._run_step(n, kmax)),
+                    "sampling": clock(tail_graph.replay if tail_graph is not None else eager_tail),
+                    "noise": clock(lambda: torch.rand(st.noise[:n].shape, generator=noise, device=st.noise.device,
+                                                      out=st.noise[:n]))}
+
+    @contextmanager
+    def _registers_kept(self) -> Iterator[None]:
+        """Steps run inside leave the slots' registers as they were (the cache columns they wrote lie past every
+        slot's length, where the next step writes before it reads)."""
+        st = self.tensors
+        saved = [getattr(st, name).clone() for name in self.REGISTERS]
         try:
-            parts = {"step": clock(lambda: self._run_step(n, kmax)),
-                     "sampling": clock(tail_graph.replay if tail_graph is not None else eager_tail),
-                     "noise": clock(lambda: torch.rand(st.noise[:n].shape, generator=noise, device=st.noise.device,
-                                                       out=st.noise[:n]))}
+            yield
         finally:
             for name, value in zip(self.REGISTERS, saved):
                 getattr(st, name).copy_(value)
-        return parts
 
     def _sync(self) -> None:
         if self.cuda:
@@ -450,21 +459,18 @@ class SlotDecoder:
 
     def _capture(self, run: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         """Warm the step up on a side stream (its side effects undone), then capture it."""
-        st = self.tensors
-        saved = [getattr(st, name).clone() for name in self.REGISTERS]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        for name, value in zip(self.REGISTERS, saved):
-            getattr(st, name).copy_(value)
+        with self._registers_kept():
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
             run()
-        logger.debug("captured the decode step for %d slots", len(st.length))
+        logger.debug("captured the decode step for %d slots", self.capacity)
         return graph
 
