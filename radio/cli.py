@@ -13,6 +13,7 @@ from typing import Callable
 from .config import (
     DEFAULT_MODEL,
     DTYPES,
+    GENERATE,
     parse_size,
     PASSWORD_ENV,
     DaemonConfig,
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-api", action="store_true", help="do not start the control API")
     run.add_argument("--public-url", help="how listeners reach Icecast, for the web player's links "
                                           "(default http://HOST:PORT of --icecast)")
+    run.add_argument("--generate", choices=GENERATE,
+                     help="listened (default): generate only for stations someone listens to; always: every one")
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     check = sub.add_parser("check", help="validate station files/directories and daemon configs")
@@ -172,6 +175,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         seed=args.seed if args.seed is not None else cfg.seed,
         log_level=args.log_level or cfg.log_level,
         icecast=icecast,
+        engine=replace(cfg.engine, generate=args.generate) if args.generate else cfg.engine,
     )
     if args.memory_budget:
         try:

@@ -21,7 +21,8 @@ from .engine import Engine
 from .station.idents import load_idents
 from .errors import ModelError, RadioError
 from .control.api import ApiServer
-from .output.local import LocalIcecast, fetch_status, find_icecast_xml, free_port, mounts, port_is_free
+from .output.audience import Audience
+from .output.local import LocalIcecast, find_icecast_xml, free_port, port_is_free
 from .musicgen.model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
 from .output.mount import Mount
 from .native import bound_kernel_caches, trim, tune_allocator
@@ -60,7 +61,7 @@ class Daemon:
         self.stop_deadline = stop_deadline
         self.pool: ModelPool | None = None
         self.api: ApiServer | None = None
-        self._listeners: tuple[float, dict[str, int]] = (0.0, {})
+        self.audience: Audience | None = None
         self.local_icecast: LocalIcecast | None = None
         self.engine: Engine | None = None
         self.stations: dict[str, Station] = {}
@@ -109,6 +110,8 @@ class Daemon:
         self.engine.start()
         for m in self.mounts.values():
             m.start()
+        self.audience = Audience(self.config.icecast, self.engine.set_listeners)
+        self.audience.start()
         base = self.config.icecast.listen_base
         for m in self.mounts.values():
             logger.info("listen: %s%s  (%s)", base, m.mount, m.station.config.name)
@@ -158,7 +161,8 @@ class Daemon:
         self.local_icecast.start()
         self.config = replace(self.config, icecast=replace(ic, host="127.0.0.1", port=self.local_icecast.port,
                                                            user="source",
-                                                           password=self.local_icecast.source_password))
+                                                           password=self.local_icecast.source_password,
+                                                           admin_password=self.local_icecast.admin_password))
 
     def _load_model(self, spec: ModelSpec) -> MusicModel:
         return self.model_factory(replace(self.config, model=spec.name, dtype=spec.dtype))
@@ -293,6 +297,8 @@ class Daemon:
         if self.api is not None:
             self.api.stop()
             self.api = None
+        if self.audience is not None:
+            self.audience.stop()
         self._stop_mounts(list(self.mounts.values()), deadline)
         if self.pool is not None:
             self.pool.stop()
@@ -346,20 +352,8 @@ class Daemon:
             self.stop()
 
     # -- status ----------------------------------------------------------------------------------------------
-    def _listener_counts(self) -> dict[str, int]:
-        """Listeners per mount from Icecast's status-json.xsl (cached for two seconds)."""
-        at, counts = self._listeners
-        if time.monotonic() - at < 2.0:
-            return counts
-        ic = self.config.icecast
-        counts = {m: int(src.get("listeners", 0) or 0)
-                  for m, src in mounts(fetch_status(f"http://{ic.host}:{ic.port}")).items()}
-        self._listeners = (time.monotonic(), counts)
-        return counts
-
     def status(self) -> dict[str, Any]:
         """Everything the API and the periodic log show; built from public methods only."""
-        listeners = self._listener_counts()
         base = self.config.icecast.listen_base
         stations = []
         for key, st in list(self.stations.items()):
@@ -370,7 +364,8 @@ class Daemon:
                     **(self.pool.station_status(key) if self.pool else {}),
                     "pending": self.engine.pending(key) if self.engine else [],
                     "id": st.mount.lstrip("/"), "description": st.config.description, "genre": st.config.genre,
-                    "listen_url": f"{base}{st.mount}", "listeners": listeners.get(st.mount),
+                    "listen_url": f"{base}{st.mount}",
+                    "listeners": self.engine.listeners(st.mount) if self.engine else None,
                 })
             except Exception as exc:  # noqa: BLE001 - one station's status must never fail the whole page
                 logger.debug("%s: status failed", st.mount, exc_info=True)
@@ -379,6 +374,9 @@ class Daemon:
         engine = self.engine.status() if self.engine else {}
         if engine:
             engine["batch_size"] = len(engine.get("last_batch", []))
+        if self.audience is not None:
+            engine["listeners_source"] = self.audience.source
+            engine["listeners_error"] = self.audience.last_error
         return {"uptime_seconds": round(time.monotonic() - self.started, 1), "engine": engine,
                 "models": self.pool.status() if self.pool else {}, "stations": stations}
 
@@ -417,18 +415,23 @@ class Daemon:
             return None
         return self._command(station, "skip", lambda st: st.skip())
 
-    COMMAND_WAIT = 30.0  # seconds an API call waits for the engine to apply its change (a step on a slow CPU)
+    COMMAND_WAIT = 0.08  # an API call answers within 100 ms: applied, or accepted as pending (the engine applies
+    # changes between steps, and a step takes seconds on a slow CPU)
 
     def _command(self, station: Station, what: str, action: Callable[[Station], object]) -> dict[str, object]:
-        """Hand a change to the engine thread and answer with the station's status once it is applied (or,
-        after COMMAND_WAIT, with the change shown as pending)."""
+        """Hand a change to the engine thread and answer at once: with the station's status once it is applied,
+        or (when a step is running) with the change shown as pending and about when it applies."""
         if self.engine is None:
             raise RadioError("daemon not started")
         command = self.engine.post(station.key, what, action)
         command.wait(self.COMMAND_WAIT)
         if command.error is not None and command.done.is_set():
             raise RadioError(f"{station.mount}: {what} failed: {command.error}")
-        return self._station_status(station)
+        status = self._station_status(station)
+        if not command.done.is_set():
+            status["accepted"] = {"pending": what, "applies_in_seconds": round(self.engine.step_remaining(), 2),
+                                  "applies": "when the model's running step ends (the station's next chunk)"}
+        return status
 
     def log_status(self) -> None:
         for st in self.stations.values():

@@ -85,9 +85,15 @@ class Engine:
         # this time, so they neither spin the engine nor take every step from the stations that can run.
         self._retry_at: dict[str, float] = {}
         self.retry_seconds = 2.0
+        # The audience: listeners per mount from Icecast (None: unknown, so every station generates: fail open),
+        # and when each station last had one (the linger runs from there).
+        self._listeners: dict[str, int] | None = None
+        self._heard: dict[str, float] = {}
+        self.idle_changes = 0  # stations that went idle or woke up
         # Audio made against wall time since the load was last judged, busy or idle (overload check).
         self._made_since = (time.monotonic(), 0.0)
         self.keeping_up = True
+        self._step_started: float | None = None  # when the running model step began (None: none runs)
 
     @property
     def model(self) -> MusicModel:
@@ -186,6 +192,7 @@ class Engine:
     def remove_station(self, key: str) -> None:
         with self._lock:
             self._retry_at.pop(key, None)
+            self._heard.pop(key, None)
             self._stations.pop(key, None)
             self._tails.pop(key, None)
             self._code_formats.pop(key, None)
@@ -196,6 +203,57 @@ class Engine:
     def stations(self) -> list[Station]:
         with self._lock:
             return list(self._stations.values())
+
+    # -- audience --------------------------------------------------------------------------------------------
+    def set_listeners(self, counts: dict[str, int] | None) -> None:
+        """Listeners per mount, as Icecast counts them (relays included); None when they cannot be read, which
+        makes every station generate until they can. Any thread; the engine thread acts on it."""
+        with self._lock:
+            changed = counts != self._listeners
+            self._listeners = counts
+        if changed:
+            self._wake.set()
+
+    def listeners(self, mount: str) -> int | None:
+        """A mount's listeners as last read (None: not known)."""
+        with self._lock:
+            return None if self._listeners is None else self._listeners.get(mount, 0)
+
+    def _wanted(self, station: Station, counts: dict[str, int] | None, now: float) -> bool:
+        """Whether the model should serve ``station``: someone listens (or did within the linger), or it is
+        set to generate always, or the audience is unknown, or it has no audio yet (its first short chunk puts
+        its mount on air, with its own music to loop while nobody listens)."""
+        if counts is not None and counts.get(station.mount, 0) > 0:
+            self._heard[station.key] = now
+            return True
+        if self.config.generate == "always" or station.config.always or counts is None or not station.has_audio:
+            return True
+        return now - self._heard.get(station.key, float("-inf")) < self.config.linger
+
+    def update_audience(self) -> None:
+        """Wake the stations someone listens to and idle the others (the engine thread, between steps). An idle
+        station's decode state is dropped: it takes no model time and no decode memory, and resumes from its
+        own codes (a segue) with a short first chunk."""
+        now = time.monotonic()
+        with self._lock:
+            counts = self._listeners
+            stations = [(s, self.models.get(self._assigned.get(k) or "")) for k, s in self._stations.items()]
+        for station, model in stations:
+            idle = not self._wanted(station, counts, now)
+            if idle == station.idle:
+                continue
+            station.set_idle(idle)
+            self.idle_changes += 1
+            self._throttle.log(logging.INFO, f"idle{station.key}", "%s: %s", station.mount,
+                               "nobody listens; idle (no generation, the mount loops its own audio)" if idle else
+                               f"{counts.get(station.mount, 0) if counts else 'unknown'} listener(s); generating")
+            if idle and model is not None:
+                model.forget(station.key)
+
+    def generating(self) -> int:
+        """Stations the engine serves now (on a loaded model and not idle)."""
+        with self._lock:
+            return sum(1 for k, s in self._stations.items() if self._assigned.get(k) in self.models and not s.idle)
 
     # -- scheduling ------------------------------------------------------------------------------------------
     def pick_batch(self) -> list[Station]:
@@ -209,10 +267,12 @@ class Engine:
         With several models, the hungriest station (least buffered; new stations first) decides which
         model steps, and only that model's stations ride along.
 
-        New stations (no audio yet) take their first, short chunk among themselves: a batch step costs more
-        with every row and every second of cached context, so riding along with the running stations would
-        delay their first audio for the others' sake. The running stations sit that step out; the model parks
-        their KV caches, so it costs them no re-prefill.
+        New stations (no audio yet) and stations waking from idle take their first, short chunk among
+        themselves: a batch step costs more with every row and every second of cached context, so riding along
+        with the running stations would delay their first audio for the others' sake. The running stations sit
+        that step out; the model parks their KV caches, so it costs them no re-prefill.
+
+        Idle stations (nobody listens) are never picked.
         """
         return self._pick()[1]
 
@@ -221,15 +281,16 @@ class Engine:
             stations = [(s, self._assigned.get(k)) for k, s in self._stations.items()]
             models = set(self.models)
         now = time.monotonic()
-        stations = [(s, m) for s, m in stations if m in models and self._retry_at.get(s.key, 0.0) <= now]
+        stations = [(s, m) for s, m in stations
+                    if m in models and not s.idle and self._retry_at.get(s.key, 0.0) <= now]
         needy = [(s, m) for s, m in stations if s.needs_audio()]
         if not needy:
             return None, []
-        order = lambda sm: (sm[0].has_audio, sm[0].buffered_seconds)  # noqa: E731
+        order = lambda sm: (sm[0].ramp > 0, sm[0].buffered_seconds)  # noqa: E731
         model_key = min(needy, key=order)[1]
         model = self.models.get(model_key or "")
         most = min(self.config.max_batch or 1 << 30, model.batch_limit if model is not None else 16)
-        new = sorted((sm for sm in needy if sm[1] == model_key and not sm[0].has_audio), key=order)
+        new = sorted((sm for sm in needy if sm[1] == model_key and sm[0].ramp == 0), key=order)
         if new:
             return model_key, [s for s, _ in new[:most]]
         limit = self.config.buffer_seconds + self.config.chunk_seconds
@@ -240,6 +301,7 @@ class Engine:
         """One batched step. Returns False when no station needed audio."""
         self._apply_forgets()
         self.apply_commands()
+        self.update_audience()
         model_key, batch = self._pick()
         if not batch or model_key is None:
             return False
@@ -254,9 +316,9 @@ class Engine:
         for s in unreadable:
             s.drop_context(model.num_codebooks)  # another model made these codes and this one cannot read them
         fps = model.frame_rate
-        # A new station starts with a short chunk and doubles up to chunk_seconds, so it is on air within
-        # seconds and its buffer grows ahead of the next, longer step.
-        youngest = min(s.chunks for s in batch)
+        # A new (or woken) station starts with a short chunk and doubles up to chunk_seconds, so it is on air
+        # within seconds and its buffer grows ahead of the next, longer step.
+        youngest = min(s.ramp for s in batch)
         # (capped: 2 ** chunks overflows a float after ~1,000 chunks, about an hour on air)
         seconds = min(self.config.chunk_seconds, self.config.first_chunk_seconds * 2.0 ** min(youngest, 32))
         frames = max(1, int(round(seconds * fps)))
@@ -266,7 +328,7 @@ class Engine:
             requests.append(ContinuationRequest(context=s.context(), prompt=prompt, sampling=s.config.sampling,
                                                 overlap=self.config.overlap_frames,
                                                 key=s.key, blend_from=blend_from, blend=blend))
-        t0 = time.monotonic()
+        t0 = self._step_started = time.monotonic()
         while True:
             try:
                 results = model.continue_batch(requests, frames)
@@ -365,7 +427,7 @@ class Engine:
     LOAD_WINDOW = 30.0  # seconds of wall time over which production is judged against need
 
     def on_air(self) -> int:
-        """Stations with a loaded model: each needs one second of audio per second."""
+        """Stations with a loaded model, generating or idle: each keeps its mount on air."""
         with self._lock:
             return sum(1 for k in self._stations if self._assigned.get(k) in self.models)
 
@@ -377,9 +439,9 @@ class Engine:
         if wall < self.LOAD_WINDOW:
             return
         self._made_since = (time.monotonic(), 0.0)
-        need = self.on_air()
+        need = self.generating()  # each needs one second of audio per second
         rate = made / wall
-        buffered = [s.buffered_seconds for s in self.stations()]
+        buffered = [s.buffered_seconds for s in self.stations() if not s.idle]
         short = bool(buffered) and min(buffered) < self.config.buffer_seconds / 2
         self.keeping_up = not (need and rate < 0.98 * need and short)
         if self.keeping_up:
@@ -391,6 +453,14 @@ class Engine:
                            "(%.2f while generating: about %d stations in real time); stations play filler. "
                            "Run fewer stations, a smaller model or dtype, or a GPU", need, need, rate, fast,
                            int(fast))
+
+    def step_remaining(self) -> float:
+        """About how long until the running step ends and queued commands apply (0: none runs): its elapsed
+        time against the last step's length."""
+        started = self._step_started
+        if started is None:
+            return 0.0
+        return max(0.05, self.last_step_seconds - (time.monotonic() - started))
 
     @property
     def realtime_factor(self) -> float:
@@ -422,8 +492,10 @@ class Engine:
         while not self._stop.is_set():
             try:
                 worked = self.run_once()
+                self._step_started = None
             except Exception as exc:  # noqa: BLE001 - one bad step must not end the radio; stations fill meanwhile
                 self.failures += 1
+                self._step_started = None
                 if self._throttle.log(logging.ERROR, "step", "generation step failed (%d so far): %s: %s; retrying",
                                       self.failures, type(exc).__name__, exc):
                     logger.debug("the failed step", exc_info=True)
@@ -436,6 +508,7 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         on_air = self.on_air()
+        generating = self.generating()
         return {
             "steps": self.steps,
             "failures": self.failures,
@@ -444,7 +517,10 @@ class Engine:
             "last_step_seconds": round(self.last_step_seconds, 3),
             "realtime_factor": round(self.realtime_factor, 3),
             "stations_on_air": on_air,
-            "needed_factor": float(on_air),
+            "stations_generating": generating,
+            "stations_idle": on_air - generating,
+            "listeners_known": self._listeners is not None,
+            "needed_factor": float(generating),
             "capacity_stations": int(self.realtime_factor),
             "keeping_up": self.keeping_up,
         }

@@ -114,14 +114,16 @@ def fetch_bytes(url: str, seconds: float) -> bytes:
 
 def daemon_config(icecast: LocalIcecast, model_dir: Path, stations_dir: Path, api_port: int | None = None,
                   token: str = "", memory_budget: str = "off", **engine: float):
-    """A DaemonConfig for tests: tiny model on CPU, the fixture's Icecast, short chunks."""
+    """A DaemonConfig for tests: tiny model on CPU, the fixture's Icecast, short chunks, every station generated
+    whether or not anyone listens (``generate="listened"`` for the audience's own tests)."""
     from radio.config import ApiConfig, DaemonConfig, EngineConfig, IcecastConfig
 
     return DaemonConfig(
         stations_dir=str(stations_dir), model=str(model_dir), device="cpu", dtype="float32", seed=5,
         memory_budget=memory_budget,
         icecast=IcecastConfig(host=icecast.host, port=icecast.port, password=icecast.source_password),
-        engine=EngineConfig(**{"chunk_seconds": 1.0, "first_chunk_seconds": 0.5, "buffer_seconds": 3.0, **engine}),
+        engine=EngineConfig(**{"chunk_seconds": 1.0, "first_chunk_seconds": 0.5, "buffer_seconds": 3.0,
+                               "generate": "always", **engine}),
         api=ApiConfig(port=api_port, token=token) if api_port is not None else ApiConfig(enabled=False),
     )
 

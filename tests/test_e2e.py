@@ -76,7 +76,7 @@ def running(icecast, tiny_model_dir: Path, tmp_path: Path):
     cfg = DaemonConfig(
         stations_dir=str(tmp_path / "stations"), model=str(tiny_model_dir), device="cpu", dtype="float32", seed=3,
         icecast=IcecastConfig(host=icecast.host, port=icecast.port, password=icecast.source_password),
-        engine=EngineConfig(chunk_seconds=2.0, first_chunk_seconds=0.5, buffer_seconds=5.0),
+        engine=EngineConfig(chunk_seconds=2.0, first_chunk_seconds=0.5, buffer_seconds=5.0, generate="always"),
     )
     holder: dict[str, RecordingModel] = {}
 
@@ -171,7 +171,7 @@ def test_wrong_password_is_one_clear_line_per_mount(icecast, tiny_model_dir: Pat
     stations, _ = load_stations([tmp_path / "stations"])
     cfg = DaemonConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
                        icecast=IcecastConfig(host=icecast.host, port=icecast.port, password="not-the-Pa55word"),
-                       engine=EngineConfig(first_chunk_seconds=0.5, buffer_seconds=3.0))
+                       engine=EngineConfig(first_chunk_seconds=0.5, buffer_seconds=3.0, generate="always"))
     daemon = Daemon(cfg, stations)
     caplog.set_level("INFO")
     daemon.start()

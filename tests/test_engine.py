@@ -119,7 +119,7 @@ def test_a_station_on_air_for_hours_keeps_its_chunk_size() -> None:
     cfg = EngineConfig(chunk_seconds=4.0, first_chunk_seconds=0.5, buffer_seconds=100)
     engine, (station,) = make(model, cfg, "/a.mp3")
     engine.run_once()
-    station.chunks = 5000  # what a station counts after 5 1/2 hours
+    station.ramp = 5000  # what a station counts after 5 1/2 hours on air
     assert engine.run_once()
     assert [frames for _, frames in model.calls] == [25, 200]
 

@@ -36,7 +36,7 @@ def start_daemon(icecast, model_dir: Path, stations_dir: Path, model_factory=Non
     cfg = DaemonConfig(stations_dir=str(stations_dir), model=str(model_dir), device="cpu", dtype="float32", seed=5,
                        icecast=IcecastConfig(host=icecast.host, port=icecast.port, password=icecast.source_password),
                        engine=EngineConfig(**{"chunk_seconds": 2.0, "first_chunk_seconds": 0.5,
-                                              "buffer_seconds": 5.0, **engine}))
+                                              "buffer_seconds": 5.0, "generate": "always", **engine}))
     kwargs = {"model_factory": model_factory} if model_factory else {}
     daemon = Daemon(cfg, stations, **kwargs)
     daemon.start()
@@ -224,7 +224,8 @@ def test_cli_watches_the_directory_and_reloads_on_sighup(tiny_model_dir: Path, t
     env = {k: v for k, v in os.environ.items() if k != "RADIO_SOURCE_PASSWORD"}
     proc = subprocess.Popen([sys.executable, "-m", "radio.cli", "run", "--stations", str(st), "--model",
                              str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--local-icecast",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+                             "--port", str(port), "--generate", "always"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env)
 
     class Server:  # enough of LocalIcecast for mount_info
         url = f"http://127.0.0.1:{port}"

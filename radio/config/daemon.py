@@ -10,7 +10,7 @@ import yaml
 
 from ..errors import ConfigError
 from .rules import _device_check, _in, _range, _size_check, _text_check
-from .values import (API_TOKEN_ENV, DECODERS, DEFAULT_MODEL, DTYPES, PASSWORD_ENV, ApiConfig, DaemonConfig,
+from .values import (API_TOKEN_ENV, DECODERS, DEFAULT_MODEL, DTYPES, GENERATE, PASSWORD_ENV, ApiConfig, DaemonConfig,
                      EngineConfig, IcecastConfig)
 from .yamlfile import _compose, _line, _Mapping, _Problems, _section
 
@@ -81,8 +81,13 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     if en is not None:
         values: dict[str, Any] = {}
         for name, f in EngineConfig.__dataclass_fields__.items():
-            if name == "decoder":
-                v = en.get(name, "str", None, check=_in(DECODERS))
+            if name in ("decoder", "generate"):
+                v = en.get(name, "str", None, check=_in(DECODERS if name == "decoder" else GENERATE))
+                if v is not None:
+                    values[name] = v
+                continue
+            if name == "linger":
+                v = en.get(name, "duration", None, check=_range(0, 24 * 3600.0))
                 if v is not None:
                     values[name] = v
                 continue

@@ -15,7 +15,7 @@ from .values import (BITRATES, DEFAULT_MODEL, DTYPES, FORMATS, MAX_BLEND_S, MAX_
 from .yamlfile import _compose, _line, _Mapping, _Problems, _scalar, _section
 
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
-                "playlist", "apply", "loudness", "idents", "model", "dtype")
+                "playlist", "apply", "loudness", "idents", "model", "dtype", "always")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
@@ -71,6 +71,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     url = m.get("url", "str", "", check=_text_check(500, allow_empty=True))
     order = m.get("order", "str", "cycle", check=_in(ORDERS))
     apply = m.get("apply", "str", "next", check=_in(APPLY))
+    always = m.get("always", "bool", False)
     loudness: float | None = -16.0
     if isinstance(m.node("loudness"), yaml.ScalarNode) and _scalar(m.node("loudness")) in ("off", False):
         loudness = None
@@ -154,7 +155,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     return StationConfig(name=name, mount=mount, format=fmt, bitrate=bitrate, description=description,
                          genre=genre, url=url, order=order, sampling=sampling, playlist=tuple(items),
                          path=str(path), apply=apply, loudness=loudness, idents=tuple(idents),
-                         ident_every=ident_every, model=model, dtype=dtype)
+                         ident_every=ident_every, model=model, dtype=dtype, always=always)
 
 
 def load_station(path: str | Path) -> StationConfig:

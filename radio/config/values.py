@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 DEFAULT_MODEL = "facebook/musicgen-small"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODERS = ("auto", "static", "dynamic")
+GENERATE = ("listened", "always")  # engine.generate: which stations the model serves
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class StationConfig:
     ident_every: int = 1  # ...every this many items
     model: str | None = None  # hub id or checkpoint directory; None: the daemon's model
     dtype: str | None = None  # decoder dtype for this station's model; None: the daemon's dtype
+    always: bool = False  # generate even while nobody listens (engine.generate: listened leaves it alone)
 
     @property
     def key(self) -> str:
@@ -125,6 +127,8 @@ class EngineConfig:
     filler_seconds: float = 4.0  # recent audio looped when a station's buffer runs dry
     silence_seconds: float = 10.0  # generated near-silence (< -60 dBFS) longer than this is skipped
     decoder: str = "auto"  # decode path: auto (static slots + CUDA graphs on CUDA, dynamic on CPU), static, dynamic
+    generate: str = "listened"  # listened: only stations with listeners (and `always: true` ones); always: every one
+    linger: float = 60.0  # a station keeps generating this long after its last listener left (zapping)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ It talks to the daemon only through the :class:`Controller` methods. Reads are o
 ``Authorization: Bearer <token>`` when a token is configured (and one must be configured for a non-loopback
 bind, and for a write that arrives through a reverse proxy). Errors are JSON ``{"error": ...}`` with
 400/401/403/404/405/409/413; a handler bug is a logged 500, never a
-traceback on the wire.
+traceback on the wire. A change the engine applies between model steps answers at once: 200 once applied, or
+202 with ``accepted`` (what is pending and about when it applies).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import hmac
 import json
 import logging
+import sys
 import threading
 from importlib import resources
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +27,7 @@ from ..errors import ModelError, RadioError
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
+HANG_UPS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its headers and body, or sit idle between requests
 MAX_CONNECTIONS = 64  # requests served at once; more get a quick 503
 BACKLOG = 128
@@ -85,6 +88,9 @@ def _metrics(status: dict[str, Any]) -> bytes:
                 (CounterMetricFamily, "radio_station_encoder_restarts", "ffmpeg restarts", "encoder_restarts"),
                 (GaugeMetricFamily, "radio_station_listeners", "Listeners on the mount (from Icecast)", "listeners"),
                 (GaugeMetricFamily, "radio_station_connected", "1 while connected to Icecast", "connected"),
+                (GaugeMetricFamily, "radio_station_idle", "1 while nobody listens: no generation, the mount loops "
+                 "the station's own audio", "idle"),
+                (CounterMetricFamily, "radio_station_idle_spells", "Times the mount went idle", "idle_spells"),
                 (CounterMetricFamily, "radio_station_errors", "Times generation set the station aside", "errors"),
                 (CounterMetricFamily, "radio_station_feeder_failures", "Feeder failures survived (encoder "
                  "restarted)", "feeder_failures"),
@@ -105,7 +111,13 @@ def _metrics(status: dict[str, Any]) -> bytes:
                                    ("radio_engine_needed_factor", "Audio seconds per second the stations on air "
                                     "need", "needed_factor"),
                                    ("radio_engine_keeping_up", "1 while the engine makes what its stations need",
-                                    "keeping_up")):
+                                    "keeping_up"),
+                                   ("radio_engine_stations_generating", "Stations the engine generates for (someone "
+                                    "listens, or within the linger, or always)", "stations_generating"),
+                                   ("radio_engine_stations_idle", "Stations on air that nobody listens to",
+                                    "stations_idle"),
+                                   ("radio_engine_listeners_known", "1 while Icecast's listener counts can be read "
+                                    "(0: every station generates)", "listeners_known")):
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], float(engine.get(key, 0) or 0))
                 yield g
@@ -195,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise ApiError(400, f"body is not JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "body is nested too deeply; send a flat JSON object") from None
         if not isinstance(data, dict):
             raise ApiError(400, "body must be a JSON object")
         return data
@@ -259,6 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._post(path)
             else:
                 raise ApiError(405, f"{method} is not supported")
+        except HANG_UPS:
+            raise  # the client went away: nothing to answer (see handle_one_request)
         except ApiError as exc:
             self._json(exc.status, {"error": exc.message})
         except RadioError as exc:  # the daemon refused or could not apply it
@@ -266,6 +282,15 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001 - a bug must not leak a traceback to the client or kill the server
             logger.exception("api: %s %s failed", method, self.path)
             self._json(500, {"error": "internal error; see the daemon log"})
+
+    def handle_one_request(self) -> None:
+        """A client that hangs up before its answer (a closed tab, a timeout) is normal traffic: a debug line,
+        never a traceback."""
+        try:
+            super().handle_one_request()
+        except HANG_UPS as exc:
+            self.close_connection = True
+            logger.debug("api: %s hung up: %s", self.client_address[0], type(exc).__name__)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib names
         self._handle("GET")
@@ -305,16 +330,17 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/stations/"):
             station_id, _, action = path[len("/stations/"):].rpartition("/")
             if action == "prompt":
-                self._json(200, self._set_prompt(station_id, body))
+                result = self._set_prompt(station_id, body)
+                self._json(202 if "accepted" in result else 200, result)
                 return
             if action == "model":
                 self._json(202, self._set_model(station_id, body))
                 return
             if action == "skip":
-                result = self.api.controller.skip(station_id)
-                if result is None:
+                skipped = self.api.controller.skip(station_id)
+                if skipped is None:
                     raise ApiError(404, f"no station with mount /{station_id}")
-                self._json(200, result)
+                self._json(202 if "accepted" in skipped else 200, skipped)
                 return
         raise ApiError(404, f"no such action: POST {path}")
 
@@ -394,6 +420,16 @@ class _BoundedServer(ThreadingHTTPServer):
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Whatever escaped a handler: a hang-up is a debug line; anything else one logged error (the default
+        prints a traceback to stderr)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, HANG_UPS):
+            logger.debug("api: %s hung up: %s", client_address[0] if client_address else "?", type(exc).__name__)
+            return
+        logger.error("api: request from %s failed: %s", client_address[0] if client_address else "?", exc,
+                     exc_info=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

@@ -16,7 +16,9 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 from collections import deque
+from typing import Union
 
 import numpy as np
 
@@ -45,19 +47,26 @@ def safe_text(text: str) -> str:
 
 
 def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = None,
-                station: str | None = None, loudness: float | None = None, ffmpeg: str = "ffmpeg") -> list[str]:
+                station: str | None = None, loudness: float | None = None, ffmpeg: str = "ffmpeg",
+                trim: tuple[float, float] | None = None) -> list[str]:
     """The ffmpeg command line for one mount (a list: no shell, no quoting issues with titles).
 
     ``loudness`` (LUFS) adds EBU R128 normalisation (``loudnorm``, dynamic mode), so every station sits at
     the same level whatever the model makes; loudnorm works at 192 kHz, so the output rate is set again.
+    ``trim`` (start, end seconds) keeps only that part of the filtered input (see :func:`encode_loop`).
     """
     if fmt not in CODEC_ARGS:
         raise EncoderError(f"unknown format {fmt!r}")
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "warning",
             "-f", "f32le", "-ar", str(sample_rate), "-ch_layout", "mono", "-i", "pipe:0"]
+    filters = []
     if loudness is not None:
         out_rate = OUTPUT_RATE[fmt] or sample_rate
-        argv += ["-af", f"loudnorm=I={loudness:g}:TP=-1.5:LRA=11,aresample={out_rate},aformat=channel_layouts=mono"]
+        filters.append(f"loudnorm=I={loudness:g}:TP=-1.5:LRA=11,aresample={out_rate},aformat=channel_layouts=mono")
+    if trim is not None:
+        filters.append(f"atrim=start={trim[0]:.6f}:end={trim[1]:.6f},asetpts=PTS-STARTPTS")
+    if filters:
+        argv += ["-af", ",".join(filters)]
     argv += [*CODEC_ARGS[fmt], "-b:a", f"{bitrate}k"]
     if SHOUT_FORMAT[fmt] == "ogg":
         # Chained logical streams need distinct serial numbers to be recognised as new streams.
@@ -70,8 +79,172 @@ def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = No
     return argv
 
 
+def encode_loop(pcm: np.ndarray, fmt: str, bitrate: int, sample_rate: int, title: str | None = None,
+                station: str | None = None, loudness: float | None = None, timeout: float = 30.0) -> bytes:
+    """One cycle of a seamless loop (``pcm``), encoded once as a whole stream of the mount's format: a
+    complete Ogg stream (headers, pages, end of stream) or whole MP3 frames. The encoder runs over three
+    cycles and keeps the middle one, so loudness normalisation has settled exactly as on the live stream."""
+    seconds = len(pcm) / sample_rate
+    argv = ffmpeg_argv(fmt, bitrate, sample_rate, title, station, loudness, trim=(seconds, 2 * seconds))
+    data = np.ascontiguousarray(np.tile(pcm, 3), dtype="<f4").tobytes()
+    try:
+        proc = subprocess.run(argv, input=data, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EncoderError(f"cannot encode the idle loop: {exc}") from exc
+    if proc.returncode != 0 or not proc.stdout:
+        raise EncoderError(f"ffmpeg could not encode the idle loop (code {proc.returncode}): "
+                           f"{proc.stderr.decode('utf-8', 'replace').strip()[-300:]}")
+    return proc.stdout
+
+
+# MPEG audio frame headers: bitrates (kbit/s) by [MPEG-1?][index] for Layer III, sample rates by version.
+_MP3_BITRATES = {True: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+                 False: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def mp3_frames(data: bytes) -> list[bytes]:
+    """Split an MPEG Layer III stream into whole frames (anything that is not a frame is dropped)."""
+    frames, i = [], 0
+    while i + 4 <= len(data):
+        b1, b2 = data[i + 1], data[i + 2]
+        version, layer, index, rate = (b1 >> 3) & 3, (b1 >> 1) & 3, b2 >> 4, (b2 >> 2) & 3
+        if data[i] != 0xFF or b1 & 0xE0 != 0xE0 or layer != 1 or version == 1 or index in (0, 15) or rate == 3:
+            i += 1
+            continue
+        mpeg1 = version == 3
+        size = (144 if mpeg1 else 72) * _MP3_BITRATES[mpeg1][index] * 1000 // _MP3_RATES[version][rate] \
+            + ((b2 >> 1) & 1)
+        if i + size > len(data):
+            break
+        frames.append(data[i:i + size])
+        i += size
+    return frames
+
+
+def ogg_pages(data: bytes) -> list[bytes]:
+    """Split an Ogg stream into whole pages."""
+    pages, i = [], 0
+    while i + 27 <= len(data):
+        if data[i:i + 4] != b"OggS":
+            i = data.find(b"OggS", i + 1)
+            if i < 0:
+                break
+            continue
+        segments = data[i + 26]
+        size = 27 + segments + sum(data[i + 27:i + 27 + segments])
+        if i + size > len(data):
+            break
+        pages.append(data[i:i + size])
+        i += size
+    return pages
+
+
+def _ogg_crc_table() -> list[int]:
+    table = []
+    for n in range(256):
+        r = n << 24
+        for _ in range(8):
+            r = ((r << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if r & 0x80000000 else (r << 1) & 0xFFFFFFFF
+        table.append(r)
+    return table
+
+
+_OGG_CRC = _ogg_crc_table()
+
+
+def reserial(pages: list[bytes], serial: int) -> list[bytes]:
+    """The same Ogg pages with another stream serial number (and their checksums computed again): a stream
+    that follows itself in a chain must carry a new serial to be recognised as a new stream."""
+    out = []
+    for page in pages:
+        p = bytearray(page)
+        p[14:18] = serial.to_bytes(4, "little")
+        p[22:26] = b"\0\0\0\0"
+        crc = 0
+        for byte in p:
+            crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
+        p[22:26] = crc.to_bytes(4, "little")
+        out.append(bytes(p))
+    return out
+
+
+class IdleLoop:
+    """An idle mount's source: a pre-encoded loop sent in real time in place of a running encoder, so the
+    mount stays on air (new listeners get the station's own audio, never a 404) for next to no CPU.
+
+    It yields whole units (MP3 frames, Ogg pages), never more than ``lead`` seconds ahead of wall time, and
+    can stop after any of them (:meth:`finish`), so the live encoder's stream follows at a clean boundary.
+    An Ogg loop is a complete stream; each repetition is the next link of a chain and alternates between two
+    serial numbers."""
+
+    def __init__(self, data: bytes, fmt: str, seconds: float, lead: float = 0.5) -> None:
+        if SHOUT_FORMAT[fmt] == "ogg":
+            pages = ogg_pages(data)
+            serial = int.from_bytes(pages[0][14:18], "little") if pages else 0
+            self.variants = [pages, reserial(pages, (serial + 1) & 0xFFFFFFFF)]
+        else:
+            self.variants = [mp3_frames(data)]
+        if not self.variants[0]:
+            raise EncoderError(f"the idle loop encoded to no {fmt} data")
+        total = sum(len(u) for u in self.variants[0])
+        self.unit_seconds = [seconds * len(u) / total for u in self.variants[0]]
+        self.seconds = seconds
+        self.lead = lead
+        self.bytes = total
+        self._cond = threading.Condition()
+        self._finished = False
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Start again from the beginning of a cycle (a new Icecast connection needs the Ogg headers)."""
+        with self._cond:
+            self._variant = self._unit = 0
+            self._t0 = time.monotonic()
+            self._sent = 0.0
+
+    def finish(self) -> None:
+        """End after the unit being sent: the next :meth:`read` returns b''."""
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of whole units (at least one), paced to real time; b'' once finished."""
+        with self._cond:
+            while not self._finished:
+                ahead = self._sent - (time.monotonic() - self._t0)
+                if ahead < -1.0:  # the connection stalled (Icecast away): go on at real time, no burst
+                    self._t0 = time.monotonic() - self._sent
+                    continue
+                if ahead <= self.lead:
+                    break
+                self._cond.wait(ahead - self.lead)
+            if self._finished:
+                return b""
+            out: list[bytes] = []
+            size = 0
+            while not out or (size + len(self.variants[self._variant][self._unit]) <= n
+                              and self._sent - (time.monotonic() - self._t0) <= self.lead):
+                unit = self.variants[self._variant][self._unit]
+                out.append(unit)
+                size += len(unit)
+                self._sent += self.unit_seconds[self._unit]
+                self._unit += 1
+                if self._unit == len(self.unit_seconds):
+                    self._unit = 0
+                    self._variant = (self._variant + 1) % len(self.variants)
+            return b"".join(out)
+
+
+_Stream = Union["subprocess.Popen[bytes]", IdleLoop]
+
+
 class Encoder:
-    """One mount's ffmpeg, restartable and (for Ogg) chainable. Thread-safe: one writer, one reader."""
+    """One mount's ffmpeg, restartable and (for Ogg) chainable. Thread-safe: one writer, one reader.
+
+    While its station is idle (:meth:`idle`), no ffmpeg runs: an :class:`IdleLoop` takes its place until
+    :meth:`resume` starts a fresh one behind it."""
 
     def __init__(self, mount: str, fmt: str, bitrate: int, sample_rate: int, station: str = "",
                  loudness: float | None = None) -> None:
@@ -83,7 +256,7 @@ class Encoder:
         self.station = station
         self.title: str | None = None
         self.restarts = 0
-        self._procs: deque[subprocess.Popen[bytes]] = deque()
+        self._procs: deque[_Stream] = deque()
         self._cond = threading.Condition()
         self._closed = False
         if shutil.which("ffmpeg") is None:
@@ -118,16 +291,49 @@ class Encoder:
             self._procs.append(self._spawn())
             self._cond.notify_all()
 
+    def _ffmpegs(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self._procs if not isinstance(p, IdleLoop)]
+
     @property
     def processes(self) -> int:
         """ffmpeg processes held: the stream being encoded and, for a chained Ogg stream, one finishing."""
         with self._cond:
-            return len(self._procs)
+            return len(self._ffmpegs())
 
     @property
     def pid(self) -> int | None:
         with self._cond:
-            return self._procs[-1].pid if self._procs else None
+            procs = self._ffmpegs()
+            return procs[-1].pid if procs else None
+
+    @property
+    def idling(self) -> bool:
+        """An idle loop is the newest stream: nothing is encoded."""
+        with self._cond:
+            return bool(self._procs) and isinstance(self._procs[-1], IdleLoop)
+
+    def idle(self, loop: IdleLoop) -> None:
+        """Stop encoding: every ffmpeg finishes (its last bytes are still sent) and exits, then ``loop``
+        plays until :meth:`resume`."""
+        with self._cond:
+            if self._closed:
+                return
+            for p in self._ffmpegs():
+                self._close_stdin(p)
+            self._procs.append(loop)
+            self._cond.notify_all()
+
+    def resume(self, title: str | None) -> None:
+        """Encode again: a fresh ffmpeg (a new Ogg stream, with ``title``) follows the idle loop's current unit."""
+        with self._cond:
+            if self._closed:
+                return
+            for p in self._procs:
+                if isinstance(p, IdleLoop):
+                    p.finish()
+            self.title = title
+            self._procs.append(self._spawn())
+            self._cond.notify_all()
 
     def write(self, pcm: np.ndarray) -> None:
         """Feed PCM; a dead ffmpeg is replaced and the block goes to the new one."""
@@ -137,6 +343,8 @@ class Encoder:
                 if self._closed:
                     return
                 proc = self._procs[-1] if self._procs else None
+            if isinstance(proc, IdleLoop):
+                return  # idle: nothing is encoded (the feeder does not write meanwhile)
             if proc is None or proc.stdin is None:
                 self.restart("no encoder running")
                 continue
@@ -155,11 +363,11 @@ class Encoder:
     def rotate(self, title: str | None) -> None:
         """Ogg only: end the current logical stream and start a new one carrying ``title``."""
         with self._cond:
-            if self._closed:
+            if self._closed or self.idling:
                 return
             self.title = title
             if self._procs:
-                self._close_stdin(self._procs[-1])
+                self._close_stdin(self._procs[-1])  # type: ignore[arg-type]
             self._procs.append(self._spawn())
             self._cond.notify_all()
 
@@ -173,7 +381,14 @@ class Encoder:
             old = list(self._procs)
             self._procs.clear()
             for p in old:
-                _kill(p)
+                if not isinstance(p, IdleLoop):
+                    _kill(p)
+            if old and isinstance(old[-1], IdleLoop):
+                # Idle: the loop plays on from the start of a cycle (a new connection needs its Ogg headers).
+                old[-1].rewind()
+                self._procs.append(old[-1])
+                self._cond.notify_all()
+                return
             self.restarts += 1
             logger.warning("%s: restarting encoder: %s", self.mount, reason)
             self._procs.append(self._spawn())
@@ -190,6 +405,14 @@ class Encoder:
                     if not self._procs:
                         return b""
                 proc = self._procs[0]
+            if isinstance(proc, IdleLoop):
+                data = proc.read(n)  # paced: may wait up to a unit's time
+                if data:
+                    return data
+                with self._cond:  # finished: the fresh encoder behind it takes over
+                    if self._procs and self._procs[0] is proc:
+                        self._procs.popleft()
+                continue
             try:
                 # a pipe is a BufferedReader: read1 returns what is there (up to n) without waiting for n
                 data = proc.stdout.read1(n) if proc.stdout is not None else b""  # type: ignore[attr-defined]
@@ -208,14 +431,17 @@ class Encoder:
                         self._cond.wait(timeout)
                         if self._procs and self._procs[0] is proc:
                             return b""
-            if finished is not None:
+            if finished is not None and not isinstance(finished, IdleLoop):
                 _reap(finished)  # outside the lock: the writer never waits for an exiting ffmpeg
 
     def close(self, timeout: float = 2.0) -> None:
         """Let ffmpeg flush and exit; kill it if it does not within ``timeout``."""
         with self._cond:
             self._closed = True
-            procs = list(self._procs)
+            for loop in self._procs:
+                if isinstance(loop, IdleLoop):
+                    loop.finish()
+            procs = self._ffmpegs()
             self._cond.notify_all()
         for p in procs:
             self._close_stdin(p)

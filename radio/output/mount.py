@@ -13,7 +13,8 @@ import threading
 import time
 
 from ..config import IcecastConfig, StationConfig
-from .encoder import TITLES_IN_STREAM, Encoder
+from ..errors import EncoderError
+from .encoder import TITLES_IN_STREAM, Encoder, IdleLoop, encode_loop
 from .icecast import IcecastOutput
 from ..logs import Throttle
 from ..station.station import Station
@@ -44,6 +45,8 @@ class Mount:
         self._on_air = False
         self._sent = 0  # samples handed to the encoder
         self.failures = 0  # feeder failures survived (each restarted the encoder)
+        self._idle_retry_at = 0.0
+        self.idle_spells = 0  # times this mount went idle (no listeners: a loop instead of an encoder)
         self.last_error: str | None = None
 
     @property
@@ -109,6 +112,11 @@ class Mount:
             self.started_wall = time.monotonic()
         t0 = time.monotonic() - self._sent / self.sample_rate
         while not self._stop.is_set():
+            if self.station.idle and time.monotonic() >= self._idle_retry_at:
+                if not self._idle():
+                    return
+                t0 = time.monotonic() - self._sent / self.sample_rate  # resume at real time: no burst
+                continue
             ahead = self._sent / self.sample_rate - (time.monotonic() - t0)
             if ahead > self.lead:
                 self._stop.wait(ahead - self.lead)
@@ -124,6 +132,32 @@ class Mount:
             self.media_seconds = self._sent / self.sample_rate
             if self.last_error and self._sent % (self.sample_rate * 30) < len(pcm):
                 self.last_error = None  # fed cleanly for a while: the error is history (the count remains)
+
+    IDLE_RETRY = 30.0  # seconds before an idle loop that could not be encoded is tried again
+
+    def _idle(self) -> bool:
+        """Nobody listens: loop the station's own recent audio, pre-encoded once, in place of the encoder, until
+        the station generates again; then a fresh encoder picks up its queue where it stopped. False when the
+        mount is stopping."""
+        cfg = self.config
+        pcm = self.station.idle_loop()
+        try:
+            loop = IdleLoop(encode_loop(pcm, cfg.format, cfg.bitrate, self.sample_rate, self.output.title, cfg.name,
+                                        cfg.loudness), cfg.format, len(pcm) / self.sample_rate, self.lead)
+        except EncoderError as exc:
+            # Without a loop the encoder plays the station's filler in real time: dearer, but on air.
+            self._idle_retry_at = time.monotonic() + self.IDLE_RETRY
+            _throttle.log(logging.WARNING, f"idle{self.mount}", "%s: %s; encoding filler while idle", self.mount, exc)
+            return True
+        self.encoder.idle(loop)
+        self.idle_spells += 1
+        logger.debug("%s: idle loop of %.1f s (%d bytes); encoder stopped", self.mount, loop.seconds, loop.bytes)
+        while self.station.idle and not self._stop.is_set():
+            self.station.wait_awake(0.5)
+        if self._stop.is_set():
+            return False
+        self.encoder.resume(self.output.title)
+        return True
 
     def _announce(self, title: str) -> None:
         if self.config.format in TITLES_IN_STREAM:  # a new chained Ogg stream carries the title
@@ -143,4 +177,5 @@ class Mount:
             "last_error": self.last_error or s.last_error,
             "feeder_failures": self.failures,
             "media_seconds": round(self.media_seconds, 1),
+            "idle_spells": self.idle_spells,
         }

@@ -76,6 +76,13 @@ class Station:
         self.real_samples = 0  # of those, taken from generated audio (the rest is filler)
         self.underruns = 0
         self.chunks = 0
+        # Chunks since the station started or last resumed from idle: the engine's chunk length ramps up from
+        # a short first chunk with it, so fresh audio is on air quickly either way.
+        self.ramp = 0
+        # Set while the engine generates for this station; clear while it is idle (nobody listens). Written by
+        # the engine thread only; the mount's feeder waits on it.
+        self._awake = threading.Event()
+        self._awake.set()
         self.dropped_samples = 0  # generated, then skipped by the silence watchdog
         self.error: str | None = None  # why generation sets this station aside now (None: all well)
         self.last_error: str | None = None  # the last such reason, kept after the station recovered
@@ -104,6 +111,23 @@ class Station:
     @property
     def has_audio(self) -> bool:
         return self.chunks > 0
+
+    @property
+    def idle(self) -> bool:
+        """Nobody listens (past the linger): the engine does not generate for it and its mount loops."""
+        return not self._awake.is_set()
+
+    def set_idle(self, idle: bool) -> None:
+        """The engine thread's decision. Resuming starts the chunk ramp again (a short chunk first)."""
+        if idle:
+            self._awake.clear()
+        elif self.idle:
+            self.ramp = 0
+            self._awake.set()
+
+    def wait_awake(self, timeout: float) -> bool:
+        """Block until the station generates again (True) or ``timeout`` passes (False)."""
+        return self._awake.wait(timeout)
 
     def needs_audio(self) -> bool:
         return self.buffered_seconds < self.engine_cfg.buffer_seconds
@@ -260,6 +284,7 @@ class Station:
             self._queued += len(pcm)
             self.generated_samples += len(pcm)
             self.chunks += 1
+            self.ramp += 1
         return silent
 
     # -- listener side ---------------------------------------------------------------------------------------
@@ -341,13 +366,32 @@ class Station:
                 self._filler[: len(reserve)] = reserve
             logger.debug("%s: no audio yet, filling with silence", self.mount)
             return
-        # One loop cycle: the loop's wrap point crossfades its end into its start, so it repeats seamlessly;
-        # the entry is that same crossfade, starting from the real audio we were about to run out of.
-        cycle = np.concatenate([equal_power_crossfade(history[-xf:], history[:xf]), history[xf:-xf]])
-        self._filler = cycle.astype(np.float32)
+        # The entry is the cycle's own wrap crossfade, starting from the real audio we were about to run out of.
+        self._filler = self._cycle(history)
         self._filler_pos = 0
         _throttle.log(logging.INFO, f"fill{self.mount}", "%s: generator behind real time, filling from the last "
                       "%.1f s", self.mount, len(history) / self.sample_rate)
+
+    def _cycle(self, audio: np.ndarray) -> np.ndarray:
+        """One loop cycle of ``audio``: its wrap point crossfades its end into its start, so it repeats
+        seamlessly."""
+        xf = self._reserve
+        return np.concatenate([equal_power_crossfade(audio[-xf:], audio[:xf]), audio[xf:-xf]]).astype(np.float32)
+
+    def idle_loop(self) -> np.ndarray:
+        """What an idle mount repeats: one seamless cycle of the station's own recent audio, about
+        ``filler_seconds`` long. It is the audio last played; a station that has played too little so far (it
+        went idle right after its first chunk) loops the start of its queue instead, which stays queued for
+        its next listener. Silence only when no audio exists at all."""
+        span = len(self._history.buf) - self._reserve
+        with self._lock:
+            history = self._history.samples()
+            audio = np.concatenate([history, *(seg.pcm[seg.pos:] for seg in self._queue)])
+        start = max(0, len(history) - span)
+        audio = audio[start:start + span]
+        if len(audio) < 4 * self._reserve:
+            return np.zeros(self.sample_rate, dtype=np.float32)
+        return self._cycle(audio)
 
     def _filler_take(self, n: int) -> np.ndarray:
         if self._filler is None:
@@ -396,6 +440,7 @@ class Station:
             "underruns": self.underruns,
             "silence_skips": self.silence_skips,
             "filling": filling,
+            "idle": self.idle,
             "error": self.error,
             "last_generation_error": self.last_error,
             "errors": self.errors,
