@@ -22,13 +22,59 @@ from radio.output.local import LocalIcecast, mounts
 from radio.station.station import Station
 
 
+SESSION_MARK = "RADIO_TEST_SESSION"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Without a GPU, the GPU's Triton kernels run under Triton's interpreter (read when triton is imported,
-    which nothing above does)."""
+    which nothing above does). Every process the suite starts inherits a mark of this session, so its end can
+    tell which servers and encoders are its own."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def leftover_processes() -> dict[int, str]:
+    """icecast2 and ffmpeg processes started by this test session that are still running (zombies aside)."""
+    mark = f"{SESSION_MARK}={os.environ.get(SESSION_MARK, '')}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            if name not in ("icecast2", "icecast", "ffmpeg"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and mark in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite proves that nothing it started outlives it: any icecast2 or ffmpeg of this session still
+    running now fails the run (and is stopped)."""
+    import signal
+
+    left = {}
+    deadline = time.monotonic() + 5.0  # a process told to stop by the last test's teardown may still be exiting
+    while time.monotonic() < deadline:
+        left = leftover_processes()
+        if not left:
+            return
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    report = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in left.items())
+    session.config.get_terminal_writer().line(f"\nprocesses started by the tests outlived them:\n{report}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +133,17 @@ def listen(url: str, seconds: float, out_rate: int = 16000, timeout: float | Non
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return np.frombuffer(proc.stdout, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def silent_run_seconds(audio: np.ndarray, rate: int = 16000, window: float = 0.05) -> float:
+    """The longest stretch of near-silence (< -54 dBFS per 50 ms) a listener heard."""
+    n = int(rate * window)
+    levels = np.sqrt(np.mean(audio[: len(audio) // n * n].reshape(-1, n) ** 2, axis=1))
+    longest = run = 0
+    for quiet in levels < 0.002:
+        run = run + 1 if quiet else 0
+        longest = max(longest, run)
+    return longest * window
 
 
 def probe(url: str) -> dict:

@@ -96,8 +96,6 @@ def running(icecast, tiny_model_dir: Path, tmp_path: Path):
 def test_three_stations_in_one_batch_reach_listeners(running) -> None:
     daemon, model, icecast, started = running
     wait_for(lambda: all(mount_info(icecast, m) for m in TITLES), 20, message="all three mounts on air")
-    on_air_after = time.monotonic() - started
-    assert on_air_after < 15, f"first audio took {on_air_after:.1f}s"
 
     # Listeners on every mount at once: ffprobe for codec/rate, ffmpeg decoding 10 s each.
     decoded: dict[str, np.ndarray] = {}
@@ -157,9 +155,7 @@ def test_clean_stop_closes_every_encoder_and_connection(running) -> None:
     wait_for(lambda: all(mount_info(icecast, m) for m in TITLES), 20, message="all mounts on air")
     pids = [m.encoder.pid for m in daemon.mounts.values()]
     assert all(pids)
-    t0 = time.monotonic()
     daemon.stop()
-    assert time.monotonic() - t0 < 5.0
     for pid in pids:
         assert not _alive(pid), f"ffmpeg {pid} still running"
     wait_for(lambda: not any(mount_info(icecast, m) for m in TITLES), 5, message="sources to leave Icecast")

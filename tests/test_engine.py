@@ -336,3 +336,104 @@ def test_changes_from_other_threads_are_applied_by_the_engine_at_a_chunk_boundar
     late = engine.post(st.key, "skip", lambda s: s.skip())
     engine.stop(timeout=0.1)
     assert late.done.is_set() and late.error is not None  # a waiter is never left hanging
+
+
+# -- the audience: generate for listeners ------------------------------------------------------------------------
+class ForgettingSine(SineModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.forgotten: list[str] = []
+
+    def forget(self, key: str) -> None:
+        self.forgotten.append(key)
+
+
+def keys_per_call(model: SineModel) -> list[list[str]]:
+    return [[r.key for r in requests] for requests, _ in model.calls]
+
+
+def test_only_listened_stations_are_generated_and_an_idle_one_resumes_with_a_short_chunk() -> None:
+    model = ForgettingSine()
+    cfg = EngineConfig(chunk_seconds=1.0, first_chunk_seconds=0.1, buffer_seconds=100, linger=0.0)
+    engine, (a, b, c) = make(model, cfg, "/a.mp3", "/b.mp3", "/c.mp3")
+    engine.set_listeners({"/a.mp3": 1})
+    engine.run_once()  # every station's first chunk: each has audio to loop while nobody listens
+    assert sorted(keys_per_call(model)[0]) == sorted([a.key, b.key, c.key])
+    engine.update_audience()
+    assert (a.idle, b.idle, c.idle) == (False, True, True)
+    assert sorted(model.forgotten) == sorted([b.key, c.key])  # an idle station holds no decode state
+    model.calls.clear()
+    for _ in range(4):
+        engine.run_once()
+    assert keys_per_call(model) == [[a.key]] * 4  # the batch holds only the station someone listens to
+    assert engine.status()["stations_generating"] == 1 and engine.status()["stations_idle"] == 2
+    # A listener tunes in to c: it wakes, and takes a short first chunk on its own rows.
+    engine.set_listeners({"/a.mp3": 1, "/c.mp3": 2})
+    model.calls.clear()
+    engine.run_once()
+    assert not c.idle and keys_per_call(model) == [[c.key]] and model.calls[0][1] == 5
+    assert engine.listeners("/c.mp3") == 2 and engine.listeners("/b.mp3") == 0
+
+
+def test_the_linger_keeps_a_station_generating_after_its_last_listener_leaves() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.1, buffer_seconds=100, linger=3600.0)
+    engine, (a,) = make(model, cfg, "/a.mp3")
+    engine.set_listeners({"/a.mp3": 1})
+    engine.run_once()
+    # A mount that flaps between 0 and 1 listeners: it stays on, and says nothing.
+    for i in range(50):
+        engine.set_listeners({"/a.mp3": i % 2})
+        engine.update_audience()
+    assert not a.idle and engine.idle_changes == 0
+    engine._heard[a.key] -= 3601.0  # the linger has run out since the last listener left
+    engine.set_listeners({})
+    engine.update_audience()
+    assert a.idle and engine.idle_changes == 1
+    calls = len(model.calls)
+    assert not engine.run_once() and len(model.calls) == calls
+
+
+@pytest.mark.parametrize("how", ["generate-always", "station-always", "counts-unknown"])
+def test_always_and_unknown_counts_generate_every_station(how: str) -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.1, buffer_seconds=100, linger=0.0,
+                       generate="always" if how == "generate-always" else "listened")
+    engine, stations = make(model, cfg, "/a.mp3", "/b.mp3", always=how == "station-always")
+    engine.set_listeners(None if how == "counts-unknown" else {})
+    for _ in range(3):
+        engine.run_once()
+    assert not any(s.idle for s in stations)
+    assert all(sorted(k) == sorted(s.key for s in stations) for k in keys_per_call(model)[1:])
+
+
+def test_counts_that_become_unreadable_wake_every_station() -> None:
+    model = SineModel()
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.1, buffer_seconds=100, linger=0.0)
+    engine, stations = make(model, cfg, "/a.mp3", "/b.mp3")
+    engine.set_listeners({})
+    engine.run_once()
+    engine.update_audience()
+    assert all(s.idle for s in stations)
+    engine.set_listeners(None)  # Icecast went away: fail open
+    engine.update_audience()
+    assert not any(s.idle for s in stations)
+
+
+def test_an_idle_loop_is_the_stations_own_audio() -> None:
+    model = SineModel(freq=440.0, amplitude=0.5)
+    cfg = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.5, buffer_seconds=100, crossfade_ms=20,
+                       filler_seconds=1.0)
+    engine, (st,) = make(model, cfg, "/a.mp3")
+    engine.run_once()
+    loop = st.idle_loop()  # nothing played yet: the start of the queue, which stays queued
+    assert len(loop) > 0.3 * 32000 and np.sqrt(np.mean(loop ** 2)) > 0.3
+    queued = st.buffered_seconds
+    assert st.idle_loop().shape == loop.shape and st.buffered_seconds == queued
+    for _ in range(6):
+        engine.run_once()
+    drain(st)
+    loop = st.idle_loop()  # what was played last, about filler_seconds of it
+    assert abs(len(loop) - (32000 - st.reserve_samples)) <= 1
+    spectrum = np.abs(np.fft.rfft(loop))
+    assert abs(np.argmax(spectrum) * 32000 / len(loop) - 440.0) < 5

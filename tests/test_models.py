@@ -26,7 +26,7 @@ from radio.pool import ModelPool, ModelSpec
 from radio.station.station import Station
 from radio.tools.testing import SineModel
 
-from .conftest import listen, mount_info, run_daemon, wait_for, write_station
+from .conftest import listen, mount_info, run_daemon, silent_run_seconds, wait_for, write_station
 from .conftest import drain, request, station_config
 
 CFG = EngineConfig(chunk_seconds=0.5, first_chunk_seconds=0.1, buffer_seconds=2.0, overlap_frames=5, crossfade_ms=20)
@@ -269,17 +269,6 @@ def test_station_model_key_is_checked_where_it_is_written(tmp_path: Path, tiny_m
 
 
 # -- end to end --------------------------------------------------------------------------------------------------
-
-def silent_run_seconds(audio: np.ndarray, rate: int = 16000, window: float = 0.05) -> float:
-    """The longest stretch of near-silence (< -54 dBFS per 50 ms) a listener heard."""
-    n = int(rate * window)
-    levels = np.sqrt(np.mean(audio[: len(audio) // n * n].reshape(-1, n) ** 2, axis=1))
-    longest = run = 0
-    for quiet in levels < 0.002:
-        run = run + 1 if quiet else 0
-        longest = max(longest, run)
-    return longest * window
-
 
 def station_yaml(name: str, mount: str, model: Path | None) -> str:
     model_line = f"model: {model}\n" if model else ""

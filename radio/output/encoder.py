@@ -256,6 +256,7 @@ class Encoder:
         self.station = station
         self.title: str | None = None
         self.restarts = 0
+        self.live_since: float | None = None  # when the encoder's bytes last took over from an idle loop
         self._procs: deque[_Stream] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -412,6 +413,7 @@ class Encoder:
                 with self._cond:  # finished: the fresh encoder behind it takes over
                     if self._procs and self._procs[0] is proc:
                         self._procs.popleft()
+                        self.live_since = time.monotonic()
                 continue
             try:
                 # a pipe is a BufferedReader: read1 returns what is there (up to n) without waiting for n

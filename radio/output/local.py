@@ -125,6 +125,15 @@ def render_config(template: Path, workdir: Path, port: int, source_password: str
     return out
 
 
+# sh -c WATCHDOG icecast2 CONF FD: run icecast2 and stop it when FD reaches end of file (its writer is gone) or
+# the shell is told to stop; the shell exits with icecast2's status.
+_WATCHDOG = ('"$0" -c "$1" & pid=$!; '
+             'trap \'kill -TERM "$pid" 2>/dev/null\' TERM INT; '
+             '(read _ <&"$2"; kill -TERM "$pid" 2>/dev/null) & '
+             'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; code=$?; done; '
+             'kill $! 2>/dev/null; exit "${code:-1}"')
+
+
 class LocalIcecast:
     """A private icecast2 process on loopback."""
 
@@ -141,6 +150,7 @@ class LocalIcecast:
         self.min_sources = min_sources
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
+        self._watch_w: int | None = None
 
     @property
     def url(self) -> str:
@@ -153,8 +163,17 @@ class LocalIcecast:
                                "HOST:PORT for an existing server")
         conf = render_config(self.template, self.workdir, self.port, self.source_password, self.admin_password,
                              self.min_sources, self.host, extra=self.extra)
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        # icecast2 runs under a small shell that holds the read end of a pipe whose write end only this process
+        # has: when this process dies, however it dies (SIGKILL, the OOM killer), the pipe closes and the shell
+        # stops icecast2, so no server outlives its daemon. (The kernel's parent-death signal would not do: it
+        # is cleared when icecast2 changes its user.)
+        watch_r, self._watch_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(["sh", "-c", _WATCHDOG, binary, str(conf), str(watch_r)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                         pass_fds=(watch_r,))
+        finally:
+            os.close(watch_r)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -181,6 +200,9 @@ class LocalIcecast:
 
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.proc = self.proc, None
+        if self._watch_w is not None:
+            os.close(self._watch_w)
+            self._watch_w = None
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:

@@ -376,14 +376,44 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def bench_outputs(mounts: int, seconds: float, progress: Callable[[str], None]) -> dict[str, Any]:
+def _bench_stations(directory: Path, count: int) -> list[Any]:
+    """``count`` station files (formats mp3, vorbis, opus in turn) in ``directory``, loaded."""
+    from ..config import load_stations
+
+    formats = ("mp3", "vorbis", "opus")
+    for i in range(count):
+        fmt = formats[i % 3]
+        (directory / f"s{i:03d}.yaml").write_text(
+            f"name: S{i}\nmount: /s{i}.{ {'mp3': 'mp3', 'vorbis': 'ogg', 'opus': 'opus'}[fmt] }\nformat: {fmt}\n"
+            f"playlist:\n  - {{title: T{i}, prompt: calm piano, duration: 10m}}\n")
+    stations, problems = load_stations([directory])
+    if problems:
+        raise RuntimeError(problems[0])
+    return stations
+
+
+def _cpu_split(seconds: float) -> tuple[float, float, float, float]:
+    """Cores used over ``seconds`` by this process, its ffmpeg encoders and its Icecast (and the wall time)."""
+    me = os.getpid()
+    kids = descendants(me)
+    enc = [p for p, name in kids.items() if name == "ffmpeg"]
+    ice = [p for p, name in kids.items() if name.startswith("icecast")]
+    t0, a0, e0, i0 = time.monotonic(), _cpu_seconds([me]), _cpu_seconds(enc), _cpu_seconds(ice)
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return ((_cpu_seconds([me]) - a0) / wall, (_cpu_seconds(enc) - e0) / wall, (_cpu_seconds(ice) - i0) / wall,
+            wall)
+
+
+def bench_outputs(mounts: int, seconds: float, progress: Callable[[str], None], idle: bool = False) -> dict[str, Any]:
     """What the output side costs per mount: a real daemon with ``mounts`` stations (formats mp3, vorbis, opus in
     turn, loudness normalisation on, as the defaults are), real ffmpeg encoders, libshout and a local Icecast,
     fed by a model that makes audio instantly. Returns CPU cores used by the daemon process, its encoders and
-    Icecast, and those per 100 mounts."""
+    Icecast, and those per 100 mounts. ``idle``: nobody listens (engine.generate: listened, no linger), so every
+    mount loops its own audio with no encoder running: what an idle mount costs."""
     import tempfile
 
-    from ..config import DaemonConfig, EngineConfig, IcecastConfig, ApiConfig, load_stations
+    from ..config import DaemonConfig, EngineConfig, IcecastConfig, ApiConfig
     from ..daemon import Daemon
     from ..output.local import free_port
     from .testing import SineModel
@@ -391,49 +421,128 @@ def bench_outputs(mounts: int, seconds: float, progress: Callable[[str], None]) 
     with tempfile.TemporaryDirectory() as tmp:
         st = Path(tmp) / "stations"
         st.mkdir()
-        formats = ("mp3", "vorbis", "opus")
-        for i in range(mounts):
-            fmt = formats[i % 3]
-            (st / f"s{i:03d}.yaml").write_text(
-                f"name: S{i}\nmount: /s{i}.{ {'mp3': 'mp3', 'vorbis': 'ogg', 'opus': 'opus'}[fmt] }\nformat: {fmt}\n"
-                f"playlist:\n  - {{title: T{i}, prompt: calm piano, duration: 10m}}\n")
-        stations, problems = load_stations([st])
-        if problems:
-            raise RuntimeError(problems[0])
+        stations = _bench_stations(st, mounts)
 
         def instant(_cfg: DaemonConfig) -> SineModel:
             model = SineModel()
             model.batch_limit = 512
             return model
 
+        engine = EngineConfig(generate="listened", linger=0.0) if idle else EngineConfig(generate="always")
         cfg = DaemonConfig(stations_dir=str(st), memory_budget="off", icecast=IcecastConfig(local=True, port=free_port()),
-                           engine=EngineConfig(), api=ApiConfig(enabled=False))
+                           engine=engine, api=ApiConfig(enabled=False))
         daemon = Daemon(cfg, stations, model_factory=instant)
         daemon.start()
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not all(m.output.stats.connected for m in daemon.mounts.values()):
                 time.sleep(0.5)
-            time.sleep(5.0)  # warm-up: buffers filled, every encoder running
-            me = os.getpid()
-            kids = descendants(me)
-            enc = [p for p, name in kids.items() if name == "ffmpeg"]
-            ice = [p for p, name in kids.items() if name.startswith("icecast")]
-            t0, a0, e0, i0 = time.monotonic(), _cpu_seconds([me]), _cpu_seconds(enc), _cpu_seconds(ice)
-            progress(f"outputs x{mounts}: measuring {seconds:.0f}s ({len(enc)} encoders)")
-            time.sleep(seconds)
-            wall = time.monotonic() - t0
-            daemon_cores = (_cpu_seconds([me]) - a0) / wall
-            enc_cores = (_cpu_seconds(enc) - e0) / wall
-            ice_cores = (_cpu_seconds(ice) - i0) / wall
+            deadline = time.monotonic() + 60
+            while idle and time.monotonic() < deadline and any(m.encoder.processes for m in daemon.mounts.values()):
+                time.sleep(0.5)
+            time.sleep(5.0)  # warm-up: buffers filled, every encoder (or idle loop) running
+            encoders = sum(m.encoder.processes for m in daemon.mounts.values())
+            progress(f"outputs x{mounts}{' idle' if idle else ''}: measuring {seconds:.0f}s ({encoders} encoders)")
+            daemon_cores, enc_cores, ice_cores, wall = _cpu_split(seconds)
             filled = sum(s.filled_samples for s in daemon.stations.values()) / 32000
+            idle_mounts = sum(1 for s in daemon.stations.values() if s.idle)
         finally:
             daemon.stop()
     total = daemon_cores + enc_cores + ice_cores
-    return {"mounts": mounts, "seconds": round(wall, 1), "daemon_cores": round(daemon_cores, 3),
+    return {"mounts": mounts, "idle": idle, "idle_mounts": idle_mounts, "encoders": encoders,
+            "seconds": round(wall, 1), "daemon_cores": round(daemon_cores, 3),
             "encoder_cores": round(enc_cores, 3), "icecast_cores": round(ice_cores, 3),
             "total_cores": round(total, 3), "cores_per_100_mounts": round(100 * total / mounts, 2),
             "filled_seconds": round(filled, 1)}
+
+
+def _wake_latency(daemon: Any, base: str, mount: str) -> dict[str, float | None]:
+    """A listener tunes in to an idle mount: seconds until its station generates again (the audience poll)
+    and until the mount's fresh encoder takes over from the idle loop (the first fresh bytes to Icecast)."""
+    import subprocess
+
+    station = next(s for s in daemon.stations.values() if s.mount == mount)
+    encoder = daemon.mounts[station.key].encoder
+    deadline = time.monotonic() + 30
+    while not station.idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    ear = subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "quiet", "-i", f"{base}{mount}", "-t", "20", "-f",
+                            "null", "-"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    woke = live = None
+    try:
+        while time.monotonic() < t0 + 20 and live is None:
+            if woke is None and not station.idle:
+                woke = time.monotonic() - t0
+            if encoder.live_since is not None and encoder.live_since > t0:
+                live = encoder.live_since - t0
+            time.sleep(0.01)
+    finally:
+        ear.kill()
+        ear.wait()
+    return {"wake_seconds": None if woke is None else round(woke, 3),
+            "first_fresh_bytes_seconds": None if live is None else round(live, 3)}
+
+
+def bench_audience(model_dir: str, stations: int, listened: int, seconds: float,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """Where model time goes with many stations and few listeners: a real daemon (the given model on this
+    machine's device, local Icecast, real encoders) with ``stations`` stations, ``listened`` of them with a real
+    listener (ffmpeg decoding the mount). Returns the audio generated per listened and per idle station, the
+    batch sizes and the engine's real-time factor over ``seconds``."""
+    import subprocess
+    import tempfile
+
+    from ..config import ApiConfig, DaemonConfig, EngineConfig, IcecastConfig
+    from ..daemon import Daemon
+    from ..output.local import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        st = Path(tmp) / "stations"
+        st.mkdir()
+        configs = _bench_stations(st, stations)
+        cfg = DaemonConfig(stations_dir=str(st), model=model_dir, memory_budget="off", seed=0,
+                           icecast=IcecastConfig(local=True, port=free_port()), api=ApiConfig(enabled=False),
+                           engine=EngineConfig(generate="listened", linger=5.0))
+        daemon = Daemon(cfg, configs)
+        daemon.start()
+        ears: list[subprocess.Popen[bytes]] = []
+        try:
+            base = daemon.config.icecast.listen_base
+            by_mount = {s.mount: s for s in daemon.stations.values()}
+            heard = sorted(by_mount)[:listened]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not all(m.output.stats.connected for m in daemon.mounts.values()):
+                time.sleep(0.5)
+            for mount in heard:
+                ears.append(subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "quiet", "-i", f"{base}{mount}",
+                                              "-f", "null", "-"], stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL))
+            time.sleep(10.0)  # the linger of the unheard ones runs out; the heard ones woke
+            engine = daemon.engine
+            if engine is None:
+                raise RuntimeError("the daemon did not start its engine")
+            before = {m: s.generated_samples for m, s in by_mount.items()}
+            steps0 = engine.steps
+            progress(f"audience: {stations} stations, {listened} listened: measuring {seconds:.0f}s")
+            daemon_cores, enc_cores, ice_cores, wall = _cpu_split(seconds)
+            made = {m: (s.generated_samples - before[m]) / s.sample_rate for m, s in by_mount.items()}
+            steps = engine.steps - steps0
+            batch = engine.last_batch
+            unheard = [m for m in sorted(by_mount) if m not in heard]
+            wake = _wake_latency(daemon, base, unheard[-1]) if unheard else {}
+        finally:
+            for ear in ears:
+                ear.kill()
+                ear.wait()
+            daemon.stop()
+    on = [made[m] / wall for m in heard]
+    off = [v / wall for m, v in made.items() if m not in heard]
+    return {"stations": stations, "listened": listened, "seconds": round(wall, 1), "steps": steps, **wake,
+            "last_batch_size": len(batch),
+            "realtime_per_listened_station": round(sum(on) / max(1, len(on)), 3),
+            "realtime_per_idle_station": round(sum(off) / max(1, len(off)), 3),
+            "cores": round(daemon_cores + enc_cores + ice_cores, 3)}
 
 
 def _dtype_name(model: MusicgenModel) -> str:
@@ -492,7 +601,11 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                                                                       context_seconds), results)
             del m
     outputs = [bench_outputs(n, 30.0, progress) for n in mounts] if "outputs" in scenarios else []
+    outputs += [bench_outputs(n, 30.0, progress, idle=True) for n in mounts] if "idle" in scenarios else []
+    audience = ([bench_audience(model_dir, max(mounts), max(1, max(mounts) // 8), 30.0, progress)]
+                if "audience" in scenarios else [])
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(), "outputs": outputs,
+              "audience": audience,
               "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
                            "context_seconds": context_seconds, "window_seconds": window_seconds,
                            "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds,
@@ -594,9 +707,15 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{per:>8.2f} {1000 * r['seconds_per_step']:>8.1f} {ttfa:>7} {reset:>8} "
                      f"{r['peak_rss_mb']:>8.0f} {state:>9} {dev:>8}  {where}")
     for o in report.get("outputs", []):
-        lines.append(f"outputs    {o['mounts']:>4} mounts: daemon {o['daemon_cores']:.2f} + encoders {o['encoder_cores']:.2f}"
+        lines.append(f"outputs    {o['mounts']:>4} {'idle ' if o.get('idle') else ''}mounts: daemon {o['daemon_cores']:.2f} + encoders {o['encoder_cores']:.2f}"
                      f" + icecast {o['icecast_cores']:.2f} = {o['total_cores']:.2f} cores "
                      f"({o['cores_per_100_mounts']:.1f} per 100 mounts; {o['filled_seconds']:.1f} s filled)")
+    for a in report.get("audience", []):
+        lines.append(f"audience   {a['stations']} stations, {a['listened']} listened: each listened one "
+                     f"{a['realtime_per_listened_station']:.2f}x real time, each idle one "
+                     f"{a['realtime_per_idle_station']:.2f}x; {a['steps']} steps, last batch {a['last_batch_size']}, "
+                     f"{a['cores']:.2f} cores; a listener on an idle mount: station awake after "
+                     f"{a['wake_seconds']} s, fresh bytes after {a['first_fresh_bytes_seconds']} s")
     lines.append("")
     for k, v in report.get("capacity_mounts", {}).items():
         lines.append(f"capacity ({k}): {v} mounts each at >= 1.0x real time")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
@@ -27,7 +30,8 @@ def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     ratios = report["ratios"]
     assert "ours_float32_vs_prototype_at_3_mounts" in ratios
     assert "batching_efficiency_float32_4_vs_1" in ratios
-    assert 0 < ratios["batching_efficiency_bare_forward_float32_4_vs_1"] <= 2
+    # figures are computed, finite and positive; how fast anything ran is for `radio bench` to report, not to test
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values() if isinstance(v, (int, float))), ratios
     for r in report["results"]:
         if r["scenario"] == "ours":
             assert r["reset_seconds"] is not None and r["reset_seconds"] > 0  # a prefill, timed
@@ -52,3 +56,14 @@ def test_bench_splits_the_static_steps_time_into_its_parts(tmp_path: Path) -> No
     assert abs(parts["layers"] + parts["sampling"] + parts["noise"] + parts["other"] - parts["steps"]) < 1e-3
     assert set(r["step_anatomy"]) == {"step", "sampling", "noise"}
     assert "steps=" in proc.stdout and "(layers=" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_bench_audience_spends_model_time_on_the_listened_stations_only(tiny_model_dir: Path) -> None:
+    """The audience scenario: a real daemon with a real listener on one of three stations."""
+    from radio.tools.bench import bench_audience
+
+    r = bench_audience(str(tiny_model_dir), stations=3, listened=1, seconds=3.0, progress=lambda m: None)
+    assert r["realtime_per_listened_station"] > 0 and r["realtime_per_idle_station"] == 0, r
+    assert r["wake_seconds"] is not None and r["wake_seconds"] > 0, r
+    assert r["first_fresh_bytes_seconds"] is not None and r["first_fresh_bytes_seconds"] > 0, r
