@@ -207,11 +207,29 @@ class Engine:
     # -- audience --------------------------------------------------------------------------------------------
     def set_listeners(self, counts: dict[str, int] | None) -> None:
         """Listeners per mount, as Icecast counts them (relays included); None when they cannot be read, which
-        makes every station generate until they can. Any thread; the engine thread acts on it."""
+        makes every station generate until they can. Any thread.
+
+        An idle station someone now listens to wakes here and now, not at the end of the model step that may be
+        running (seconds on a CPU): its mount starts playing its queued audio at once, and it joins the next
+        step. Only the engine thread idles a station (it also drops the station's decode state)."""
+        now = time.monotonic()
         with self._lock:
             changed = counts != self._listeners
             self._listeners = counts
-        if changed:
+            stations = list(self._stations.values())
+            woken = []
+            for station in stations:
+                heard = counts is None or counts.get(station.mount, 0) > 0
+                if heard:
+                    self._heard[station.key] = now
+                if heard and station.idle:
+                    station.set_idle(False)
+                    woken.append(station)
+        for station in woken:
+            self.idle_changes += 1
+            self._throttle.log(logging.INFO, f"idle{station.key}", "%s: %s listener(s); generating", station.mount,
+                               counts.get(station.mount, 0) if counts is not None else "unknown")
+        if changed or woken:
             self._wake.set()
 
     def listeners(self, mount: str) -> int | None:
@@ -223,31 +241,30 @@ class Engine:
         """Whether the model should serve ``station``: someone listens (or did within the linger), or it is
         set to generate always, or the audience is unknown, or it has no audio yet (its first short chunk puts
         its mount on air, with its own music to loop while nobody listens)."""
-        if counts is not None and counts.get(station.mount, 0) > 0:
-            self._heard[station.key] = now
-            return True
         if self.config.generate == "always" or station.config.always or counts is None or not station.has_audio:
             return True
-        return now - self._heard.get(station.key, float("-inf")) < self.config.linger
+        if counts.get(station.mount, 0) > 0:
+            return True
+        with self._lock:
+            heard = self._heard.get(station.key, float("-inf"))
+        return now - heard < self.config.linger
 
     def update_audience(self) -> None:
-        """Wake the stations someone listens to and idle the others (the engine thread, between steps). An idle
-        station's decode state is dropped: it takes no model time and no decode memory, and resumes from its
-        own codes (a segue) with a short first chunk."""
+        """Idle the stations nobody has listened to for the linger (the engine thread, between steps; waking
+        happens in :meth:`set_listeners`). An idle station's decode state is dropped: it takes no model time and
+        no decode memory, and resumes from its own codes (a segue) with a short first chunk."""
         now = time.monotonic()
         with self._lock:
             counts = self._listeners
             stations = [(s, self.models.get(self._assigned.get(k) or "")) for k, s in self._stations.items()]
         for station, model in stations:
-            idle = not self._wanted(station, counts, now)
-            if idle == station.idle:
+            if station.idle or self._wanted(station, counts, now):
                 continue
-            station.set_idle(idle)
+            station.set_idle(True)
             self.idle_changes += 1
-            self._throttle.log(logging.INFO, f"idle{station.key}", "%s: %s", station.mount,
-                               "nobody listens; idle (no generation, the mount loops its own audio)" if idle else
-                               f"{counts.get(station.mount, 0) if counts else 'unknown'} listener(s); generating")
-            if idle and model is not None:
+            self._throttle.log(logging.INFO, f"idle{station.key}", "%s: nobody listens; idle (no generation, the "
+                               "mount loops its own audio)", station.mount)
+            if model is not None:
                 model.forget(station.key)
 
     def generating(self) -> int:
@@ -474,6 +491,14 @@ class Engine:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the engine thread to end after :meth:`stop` (a step in flight finishes first); True once it
+        has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -9,8 +9,11 @@ Now-playing titles travel with the audio: they are announced when their first sa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+
+import numpy as np
 
 from ..config import IcecastConfig, StationConfig
 from ..errors import EncoderError
@@ -21,6 +24,9 @@ from ..station.station import Station
 
 logger = logging.getLogger(__name__)
 _throttle = Throttle(logger)
+# Idle loops encoded at once, across all mounts: each is a second or so of ffmpeg's time, and hundreds of
+# stations go idle together when a daemon starts.
+_LOOP_ENCODES = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
 
 
 class Mount:
@@ -139,15 +145,14 @@ class Mount:
         """Nobody listens: loop the station's own recent audio, pre-encoded once, in place of the encoder, until
         the station generates again; then a fresh encoder picks up its queue where it stopped. False when the
         mount is stopping."""
-        cfg = self.config
         pcm = self.station.idle_loop()
+        data = self._encode_loop(pcm)
+        if data is None:
+            return not self._stop.is_set()
         try:
-            loop = IdleLoop(encode_loop(pcm, cfg.format, cfg.bitrate, self.sample_rate, self.output.title, cfg.name,
-                                        cfg.loudness), cfg.format, len(pcm) / self.sample_rate, self.lead)
+            loop = IdleLoop(data, self.config.format, len(pcm) / self.sample_rate, self.lead)
         except EncoderError as exc:
-            # Without a loop the encoder plays the station's filler in real time: dearer, but on air.
-            self._idle_retry_at = time.monotonic() + self.IDLE_RETRY
-            _throttle.log(logging.WARNING, f"idle{self.mount}", "%s: %s; encoding filler while idle", self.mount, exc)
+            self._idle_failed(exc)
             return True
         self.encoder.idle(loop)
         self.idle_spells += 1
@@ -158,6 +163,41 @@ class Mount:
             return False
         self.encoder.resume(self.output.title)
         return True
+
+    def _encode_loop(self, pcm: np.ndarray) -> bytes | None:
+        """Encode the idle loop on a helper thread (a few at a time across all mounts: many stations go idle
+        together at start-up), feeding the running encoder that same loop in real time meanwhile, so Icecast
+        never waits for this mount. None when it failed or the mount is stopping."""
+        cfg = self.config
+        box: dict[str, object] = {}
+
+        def work() -> None:
+            with _LOOP_ENCODES:
+                try:
+                    box["data"] = encode_loop(pcm, cfg.format, cfg.bitrate, self.sample_rate, self.output.title,
+                                              cfg.name, cfg.loudness)
+                except EncoderError as exc:
+                    box["error"] = exc
+
+        worker = threading.Thread(target=work, name=f"loop{self.mount}", daemon=True)
+        worker.start()
+        pos = 0
+        while worker.is_alive() and not self._stop.is_set():
+            block = np.take(pcm, np.arange(pos, pos + self.block), mode="wrap")
+            pos = (pos + self.block) % len(pcm)
+            self.encoder.write(block)
+            self._sent += len(block)
+            self._stop.wait(self.block / self.sample_rate)
+        worker.join()
+        if "error" in box:
+            self._idle_failed(box["error"])
+        data = box.get("data")
+        return data if isinstance(data, bytes) and not self._stop.is_set() else None
+
+    def _idle_failed(self, exc: object) -> None:
+        # Without a loop the encoder plays the station's filler in real time: dearer, but on air.
+        self._idle_retry_at = time.monotonic() + self.IDLE_RETRY
+        _throttle.log(logging.WARNING, f"idle{self.mount}", "%s: %s; encoding filler while idle", self.mount, exc)
 
     def _announce(self, title: str) -> None:
         if self.config.format in TITLES_IN_STREAM:  # a new chained Ogg stream carries the title
