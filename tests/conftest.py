@@ -212,6 +212,23 @@ def request(url: str, method: str = "GET", body: bytes | None = None, token: str
         return err.code, err.read(), dict(err.headers)
 
 
+def generating_after(base: str, mount: str, code: int, body: bytes | dict, timeout: float = 30.0) -> str:
+    """What a station generates once a prompt or skip the API answered (200: applied; 202: pending until the
+    running model step ends) has applied."""
+    answer = json.loads(body) if isinstance(body, bytes) else body
+    assert code in (200, 202), (code, answer)
+    if code == 200:
+        return answer["generating"]
+    assert answer["accepted"]["pending"] in answer["pending"], answer
+
+    def now() -> str | None:
+        stations = json.loads(request(f"{base}/status")[1])["stations"]
+        st = next(s for s in stations if s["mount"] == mount)
+        return st["generating"] if not st["pending"] else None
+
+    return wait_for(now, timeout, message=f"{mount}: the pending change applied")
+
+
 def station_config(mount: str, items: tuple[PlaylistItem, ...] | None = None, **kw) -> StationConfig:
     items = items or (PlaylistItem("one", "prompt one", 60.0), PlaylistItem("two", "prompt two", 60.0))
     base = dict(name=mount.strip("/"), mount=mount, format="mp3", bitrate=128, description="", genre="", url="",

@@ -12,7 +12,7 @@ from radio.config import load_daemon_config, load_stations
 from radio.daemon import Daemon
 from radio.errors import ConfigError
 
-from ..conftest import daemon_config, mount_info, request, wait_for, write_station
+from ..conftest import daemon_config, generating_after, mount_info, request, wait_for, write_station
 
 pytestmark = pytest.mark.e2e
 TOKEN = "t0ken-for-tests"
@@ -66,11 +66,10 @@ def test_prompt_change_and_skip_reach_the_stream(api_daemon) -> None:
     _daemon, base, icecast = api_daemon
     body = json.dumps({"prompt": "bright disco with strings", "title": "Disco ✨", "blend": "2s"}).encode()
     code, resp, _ = request(f"{base}/stations/alpha.mp3/prompt", "POST", body, token=TOKEN)
-    assert code == 200, resp
-    assert json.loads(resp)["generating"] == "Disco ✨"
+    assert generating_after(base, "/alpha.mp3", code, resp) == "Disco ✨"
     wait_for(lambda: mount_info(icecast, "/alpha.mp3").get("title") == "Disco ✨", 20, message="new title on air")
     code, resp, _ = request(f"{base}/stations/alpha.mp3/skip", "POST", b"", token=TOKEN)
-    assert code == 200 and json.loads(resp)["generating"] == "Two"
+    assert generating_after(base, "/alpha.mp3", code, resp) == "Two"
     wait_for(lambda: mount_info(icecast, "/alpha.mp3").get("title") == "Two", 20, message="skipped to Two")
     code, _, _ = request(f"{base}/reload", "POST", b"{}", token=TOKEN)
     assert code == 202

@@ -142,7 +142,7 @@ def test_nginx_recipe_serves_streams_player_and_api_over_https_with_cors(icecast
         assert status == 401 and headers["access-control-allow-origin"] == ["*"]
         status, headers, data = https(f"{base}/stations/a.mp3/skip", method="POST", body=b"{}",
                                       headers={**origin, "Authorization": "Bearer proxy-test-token"}, read=1 << 20)
-        assert status == 200 and headers["access-control-allow-origin"] == ["*"]
+        assert status in (200, 202) and headers["access-control-allow-origin"] == ["*"]  # applied, or pending
 
         # Icecast's own <http-headers> from the shipped icecast.xml, for direct listeners.
         with urllib.request.urlopen(urllib.request.Request(f"{icecast.url}/a.mp3", headers=origin), timeout=10) as r:
