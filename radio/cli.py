@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunks", type=int, default=3, help="measured steady-state chunks (default 3)")
     bench.add_argument("--proto-steps", type=int, default=2, help="measured prototype rounds (default 2)")
     bench.add_argument("--dtypes", default="float32,auto", help="dtypes for our engine (default float32,auto)")
+    bench.add_argument("--quality", action="store_true",
+                       help="measure quantized weights (int8, int4 or those in --weights) against dense bf16 ones")
+    bench.add_argument("--weights", default="auto",
+                       help="decoder weights for our engine, e.g. bfloat16,int8,int4 (default auto)")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
     bench.add_argument("--context-seconds", type=float, default=10.0,
                        help="engine context kept per station; the window is 3x this (default 10 -> 30 s)")
@@ -236,6 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
+                           weights_list=tuple(w.strip() for w in args.weights.split(",") if w.strip()),
+                           quality=args.quality,
                            scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
                            context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:

@@ -37,12 +37,13 @@ ModelFactory = Callable[[DaemonConfig], MusicModel]
 def load_model(cfg: DaemonConfig) -> MusicModel:
     """The real loader; the daemon calls it with ``cfg.model``/``cfg.dtype`` set to the model wanted."""
     return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                         window_seconds=cfg.engine.window_seconds, decoder=cfg.engine.decoder)
+                         window_seconds=cfg.engine.window_seconds, decoder=cfg.engine.decoder,
+                         weights=cfg.engine.weights)
 
 
 def model_spec(cfg: DaemonConfig, sc: StationConfig) -> ModelSpec:
-    """A station's model: its own ``model:``/``dtype:``, else the daemon's."""
-    return ModelSpec(sc.model or cfg.model, sc.dtype or cfg.dtype)
+    """A station's model: its own ``model:``/``dtype:``/``weights:``, else the daemon's."""
+    return ModelSpec(sc.model or cfg.model, sc.dtype or cfg.dtype, sc.weights or cfg.engine.weights)
 
 
 class _Stopping(Exception):
@@ -165,7 +166,8 @@ class Daemon:
                                                            admin_password=self.local_icecast.admin_password))
 
     def _load_model(self, spec: ModelSpec) -> MusicModel:
-        return self.model_factory(replace(self.config, model=spec.name, dtype=spec.dtype))
+        return self.model_factory(replace(self.config, model=spec.name, dtype=spec.dtype,
+                                          engine=replace(self.config.engine, weights=spec.weights)))
 
     def _estimate(self, spec: ModelSpec) -> int | None:
         return estimate_model_bytes(spec.name, spec.dtype, self.config.device)
@@ -405,7 +407,8 @@ class Daemon:
         source = model_source(model)  # a missing or config-less directory is refused here, at once
         if Path(source).is_dir():
             model = str(Path(source).resolve())
-        spec = ModelSpec(model, dtype or model_spec(self.config, station.config).dtype)
+        current = model_spec(self.config, station.config)
+        spec = ModelSpec(model, dtype or current.dtype, current.weights)
         result = self.pool.change(station.key, spec)
         return {**self._station_status(station), "change": result}
 

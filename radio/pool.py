@@ -70,10 +70,12 @@ class ModelSpec:
 
     name: str
     dtype: str = "auto"
+    weights: str = "auto"
 
     @property
     def key(self) -> str:
-        return self.name if self.dtype == "auto" else f"{self.name} ({self.dtype})"
+        how = ", ".join(v for v in (self.dtype, self.weights) if v != "auto")
+        return f"{self.name} ({how})" if how else self.name
 
     def __str__(self) -> str:
         return self.key

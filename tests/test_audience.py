@@ -118,7 +118,8 @@ def test_admin_stats_and_status_json_count_the_same_listeners(icecast) -> None:
     import shout
 
     s = shout.Shout()
-    s.host, s.port, s.user, s.password, s.mount = icecast.host, icecast.port, "source", icecast.source_password, "/x.mp3"
+    s.host, s.port, s.user, s.password = icecast.host, icecast.port, "source", icecast.source_password
+    s.mount = "/x.mp3"
     s.format, s.protocol = "mp3", "http"
     s.open()
     try:

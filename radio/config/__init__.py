@@ -10,12 +10,14 @@ kinds of file).
 from .daemon import DAEMON_KEYS, load_daemon_config, looks_like_daemon_config
 from .rules import duration_value, parse_duration, parse_size, text_problem
 from .stations import load_station, load_stations, station_files
-from .values import (API_TOKEN_ENV, BITRATES, DECODERS, DEFAULT_MODEL, DTYPES, FORMATS, GENERATE, MAX_BLEND_S, MAX_DURATION_S,
+from .values import (API_TOKEN_ENV, BITRATES, DECODERS, DEFAULT_MODEL, DTYPES, FORMATS, GENERATE, WEIGHTS,
+                     MAX_BLEND_S, MAX_DURATION_S,
                      MAX_PROMPT_CHARS, MAX_STATIONS, MAX_TITLE_CHARS, PASSWORD_ENV, ApiConfig, DaemonConfig,
                      EngineConfig, IcecastConfig, PlaylistItem, Sampling, StationConfig)
 
 __all__ = [
-    "API_TOKEN_ENV", "BITRATES", "DAEMON_KEYS", "DECODERS", "DEFAULT_MODEL", "DTYPES", "FORMATS", "GENERATE", "MAX_BLEND_S",
+    "API_TOKEN_ENV", "BITRATES", "DAEMON_KEYS", "DECODERS", "DEFAULT_MODEL", "DTYPES", "FORMATS", "GENERATE", "WEIGHTS",
+    "MAX_BLEND_S",
     "MAX_DURATION_S", "MAX_PROMPT_CHARS", "MAX_STATIONS", "MAX_TITLE_CHARS", "PASSWORD_ENV", "ApiConfig",
     "DaemonConfig", "EngineConfig", "IcecastConfig", "PlaylistItem", "Sampling", "StationConfig", "duration_value",
     "load_daemon_config", "load_station", "load_stations", "looks_like_daemon_config", "parse_duration",

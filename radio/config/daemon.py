@@ -10,7 +10,8 @@ import yaml
 
 from ..errors import ConfigError
 from .rules import _device_check, _in, _range, _size_check, _text_check
-from .values import (API_TOKEN_ENV, DECODERS, DEFAULT_MODEL, DTYPES, GENERATE, PASSWORD_ENV, ApiConfig, DaemonConfig,
+from .values import (API_TOKEN_ENV, DECODERS, DEFAULT_MODEL, DTYPES, GENERATE, WEIGHTS, PASSWORD_ENV, ApiConfig,
+                     DaemonConfig,
                      EngineConfig, IcecastConfig)
 from .yamlfile import _compose, _line, _Mapping, _Problems, _section
 
@@ -81,8 +82,9 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     if en is not None:
         values: dict[str, Any] = {}
         for name, f in EngineConfig.__dataclass_fields__.items():
-            if name in ("decoder", "generate"):
-                v = en.get(name, "str", None, check=_in(DECODERS if name == "decoder" else GENERATE))
+            if name in ("decoder", "generate", "weights"):
+                choices = {"decoder": DECODERS, "generate": GENERATE, "weights": WEIGHTS}[name]
+                v = en.get(name, "str", None, check=_in(choices))
                 if v is not None:
                     values[name] = v
                 continue

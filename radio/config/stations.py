@@ -11,11 +11,12 @@ import yaml
 from ..errors import ConfigError
 from .rules import _check_mount, _in, _range, _text_check
 from .values import (BITRATES, DEFAULT_MODEL, DTYPES, FORMATS, MAX_BLEND_S, MAX_DURATION_S, MAX_PLAYLIST_ITEMS, MAX_PROMPT_CHARS,
-                     MAX_STATIONS, MAX_STRING_CHARS, MAX_TITLE_CHARS, ORDERS, PlaylistItem, Sampling, StationConfig)
+                     MAX_STATIONS, MAX_STRING_CHARS, MAX_TITLE_CHARS, ORDERS, WEIGHTS, PlaylistItem, Sampling,
+                     StationConfig)
 from .yamlfile import _compose, _line, _Mapping, _Problems, _scalar, _section
 
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
-                "playlist", "apply", "loudness", "idents", "model", "dtype", "always")
+                "playlist", "apply", "loudness", "idents", "model", "dtype", "weights", "always")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
@@ -106,6 +107,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
 
     model = _model_value(m, path.parent)
     dtype = m.get("dtype", "str", None, check=_in(DTYPES))
+    weights = m.get("weights", "str", None, check=_in(WEIGHTS))
 
     sampling = Sampling()
     g = _section(m, "generation", GENERATION_KEYS, "{temperature: 1.0, top_k: 250, guidance: 3.0}")
@@ -155,7 +157,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     return StationConfig(name=name, mount=mount, format=fmt, bitrate=bitrate, description=description,
                          genre=genre, url=url, order=order, sampling=sampling, playlist=tuple(items),
                          path=str(path), apply=apply, loudness=loudness, idents=tuple(idents),
-                         ident_every=ident_every, model=model, dtype=dtype, always=always)
+                         ident_every=ident_every, model=model, dtype=dtype, weights=weights, always=always)
 
 
 def load_station(path: str | Path) -> StationConfig:

@@ -9,6 +9,7 @@ DEFAULT_MODEL = "facebook/musicgen-small"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODERS = ("auto", "static", "dynamic")
 GENERATE = ("listened", "always")  # engine.generate: which stations the model serves
+WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # how the decoder's linear weights are held
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class StationConfig:
     ident_every: int = 1  # ...every this many items
     model: str | None = None  # hub id or checkpoint directory; None: the daemon's model
     dtype: str | None = None  # decoder dtype for this station's model; None: the daemon's dtype
+    weights: str | None = None  # decoder weights for this station's model; None: the daemon's engine.weights
     always: bool = False  # generate even while nobody listens (engine.generate: listened leaves it alone)
 
     @property
@@ -128,6 +130,7 @@ class EngineConfig:
     silence_seconds: float = 10.0  # generated near-silence (< -60 dBFS) longer than this is skipped
     decoder: str = "auto"  # decode path: auto (static slots + CUDA graphs on CUDA, dynamic on CPU), static, dynamic
     generate: str = "listened"  # listened: only stations with listeners (and `always: true` ones); always: every one
+    weights: str = "auto"  # decoder weights: auto (int8 on a bf16 CPU, else dense), float32, bfloat16, int8, int4
     linger: float = 60.0  # a station keeps generating this long after its last listener left (zapping)
 
 

@@ -157,6 +157,28 @@ def resolve_dtype(dtype: str, device: str):  # -> torch.dtype
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def resolve_weights(weights: str, device: str, dtype: Any) -> str:
+    """The weight policy: ``int8``/``int4`` (weight-only, CPU), or ``dense`` (the decoder's dtype). ``auto`` on a CPU
+    with bf16 picks int8: half the bytes a decode step reads, for a logits error well under bf16's own (see the
+    README's quality table); 4-bit weights are there to choose. Everywhere else ``auto`` is dense."""
+    import torch
+
+    from .kernels import WEIGHTS, quantization_works
+
+    if weights not in WEIGHTS:
+        raise ModelError(f"unknown weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    if weights in ("int8", "int4"):
+        if device != "cpu":
+            raise ModelError(f"{weights} weights are a CPU feature; on {device} use weights: auto")
+        if not quantization_works(8 if weights == "int8" else 4):
+            logger.warning("this PyTorch has no working %s weight-only kernels; the weights stay dense", weights)
+            return "dense"
+        return weights
+    if weights == "auto" and device == "cpu" and dtype == torch.bfloat16 and quantization_works(8):
+        return "int8"
+    return "dense"
+
+
 def model_source(name: str) -> str:
     """A local checkpoint directory (checked) or a hub id, as ``from_pretrained`` will be given it."""
     local = Path(name).expanduser()
@@ -231,13 +253,19 @@ class MusicgenModel:
 
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
-                 window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto") -> None:
+                 window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto",
+                 weights: str = "auto") -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
         self.name = name
         self.device = resolve_device(device)
+        if weights in ("float32", "bfloat16"):
+            dtype = weights  # dense weights in that dtype: the decoder runs in it
         self.dtype = resolve_dtype(dtype, self.device)
+        self.weights = resolve_weights(weights, self.device, self.dtype)
+        if self.weights in ("int8", "int4"):
+            self.dtype = torch.bfloat16  # the weight-only kernels take bf16 activations
         source = model_source(name)
         logger.info("loading model %s on %s (%s)", source, self.device, str(self.dtype).replace("torch.", ""))
         try:
@@ -302,11 +330,18 @@ class MusicgenModel:
                            str(self.dtype).replace("torch.", ""))
             self._set_decoder_dtype(torch.float32)
             self._state.dtype = torch.float32
+            self.weights = "dense"
             self._text_cache.clear()
         # Last: packing fixes the decoder's dtype. Every caller (our loop, generate) then uses the packed layers.
-        from .kernels import accelerate
+        from .kernels import accelerate, quantize_linears
 
-        self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
+        if self.weights in ("int8", "int4"):
+            n = quantize_linears(model.decoder, 8 if self.weights == "int8" else 4)
+            logger.info("decoder: %d linear layers with %s weights", n, self.weights)
+            self.packed = n > 0
+        else:
+            self.weights = str(self.dtype).replace("torch.", "")
+            self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
         self._slots: SlotDecoder | None = self._slot_decoder(seed) if self.decoder == "static" else None
         logger.info("decode path: %s%s", self.decoder,
@@ -482,8 +517,10 @@ class MusicgenModel:
 
     def describe(self) -> dict[str, str | int | None]:
         slots = self._slots
-        return {"device": self.device, "decoder": self.decoder,
-                "kernels": slots.kernels if slots is not None else ("onednn-packed" if self.packed else "stock"),
+        kernels = ((f"{self.weights}-weight-only" if self.weights in ("int8", "int4") else "onednn-packed")
+                   if self.packed else "stock")
+        return {"device": self.device, "decoder": self.decoder, "weights": self.weights,
+                "kernels": slots.kernels if slots is not None else kernels,
                 "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,
                 "slots_used": sum(k is not None for k in list(slots.keys)) if slots is not None else None,
                 "slot_bytes": slots.bytes_per_slot() if slots is not None else None}

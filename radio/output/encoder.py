@@ -153,6 +153,14 @@ def _ogg_crc_table() -> list[int]:
 _OGG_CRC = _ogg_crc_table()
 
 
+def ogg_crc(page: bytes) -> int:
+    """An Ogg page's checksum (CRC-32, polynomial 0x04C11DB7, unreflected), computed with its own field zeroed."""
+    crc = 0
+    for i, byte in enumerate(page):
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ (0 if 22 <= i < 26 else byte)]
+    return crc
+
+
 def reserial(pages: list[bytes], serial: int) -> list[bytes]:
     """The same Ogg pages with another stream serial number (and their checksums computed again): a stream
     that follows itself in a chain must carry a new serial to be recognised as a new stream."""
@@ -160,11 +168,7 @@ def reserial(pages: list[bytes], serial: int) -> list[bytes]:
     for page in pages:
         p = bytearray(page)
         p[14:18] = serial.to_bytes(4, "little")
-        p[22:26] = b"\0\0\0\0"
-        crc = 0
-        for byte in p:
-            crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
-        p[22:26] = crc.to_bytes(4, "little")
+        p[22:26] = ogg_crc(p).to_bytes(4, "little")
         out.append(bytes(p))
     return out
 

@@ -17,13 +17,14 @@ real shapes, so the timings are the real ones (``radio make-test-model --shape s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import platform
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ class Result:
     # prefill, resets_charged
     breakdown: dict[str, float] | None = None
     step_anatomy: dict[str, float] | None = None  # static path: seconds per step (SlotDecoder.anatomy)
+    weights: str = "dense"  # how the decoder's linear weights are held: dense (the dtype), int8, int4
 
 
 class RssSampler:
@@ -337,6 +339,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
                      resets_charged=resets_per_chunk * reset)
     breakdown = {k: round(v, 4) for k, v in breakdown.items()}
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
+                  weights=getattr(model, "weights", "dense"),
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
 
@@ -551,13 +554,15 @@ def bench_audience(model_dir: str, stations: int, listened: int, seconds: float,
 
 
 def _dtype_name(model: MusicgenModel) -> str:
-    return str(model.dtype).replace("torch.", "")
+    """The model's decoder dtype, and its weights where they are quantized: ``bfloat16+int8``."""
+    weights = getattr(model, "weights", "dense")
+    return str(model.dtype).replace("torch.", "") + (f"+{weights}" if weights in ("int8", "int4") else "")
 
 
 def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
               first_seconds: float = 1.0, dtypes: tuple[str, ...] = ("float32", "auto"), context_seconds: float = 10.0,
               scenarios: tuple[str, ...] = ("prototype", "generate", "ours"), capacity: bool = False,
-              decoder: str = "auto",
+              decoder: str = "auto", weights_list: tuple[str, ...] = ("auto",), quality: bool = False,
               progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
@@ -583,13 +588,16 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                 if "generate" in scenarios:
                     results.append(bench_generate(stock, n, frames, progress))
             del stock
-        if "ours" in scenarios:
+        for weights in weights_list if "ours" in scenarios else ():
             # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds (and
             # at least context + 2 chunks, as the engine's config demands)
             m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
-                              decoder=decoder)
+                              decoder=decoder, weights=weights)
             name = _dtype_name(m)
-            kernels[name] = ("onednn-packed" if m.packed else "stock") + f", {m.decoder} decoder" + (
+            if name in kernels:
+                del m
+                continue  # another weights setting resolved to one already measured
+            kernels[name] = str(m.describe()["kernels"]) + f", {m.decoder} decoder" + (
                 f", {m.slots.kernels} kernels" if m.slots is not None else "")
             first_frames = max(1, int(first_seconds * m.frame_rate))
             cuda = str(m.device).startswith("cuda")
@@ -601,9 +609,10 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                 raw_steps[f"{name}:{n}"] = raw_decode_step(m, n, cached)
                 bare_steps[f"{name}:{n}"] = raw_decode_step(m, n, cached, bare=True)
             if capacity and dtype == wanted[-1]:
+                measure = functools.partial(bench_ours, m, frames=frames, chunks=chunks, first_frames=first_frames,
+                                            progress=progress, context_seconds=context_seconds)
                 capacities[name] = find_capacity(m, [r for r in results if r.scenario == "ours" and r.dtype == name],
-                                                 lambda n: bench_ours(m, n, frames, chunks, first_frames, progress,
-                                                                      context_seconds), results)
+                                                 lambda n: measure(n), results)
             del m
     outputs = [bench_outputs(n, 30.0, progress) for n in mounts] if "outputs" in scenarios else []
     outputs += [bench_outputs(n, 30.0, progress, idle=True) for n in mounts] if "idle" in scenarios else []
@@ -611,7 +620,10 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
     audience = ([bench_audience(model_dir, 1, 1, 60.0, progress),
                  bench_audience(model_dir, max(mounts), max(1, max(mounts) // 8), 60.0, progress)]
                 if "audience" in scenarios and max(mounts) > 1 else [])
+    qualities = weight_quality(model_dir, tuple(w for w in weights_list if w in ("int8", "int4")) or ("int8", "int4"),
+                               progress=progress) if quality else {}
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(), "outputs": outputs,
+              "weight_quality": qualities,
               "audience": audience,
               "settings": {"frames_per_chunk": frames, "chunks": chunks, "guidance": SAMPLING.guidance,
                            "context_seconds": context_seconds, "window_seconds": window_seconds,
@@ -621,6 +633,47 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
               "bare_decode_step_seconds": bare_steps, "capacity_mounts": capacities}
     report["ratios"] = ratios(results, raw_steps, first_seconds, bare_steps)
     return report
+
+
+def weight_quality(model_dir: str, weights: tuple[str, ...], frames: int = 300,
+                   progress: Callable[[str], None] = lambda m: None) -> dict[str, dict[str, float]]:
+    """How far quantized weights move the decoder from the same checkpoint with dense bf16 weights: over
+    ``frames`` frames of the dense model's own greedy continuation (guidance 3), the relative error of every
+    step's logits (teacher-forced on those codes, conditional rows) and how often their top-1 agrees; and the
+    share of greedy codes that come out the same when each model continues the same context itself."""
+    import torch
+
+    from ..musicgen.model import ContinuationRequest
+
+    greedy = replace(SAMPLING, temperature=0.0, top_k=1)
+    prompt = "warm lofi piano with soft drums"
+    dense = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0)
+    rng = np.random.default_rng(0)
+    context = rng.integers(0, dense.vocab_size, (dense.num_codebooks, 50))
+    request = [ContinuationRequest(context, prompt, greedy, key="q")]
+    want_codes = dense.continue_batch(request, frames)[0].codes
+    ids = torch.as_tensor(want_codes[:, :frames])
+
+    def logits(m: MusicgenModel) -> Any:
+        with torch.inference_mode():
+            states = m.encode_text(prompt)[None].to(m.dtype)
+            return m.model.decoder(input_ids=ids, encoder_hidden_states=states).logits.float()
+
+    reference = logits(dense)
+    del dense
+    out: dict[str, dict[str, float]] = {}
+    for w in weights:
+        progress(f"quality: {w} weights over {frames} frames")
+        m = MusicgenModel(model_dir, device="cpu", weights=w, seed=0)
+        got = logits(m)
+        codes = m.continue_batch(request, frames)[0].codes
+        n = min(codes.shape[1], want_codes.shape[1])
+        out[w] = {"logits_rel_error": round(float((got - reference).norm() / reference.norm()), 4),
+                  "top1_agreement": round(float((got.argmax(-1) == reference.argmax(-1)).float().mean()), 4),
+                  "greedy_code_agreement": round(float((codes[:, :n] == want_codes[:, :n]).mean()), 4),
+                  "frames": frames}
+        del m
+    return out
 
 
 def find_capacity(model: MusicgenModel, measured: list[Result], run: Callable[[int], Result],
@@ -714,9 +767,14 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{per:>8.2f} {1000 * r['seconds_per_step']:>8.1f} {ttfa:>7} {reset:>8} "
                      f"{r['peak_rss_mb']:>8.0f} {state:>9} {dev:>8}  {where}")
     for o in report.get("outputs", []):
-        lines.append(f"outputs    {o['mounts']:>4} {'idle ' if o.get('idle') else ''}mounts: daemon {o['daemon_cores']:.2f} + encoders {o['encoder_cores']:.2f}"
+        lines.append(f"outputs    {o['mounts']:>4} {'idle ' if o.get('idle') else ''}mounts: "
+                     f"daemon {o['daemon_cores']:.2f} + encoders {o['encoder_cores']:.2f}"
                      f" + icecast {o['icecast_cores']:.2f} = {o['total_cores']:.2f} cores "
                      f"({o['cores_per_100_mounts']:.1f} per 100 mounts; {o['filled_seconds']:.1f} s filled)")
+    for w, q in report.get("weight_quality", {}).items():
+        lines.append(f"quality    {w} weights vs bf16 over {q['frames']} frames: logits error "
+                     f"{q['logits_rel_error']:.4f}, top-1 agreement {q['top1_agreement']:.3f}, "
+                     f"greedy codes agreement {q['greedy_code_agreement']:.3f}")
     for a in report.get("audience", []):
         lines.append(f"audience   {a['stations']} stations, {a['listened']} listened: each listened one "
                      f"{a['realtime_per_listened_station']:.2f}x real time, each idle one "

@@ -219,7 +219,8 @@ class SineModel:
         return 0
 
     def describe(self) -> dict[str, str | int | None]:
-        return {"device": "cpu", "decoder": "sine", "kernels": "numpy", "batch_limit": self.batch_limit,
+        return {"device": "cpu", "decoder": "sine", "weights": "dense", "kernels": "numpy",
+                "batch_limit": self.batch_limit,
                 "decode_state_bytes": 0, "slots_used": None, "slot_bytes": None}
 
     def continue_batch(self, requests, frames: int):

@@ -187,3 +187,33 @@ def test_a_station_link_that_loops_is_reported(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     for name in ("loop.yaml", "gone.yaml"):
         assert f"{tmp_path / name}: file: is a symbolic link that loops or points nowhere" in out, out
+
+
+def test_audience_and_weights_settings_are_read_and_checked(tmp_path: Path) -> None:
+    good = tmp_path / "radio.yaml"
+    good.write_text("engine:\n  generate: always\n  linger: 2m\n  weights: int4\n", encoding="utf-8")
+    cfg = load_daemon_config(good)
+    assert (cfg.engine.generate, cfg.engine.linger, cfg.engine.weights) == ("always", 120.0, "int4")
+    assert (load_daemon_config(None).engine.generate, load_daemon_config(None).engine.linger) == ("listened", 60.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  weights: int3\n  generate: sometimes\n  linger: forever\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_daemon_config(bad)
+    text = "\n".join(err.value.problems)
+    assert f"{bad}:2: engine.weights: 'int3' is not one of auto, float32, bfloat16, int8, int4" in text
+    assert f"{bad}:3: engine.generate: 'sometimes' is not one of listened, always" in text
+    assert f"{bad}:4: engine.linger: must be a duration" in text
+    st = write_station(tmp_path / "st", "a.yaml", """
+        name: A
+        mount: /a.mp3
+        always: true
+        weights: int8
+        playlist:
+          - {prompt: calm piano, duration: 1m}
+    """)
+    station = load_station(st)
+    assert station.always is True and station.weights == "int8"
+    st.write_text(st.read_text().replace("always: true", "always: maybe").replace("int8", "int2"))
+    with pytest.raises(ConfigError) as err:
+        load_station(st)
+    assert any(":3: always:" in p for p in err.value.problems) and any(":4: weights:" in p for p in err.value.problems)

@@ -120,3 +120,64 @@ def test_bounded_kernel_caches_keep_changing_attention_shapes_from_growing_memor
                          check=True)
     grown = float(out.stdout.strip().splitlines()[-1])
     assert grown < 120, f"RSS grew {grown:.0f} MB over 300 attention widths"
+
+
+def decoder_logits(m: MusicgenModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return m.model.decoder(input_ids=ids, encoder_hidden_states=m.encode_text("quantized check")[None]
+                               .to(m.dtype)).logits.float()
+
+
+@pytest.mark.parametrize("weights, bound", [("int8", 0.05), ("int4", 0.35)])
+def test_quantized_weights_stay_within_a_bound_of_the_dense_model(tiny_model_dir: Path, weights: str,
+                                                                  bound: float) -> None:
+    """Weight-only int8/int4 on the tiny model, against the same model with dense bf16 weights: the decoder's
+    logits over a sequence stay within ``bound`` (relative), and a layer whose scales are wrong breaks it."""
+    from radio.musicgen.kernels import QuantLinear
+
+    dense = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0)
+    quant = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0)
+    assert quant.weights == weights and dense.weights == "bfloat16"
+    assert quant.describe()["weights"] == weights and quant.describe()["kernels"] == f"{weights}-weight-only"
+    layers = [m for m in quant.model.decoder.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.bits == int(weights[3:]) for m in layers)
+    ids = torch.randint(0, dense.vocab_size, (dense.num_codebooks, 40), generator=torch.Generator().manual_seed(3))
+    want = decoder_logits(dense, ids)
+    got = decoder_logits(quant, ids)
+    error = float((got - want).norm() / want.norm())
+    top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    assert error < bound and top1 > (0.9 if weights == "int8" else 0.6), (error, top1)
+    with torch.no_grad():  # a wrong scale (x2) in every layer: the bound must catch it
+        for m in layers:
+            m.scales.mul_(2.0)
+    broken = float((decoder_logits(quant, ids) - want).norm() / want.norm())
+    assert broken > bound, broken
+
+
+def test_quantized_weights_are_a_cpu_feature_and_auto_picks_int8_on_a_bf16_cpu() -> None:
+    from radio.errors import ModelError
+    from radio.musicgen.model import cpu_supports_bf16, resolve_weights
+
+    with pytest.raises(ModelError, match="CPU feature"):
+        resolve_weights("int4", "cuda", torch.bfloat16)
+    assert resolve_weights("auto", "cpu", torch.float32) == "dense"  # an explicit float32 dtype is respected
+    assert resolve_weights("auto", "cuda", torch.bfloat16) == "dense"
+    if cpu_supports_bf16():
+        assert resolve_weights("auto", "cpu", torch.bfloat16) == "int8"
+
+
+@pytest.mark.parametrize("bits, bound", [(8, 0.02), (4, 0.15)])
+def test_a_quantized_layer_agrees_with_its_dense_one_for_few_rows_and_many(bits: int, bound: float) -> None:
+    from radio.musicgen.kernels import QuantLinear
+
+    gen = torch.Generator().manual_seed(1)
+    dense = nn.Linear(256, 96)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(96, 256, generator=gen) * 0.05)
+    layer = QuantLinear(dense, bits)
+    for rows in (2, 7, 200):  # decode steps, and a prefill (int8: a dense copy of the weight for the call)
+        x = torch.randn(rows, 256, generator=gen)
+        with torch.no_grad():
+            want, got = dense(x), layer(x)
+        assert got.dtype == x.dtype and got.shape == want.shape
+        assert float((got - want).norm() / want.norm()) < bound, rows

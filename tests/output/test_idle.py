@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from radio.output.encoder import _OGG_CRC, IdleLoop, encode_loop, mp3_frames, ogg_pages, reserial
+from radio.output.encoder import IdleLoop, encode_loop, mp3_frames, ogg_crc, ogg_pages, reserial
 
 RATE = 32000
 
@@ -22,15 +22,6 @@ def decode(data: bytes) -> np.ndarray:
                            "-ar", "16000", "pipe:1"], input=data, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return np.frombuffer(proc.stdout, "<i2").astype(np.float32) / 32768
-
-
-def ogg_crc(page: bytes) -> int:
-    p = bytearray(page)
-    p[22:26] = b"\0\0\0\0"
-    crc = 0
-    for byte in p:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
-    return crc
 
 
 @pytest.mark.parametrize("fmt", ["mp3", "vorbis", "opus"])

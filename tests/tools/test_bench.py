@@ -16,7 +16,8 @@ def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "radio.cli", "bench", "--shape", "tiny", "--mounts", "1,3,4",
-                           "--frames", "20", "--chunks", "2", "--proto-steps", "1", "--json", str(out)],
+                           "--frames", "20", "--chunks", "2", "--proto-steps", "1", "--weights", "auto,int8",
+                           "--quality", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "audio s/s" in proc.stdout and "prototype" in proc.stdout
@@ -37,6 +38,9 @@ def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
             assert r["reset_seconds"] is not None and r["reset_seconds"] > 0  # a prefill, timed
     assert set(report["bare_decode_step_seconds"]) == set(report["raw_decode_step_seconds"])
     assert report["machine"]["cores"] >= 1
+    assert {r["weights"] for r in report["results"] if r["scenario"] == "ours"} >= {"int8"}
+    q = report["weight_quality"]["int8"]
+    assert 0 < q["logits_rel_error"] < 1 and 0 < q["top1_agreement"] <= 1 and q["frames"] > 0
     assert (tmp_path / "cache" / "radio" / "test-models" / "tiny-seed0" / "config.json").exists()
 
 
