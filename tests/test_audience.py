@@ -152,3 +152,33 @@ def test_admin_stats_counts_every_mount() -> None:
     body = (b"<icestats><listeners>3</listeners><source mount='/a.mp3'><listeners>2</listeners></source>"
             b"<source mount='/b.ogg'><listeners>0</listeners></source></icestats>")
     assert parse_admin_stats(body) == {"/a.mp3": 2, "/b.ogg": 0}
+
+
+@pytest.mark.e2e
+def test_icecast_restarted_while_stations_are_idle(icecast, tiny_model_dir: Path, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """Icecast goes away while every station is idle: the counts are unknown, so every station generates (fail
+    open); Icecast comes back: every mount is on air again, the counts are read again, a listener is counted, and
+    the stations nobody hears idle again. No traceback, no station lost."""
+    three_stations(tmp_path / "st")
+    daemon = run_daemon(icecast, tiny_model_dir, tmp_path / "st", generate="listened", linger=1.0)
+    try:
+        st = by_mount(daemon)
+        wait_for(lambda: all(s.idle for s in st.values()), 30, message="every station idle")
+        icecast.stop()
+        wait_for(lambda: not any(s.idle for s in st.values()), 15, message="fail open while Icecast is away")
+        icecast.start()
+        wait_for(lambda: all(mount_info(icecast, m) for m in MOUNTS), 60, message="every mount back on air")
+        wait_for(lambda: daemon.status()["engine"]["listeners_known"], 15, message="counts readable again")
+        heard: dict[str, np.ndarray] = {}
+        ear = threading.Thread(target=lambda: heard.update(b=listen(f"{icecast.url}/b.ogg", 8.0)))
+        ear.start()
+        wait_for(lambda: daemon.engine.listeners("/b.ogg") == 1, 15, 0.1, message="the new listener counted")
+        wait_for(lambda: st["/a.mp3"].idle and st["/c.opus"].idle, 30, message="the unheard stations idle again")
+        assert not st["/b.ogg"].idle
+        ear.join(60)
+        assert len(heard["b"]) >= 8.0 * 16000 * 0.97 and np.sqrt(np.mean(heard["b"] ** 2)) > 0.005
+        assert len(daemon.stations) == 3 and all(m.alive for m in daemon.mounts.values())
+    finally:
+        daemon.stop()
+    assert "Traceback" not in capfd.readouterr().err

@@ -133,6 +133,10 @@ class QuantLinear(nn.Module):
     """``nn.Linear`` with weight-only int8 (per output channel) or int4 (asymmetric, groups of 64 or 32 inputs)
     weights, packed once; activations in bf16, rows padded to :func:`row_bucket` sizes."""
 
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear, bits: int) -> None:
         super().__init__()
         self.in_features = linear.in_features

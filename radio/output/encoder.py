@@ -153,7 +153,7 @@ def _ogg_crc_table() -> list[int]:
 _OGG_CRC = _ogg_crc_table()
 
 
-def ogg_crc(page: bytes) -> int:
+def ogg_crc(page: bytes | bytearray) -> int:
     """An Ogg page's checksum (CRC-32, polynomial 0x04C11DB7, unreflected), computed with its own field zeroed."""
     crc = 0
     for i, byte in enumerate(page):
