@@ -182,3 +182,25 @@ def test_icecast_restarted_while_stations_are_idle(icecast, tiny_model_dir: Path
     finally:
         daemon.stop()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_one_failed_reading_keeps_the_last_counts_and_a_lasting_failure_fails_open() -> None:
+    told: list[dict[str, int] | None] = []
+    audience = Audience(IcecastConfig(), told.append, grace=3600.0)
+    answers: list[object] = [{"/a.mp3": 1}, IcecastError("slow"), {"/a.mp3": 0}]
+
+    def read() -> dict[str, int]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    audience.read = read  # type: ignore[method-assign]
+    for _ in range(3):
+        audience.poll()
+    assert told == [{"/a.mp3": 1}, {"/a.mp3": 0}] and audience.failures == 1  # the blip changed nothing
+    audience.grace = 0.0
+    answers[:] = [IcecastError("gone"), IcecastError("gone")]
+    audience.poll()
+    audience.poll()
+    assert told[-2:] == [None, None] and audience.last_error == "gone"

@@ -3,9 +3,9 @@
 A thread polls Icecast's statistics every ``interval`` seconds (0.5 s: a change is known within a second):
 ``/admin/stats`` (XML, with the admin password; every mount, relays counted as listeners) when an admin
 password is configured, else the public ``/status-json.xsl``. Polling fails open: when the counts cannot be
-read (Icecast away, a wrong admin password, garbage), the engine is told "unknown" and generates every station;
-that is said once, retried quietly, and the recovery is said once too. Nothing outside this process can change
-what the daemon believes about its audience.
+read (Icecast away, a wrong admin password, garbage) for ``grace`` seconds, the engine is told "unknown" and
+generates every station; that is said once, retried quietly, and the recovery is said once too. Nothing outside
+this process can change what the daemon believes about its audience.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -61,10 +62,14 @@ class Audience:
     """Polls one Icecast for listener counts and hands them to ``on_counts`` (None while unreadable)."""
 
     def __init__(self, server: IcecastConfig, on_counts: Callable[[dict[str, int] | None], None],
-                 interval: float = 0.5, admin_user: str = "admin") -> None:
+                 interval: float = 0.5, admin_user: str = "admin", grace: float = 2.0) -> None:
         self.server = server
         self.on_counts = on_counts
         self.interval = interval
+        # A reading that fails less than this long after a good one keeps the good one: one slow answer from a
+        # busy Icecast must not wake every idle station at once.
+        self.grace = grace
+        self._good_at = float("-inf")
         self.admin_user = admin_user
         self.counts: dict[str, int] | None = None
         self.reads = 0
@@ -102,14 +107,17 @@ class Audience:
         try:
             counts: dict[str, int] | None = self.read()
         except IcecastError as exc:
-            counts = None
             self.failures += 1
+            if self.counts is not None and time.monotonic() - self._good_at < self.grace:
+                return  # the last good reading stands for a moment
+            counts = None
             if self.last_error is None:
                 logger.warning("listener counts unavailable: %s; generating every station until they can be read "
                                "(retrying every %.1f s)", exc, self.interval)
             self.last_error = str(exc)
         else:
             self.reads += 1
+            self._good_at = time.monotonic()
             if self.last_error is not None:
                 logger.info("listener counts readable again from %s", self.source)
             self.last_error = None
