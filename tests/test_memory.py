@@ -63,10 +63,11 @@ def test_objects_threads_and_processes_stay_bounded_over_hundreds_of_chunks(icec
         time.sleep(1.0)
         after, threads_after = radio_objects(), threading.active_count()
         # The PCM queue's segments come and go with how full the buffer is at the moment (a loaded machine
-        # reads it half full, then full): bounded by the buffer (8 chunks here, + the one being played), not
-        # by what came before. Everything else must not grow at all.
+        # reads it half full, then full): bounded by the buffer, not by what came before. The bound: the buffer's
+        # chunks (8 here), one more chunk (a station below buffer + chunk rides along in a step), the one being
+        # played, and the remainder a filler exit puts back at the front. Everything else must not grow at all.
         segments = "radio.station.station._Segment"
-        assert after.get(segments, 0) <= cfg.buffer_seconds / cfg.chunk_seconds + 2, after.get(segments)
+        assert after.get(segments, 0) <= cfg.buffer_seconds / cfg.chunk_seconds + 3, after.get(segments)
         grown = {k: (before.get(k, 0), n) for k, n in after.items()
                  if n > before.get(k, 0) + 2 and k != segments}
         assert not grown, grown
