@@ -225,8 +225,8 @@ class Engine:
                 if heard and station.idle:
                     station.set_idle(False)
                     woken.append(station)
+            self.idle_changes += len(woken)
         for station in woken:
-            self.idle_changes += 1
             self._throttle.log(logging.INFO, f"idle{station.key}", "%s: %s listener(s); generating", station.mount,
                                counts.get(station.mount, 0) if counts is not None else "unknown")
         if changed or woken:
@@ -237,7 +237,7 @@ class Engine:
         with self._lock:
             return None if self._listeners is None else self._listeners.get(mount, 0)
 
-    def _wanted(self, station: Station, counts: dict[str, int] | None, now: float) -> bool:
+    def _wanted(self, station: Station, counts: dict[str, int] | None, heard: dict[str, float], now: float) -> bool:
         """Whether the model should serve ``station``: someone listens (or did within the linger), or it is
         set to generate always, or the audience is unknown, or it has no audio yet (its first short chunk puts
         its mount on air, with its own music to loop while nobody listens)."""
@@ -245,9 +245,7 @@ class Engine:
             return True
         if counts.get(station.mount, 0) > 0:
             return True
-        with self._lock:
-            heard = self._heard.get(station.key, float("-inf"))
-        return now - heard < self.config.linger
+        return now - heard.get(station.key, float("-inf")) < self.config.linger
 
     def update_audience(self) -> None:
         """Idle the stations nobody has listened to for the linger (the engine thread, between steps; waking
@@ -256,12 +254,14 @@ class Engine:
         now = time.monotonic()
         with self._lock:
             counts = self._listeners
+            heard = dict(self._heard)
             stations = [(s, self.models.get(self._assigned.get(k) or "")) for k, s in self._stations.items()]
         for station, model in stations:
-            if station.idle or self._wanted(station, counts, now):
+            if station.idle or self._wanted(station, counts, heard, now):
                 continue
             station.set_idle(True)
-            self.idle_changes += 1
+            with self._lock:
+                self.idle_changes += 1
             self._throttle.log(logging.INFO, f"idle{station.key}", "%s: nobody listens; idle (no generation, the "
                                "mount loops its own audio)", station.mount)
             if model is not None:
@@ -345,36 +345,11 @@ class Engine:
             requests.append(ContinuationRequest(context=s.context(), prompt=prompt, sampling=s.config.sampling,
                                                 overlap=self.config.overlap_frames,
                                                 key=s.key, blend_from=blend_from, blend=blend))
-        t0 = self._step_started = time.monotonic()
-        while True:
-            try:
-                results = model.continue_batch(requests, frames)
-                break
-            except SlotsFull as exc:
-                # More stations than fit in device memory: these wait on filler until a slot is free.
-                waiting = [s for s in batch if s.key in exc.keys]
-                if not waiting:
-                    raise
-                for s in waiting:
-                    s.error = f"waiting for a decode slot: {exc}"
-                    self._retry_at[s.key] = time.monotonic() + self.retry_seconds
-                self._throttle.log(logging.WARNING, "slots", "%d station(s) wait for a decode slot (%s): %s",
-                                   len(waiting), exc, ", ".join(s.mount for s in waiting[:5]))
-                batch = [s for s in batch if s.key not in exc.keys]
-                requests = [r for r in requests if r.key not in exc.keys]
-                if not batch:
-                    return True
-            except ConditioningError as exc:
-                # One station's prompt cannot be used: that station alone is set aside, the rest go on.
-                i = next((i for i, s in enumerate(batch) if s.key == exc.key), None)
-                if i is None:
-                    raise
-                aside = batch.pop(i)
-                self._set_aside(aside, str(exc))
-                self._retry_at[aside.key] = time.monotonic() + self.retry_seconds
-                requests.pop(i)
-                if not batch:
-                    return True
+        t0 = time.monotonic()
+        continued = self._continue(model, batch, requests, frames)
+        if continued is None:
+            return True
+        batch, results = continued
         wall = time.monotonic() - t0
         with self._lock:
             live = {k for k, m in self._assigned.items() if m == model_key and k in self._stations}
@@ -398,6 +373,44 @@ class Engine:
         self._made_since = (self._made_since[0], self._made_since[1] + made)
         logger.debug("step %d: %d stations x %d frames in %.2fs", self.steps, len(batch), frames, wall)
         return True
+
+    def _continue(self, model: MusicModel, batch: list[Station], requests: list[ContinuationRequest],
+                  frames: int) -> tuple[list[Station], list[Any]] | None:
+        """The model call of a step: stations it cannot take now (no decode slot, a prompt it refuses) are set
+        aside and the rest go on. Returns the stations served and their results; None when none was."""
+        self._step_started = time.monotonic()
+        try:
+            while True:
+                try:
+                    results = model.continue_batch(requests, frames)
+                    return batch, results
+                except SlotsFull as exc:
+                    # More stations than fit in device memory: these wait on filler until a slot is free.
+                    waiting = [s for s in batch if s.key in exc.keys]
+                    if not waiting:
+                        raise
+                    for s in waiting:
+                        s.error = f"waiting for a decode slot: {exc}"
+                        self._retry_at[s.key] = time.monotonic() + self.retry_seconds
+                    self._throttle.log(logging.WARNING, "slots", "%d station(s) wait for a decode slot (%s): %s",
+                                       len(waiting), exc, ", ".join(s.mount for s in waiting[:5]))
+                    batch = [s for s in batch if s.key not in exc.keys]
+                    requests = [r for r in requests if r.key not in exc.keys]
+                    if not batch:
+                        return None
+                except ConditioningError as exc:
+                    # One station's prompt cannot be used: that station alone is set aside, the rest go on.
+                    i = next((i for i, s in enumerate(batch) if s.key == exc.key), None)
+                    if i is None:
+                        raise
+                    aside = batch.pop(i)
+                    self._set_aside(aside, str(exc))
+                    self._retry_at[aside.key] = time.monotonic() + self.retry_seconds
+                    requests.pop(i)
+                    if not batch:
+                        return None
+        finally:
+            self._step_started = None
 
     def _set_aside(self, station: Station, message: str) -> None:
         """A station whose current item cannot be generated: it moves on to its next item (filler covers) and
@@ -517,10 +530,8 @@ class Engine:
         while not self._stop.is_set():
             try:
                 worked = self.run_once()
-                self._step_started = None
             except Exception as exc:  # noqa: BLE001 - one bad step must not end the radio; stations fill meanwhile
                 self.failures += 1
-                self._step_started = None
                 if self._throttle.log(logging.ERROR, "step", "generation step failed (%d so far): %s: %s; retrying",
                                       self.failures, type(exc).__name__, exc):
                     logger.debug("the failed step", exc_info=True)

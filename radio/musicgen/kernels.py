@@ -51,6 +51,17 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def padded_rows(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
+    """``x`` as a contiguous 2-D block of rows, padded with zero rows to a :func:`row_bucket` size (the caller
+    slices them off), and how many rows are real."""
+    flat = x.reshape(-1, in_features)
+    rows = flat.shape[0]
+    padded = row_bucket(rows)
+    if padded != rows:
+        return torch.nn.functional.pad(flat, (0, 0, 0, padded - rows)), rows
+    return flat.contiguous(), rows
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight held in oneDNN's packed layout (inference only); rows are padded to
     :func:`row_bucket` sizes so that the shapes it compiles stay few."""
@@ -66,13 +77,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        rows = flat.shape[0]
-        padded = row_bucket(rows)
-        if padded != rows:
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))  # zero rows, sliced off below
-        elif not flat.is_contiguous():
-            flat = flat.contiguous()
+        flat, rows = padded_rows(x, self.in_features)
         y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return y[:rows].reshape(*x.shape[:-1], self.out_features)
 
@@ -170,14 +175,8 @@ class QuantLinear(nn.Module):
         return bits == 8 or (linear.in_features % INT4_GROUPS[-1] == 0 and linear.out_features % 16 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        rows = flat.shape[0]
-        padded = row_bucket(rows)
-        if padded != rows:
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))
-        elif not flat.is_contiguous():
-            flat = flat.contiguous()
-        if self.bits == 8 and padded > DEQUANTIZE_ROWS:
+        flat, rows = padded_rows(x.to(torch.bfloat16), self.in_features)
+        if self.bits == 8 and flat.shape[0] > DEQUANTIZE_ROWS:
             # Many rows (a prefill): the GEMM is arithmetic-bound, where the weight-only kernel is slow; a dense
             # copy of the weight for this call costs less than the rows save.
             y = torch.nn.functional.linear(flat, self.weight.to(torch.bfloat16) * self.scales[:, None])

@@ -79,8 +79,9 @@ class Station:
         # Chunks since the station started or last resumed from idle: the engine's chunk length ramps up from
         # a short first chunk with it, so fresh audio is on air quickly either way.
         self.ramp = 0
-        # Set while the engine generates for this station; clear while it is idle (nobody listens). Written by
-        # the engine thread only; the mount's feeder waits on it.
+        # Set while the engine generates for this station; clear while it is idle (nobody listens). Cleared by
+        # the engine thread (which also drops the decode state), set again by whoever learns of a listener first
+        # (the engine's audience update); the mount's feeder waits on it.
         self._awake = threading.Event()
         self._awake.set()
         self.dropped_samples = 0  # generated, then skipped by the silence watchdog
@@ -118,7 +119,7 @@ class Station:
         return not self._awake.is_set()
 
     def set_idle(self, idle: bool) -> None:
-        """The engine thread's decision. Resuming starts the chunk ramp again (a short chunk first)."""
+        """The engine's decision (see ``_awake``). Resuming starts the chunk ramp again (a short chunk first)."""
         if idle:
             self._awake.clear()
         elif self.idle:
