@@ -708,21 +708,13 @@ class MusicgenModel:
         return enc, enc_mask
 
     def _sample(self, logits, B: int, use_cfg: bool, guidance, temperature, top_k):
-        """Per-row classifier-free guidance, temperature and top-k; rows with temperature 0 are greedy."""
-        torch = self._torch
-        if use_cfg:
-            cond, uncond = logits[:B], logits[B:]
-            logits = uncond + (cond - uncond) * guidance[:, None, None]
-        greedy = logits.argmax(dim=-1)
-        scaled = logits / temperature.clamp(min=1e-5)[:, None, None]
-        kmax = int(top_k.max())
-        top = scaled.topk(kmax, dim=-1).values  # (B, K, kmax), descending
-        kth = top.gather(-1, (top_k - 1)[:, None, None].expand(B, logits.shape[1], 1))
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1).reshape(-1, logits.shape[-1])
-        sampled = torch.multinomial(probs, 1, generator=self._generator).reshape(B, -1)
-        is_greedy = (temperature <= 0) | (top_k <= 1)
-        return torch.where(is_greedy[:, None], greedy, sampled)
+        """The step's codes from its logits (physical rows, K, V): :func:`.sampling.guide` and :func:`.sampling.sample`,
+        the same functions as the slot path's."""
+        from .sampling import guide, sample
+
+        logits = guide(logits[:B], logits[B:] if use_cfg else None, guidance)
+        noise = self._torch.rand(logits.shape, generator=self._generator, device=logits.device)
+        return sample(logits, temperature, top_k, noise, int(top_k.max()))
 
     # -- audio ----------------------------------------------------------------------------------------------
     # Stations per EnCodec call. A call has a fixed cost (H100: ~15 ms for one station, ~28 ms for 16: its LSTM

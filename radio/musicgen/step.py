@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .fused import add_norm, decode_attention
+from .sampling import guide, sample
 
 
 @dataclass
@@ -139,10 +140,7 @@ def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torc
         logits = torch.nn.functional.linear(h, parts.heads_w).float().view(n, 2, K, -1)
     else:
         logits = torch.stack([head(h) for head in parts.heads], dim=1).float().view(n, 2, K, -1)
-    cond, uncond = logits[:, 0], logits[:, 1]
-    g = st.guidance[:n][:, None, None]
-    logits = torch.where(g > 1.0, uncond + (cond - uncond) * g, cond)
-
+    logits = guide(logits[:, 0], logits[:, 1], st.guidance[:n])
     col = sample(logits, st.temperature[:n], st.top_k[:n], st.noise[:n], kmax)
     warm = st.warm[:n]
     f = st.forced[:n].gather(2, warm.clamp(max=K - 1)[:, None, None].expand(n, K, 1))[:, :, 0]
@@ -243,17 +241,3 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
     w = torch.matmul(q, k.transpose(2, 3)) * scaling + bias  # transformers' eager attention, op for op
     return torch.matmul(torch.softmax(w, dim=-1), v)
-
-
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: torch.Tensor,
-           kmax: int) -> torch.Tensor:
-    """Per-row temperature and top-k sampling from ``logits`` (rows, K, V) with uniform ``noise`` (Gumbel-max:
-    argmax(logits/T + Gumbel) is a draw from softmax(logits/T)); rows with temperature 0 or top-k 1 are greedy."""
-    B, K, V = logits.shape
-    scaled = logits / temperature.clamp(min=1e-5)[:, None, None]
-    kth = scaled.topk(kmax, dim=-1).values.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None, None].expand(B, K, 1))
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    gumbel = -torch.log(-torch.log(noise.clamp(1e-10, 1.0 - 1e-7)))
-    sampled = (scaled + gumbel).argmax(dim=-1)
-    greedy = logits.argmax(dim=-1)
-    return torch.where(((temperature <= 0) | (top_k <= 1))[:, None], greedy, sampled)

@@ -356,3 +356,51 @@ def test_encodec_out_of_memory_for_a_single_station_is_a_model_error(tiny_model_
     with pytest.raises(ModelError, match="out of device memory decoding one station's audio"):
         m.continue_batch([ContinuationRequest(np.zeros((4, 3), np.int64), "jazz", GREEDY, key=f"s{i}")
                           for i in range(3)], 4)
+
+
+SETTING_MIX = [Sampling(temperature=0.0, top_k=250, guidance=g) for g in (0.0, 0.5, 1.0, 3.0)] + [
+    Sampling(temperature=2.0, top_k=1, guidance=0.5), Sampling(temperature=0.0, top_k=1, guidance=3.0)]
+
+
+@pytest.fixture(scope="module")
+def prompt_driven_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with its cross-attention outputs scaled up, so that the prompt (and so guidance) decides
+    the codes: in the plain random-weight model, conditional and unconditional rows pick the same codes."""
+    import shutil
+
+    from transformers import MusicgenForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("prompt-driven") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    model = MusicgenForConditionalGeneration.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.decoder.model.decoder.layers:
+            layer.encoder_attn.out_proj.weight.mul_(1000.0)
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_stations_codes_depend_only_on_its_own_settings(prompt_driven_model_dir: Path) -> None:
+    """Guidance, temperature and top-k of one station never change another's codes: a greedy station's codes are
+    the same alone, beside stations of every other setting (guided, unguided, sampled), and on both paths."""
+    models = {d: MusicgenModel(str(prompt_driven_model_dir), device="cpu", dtype="float32", seed=4, decoder=d)
+              for d in DECODERS}
+    ctx = np.random.default_rng(11).integers(0, 64, (4, 17))
+    neighbours = [Sampling(temperature=0.0, top_k=250, guidance=3.0), Sampling(temperature=1.5, top_k=40, guidance=7.0),
+                  Sampling(temperature=1.0, top_k=250, guidance=1.0)]
+    codes: dict[float, np.ndarray] = {}
+    for settings in SETTING_MIX:
+        results = []
+        for decoder, model in models.items():
+            alone = model.continue_batch([ContinuationRequest(ctx, "dub techno", settings, key="alone")], 12)[0]
+            mates = [ContinuationRequest(ctx[:, 3:], f"mate {i}", s, key=f"m{i}") for i, s in enumerate(neighbours)]
+            beside = model.continue_batch([mates[0], ContinuationRequest(ctx, "dub techno", settings, key="beside"),
+                                           *mates[1:]], 12)[1]
+            np.testing.assert_array_equal(beside.codes, alone.codes, err_msg=f"{decoder} {settings}")
+            results.append(alone.codes)
+        np.testing.assert_array_equal(results[0], results[1], err_msg=f"dynamic vs static, {settings}")
+        codes[settings.guidance] = results[0]
+    # guidance of 1 or less is plain conditional generation; above 1 it is guided (and sounds different)
+    np.testing.assert_array_equal(codes[0.0], codes[1.0])
+    np.testing.assert_array_equal(codes[0.5], codes[1.0])
+    assert (codes[3.0] != codes[1.0]).any()
