@@ -185,7 +185,8 @@ class Daemon:
             raise ModelError(f"{sc.path or sc.mount}: {exc}") from exc
         station = Station(sc, model.sample_rate, model.frame_rate, model.num_codebooks,
                           self.config.engine, rng=random.Random((rng or random.Random()).random()),
-                          idents=load_idents(sc.idents, model.sample_rate, sc.mount))
+                          idents=load_idents(sc.idents, model.sample_rate, sc.mount),
+                          requests=self.config.requests)
         self.stations[station.key] = station
         self._failed.pop(sc.key, None)
         self.pool.add_station(station, spec)
@@ -411,6 +412,42 @@ class Daemon:
         spec = ModelSpec(model, dtype or current.dtype, current.weights)
         result = self.pool.change(station.key, spec)
         return {**self._station_status(station), "change": result}
+
+    # -- listener requests (public: no token; each station's queue bounds itself) -------------------------------
+    def _requesting(self, station_id: str) -> Station | None:
+        station = self._station(station_id)
+        return station if station is not None and station.requests.enabled else None
+
+    def request(self, station_id: str, prompt: object, name: object, client: str) -> dict[str, object] | None:
+        """Queue a listener's request (raises RequestRefused); None when the station takes none."""
+        station = self._requesting(station_id)
+        if station is None:
+            return None
+        request, position = station.requests.submit(prompt, name, client)
+        logger.info("%s: request queued at %d: %r", station.mount, position, request.prompt[:80])
+        return {"request": {**request.public(), "position": position,
+                            "plays_in_seconds": round(station.request_wait(position))},
+                "queue": self.requests(station_id)}
+
+    def requests(self, station_id: str) -> dict[str, object] | None:
+        station = self._requesting(station_id)
+        if station is None:
+            return None
+        cfg = station.requests.config
+        waiting = [{**r.public(), "position": i, "plays_in_seconds": round(station.request_wait(i))}
+                   for i, r in enumerate(station.requests.waiting(), 1)]
+        playing = station.requesting.public() if station.requesting is not None else None
+        return {"mount": station.mount, "playing": playing, "waiting": waiting,
+                "limits": {"every_seconds": cfg.every, "queue": cfg.queue, "duration_seconds": cfg.duration,
+                           "share": cfg.share}}
+
+    def remove_request(self, station_id: str, request_id: str) -> dict[str, object] | None:
+        """The operator takes a request out of the queue; None when there is no such station or request."""
+        station = self._requesting(station_id)
+        if station is None or station.requests.remove(request_id) is None:
+            return None
+        logger.info("%s: request %s removed by the operator", station.mount, request_id)
+        return self.requests(station_id)
 
     def skip(self, station_id: str) -> dict[str, object] | None:
         station = self._station(station_id)

@@ -44,3 +44,14 @@ class SlotsFull(ModelError):
     def __init__(self, keys: list[str], capacity: int) -> None:
         self.keys = keys
         super().__init__(f"no decode slot free for {len(keys)} station(s): {capacity} slots fit in memory")
+
+
+class RequestRefused(RadioError):
+    """A listener's request a station does not take: ``reason`` (invalid, blocked, cooldown, queue_full), a
+    message for the listener and, for the cooldown or a full queue, about how many seconds until asking again
+    makes sense."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after

@@ -13,13 +13,15 @@ from .stations import load_station, load_stations, station_files
 from .values import (API_TOKEN_ENV, BITRATES, DECODERS, DEFAULT_MODEL, DTYPES, FORMATS, GENERATE, WEIGHTS,
                      MAX_BLEND_S, MAX_DURATION_S,
                      MAX_PROMPT_CHARS, MAX_STATIONS, MAX_TITLE_CHARS, PASSWORD_ENV, ApiConfig, DaemonConfig,
-                     EngineConfig, IcecastConfig, PlaylistItem, Sampling, StationConfig)
+                     EngineConfig, IcecastConfig, PlaylistItem, RequestsConfig, Sampling, StationConfig,
+                     MAX_REQUEST_CHARS, MAX_REQUEST_NAME_CHARS)
 
 __all__ = [
     "API_TOKEN_ENV", "BITRATES", "DAEMON_KEYS", "DECODERS", "DEFAULT_MODEL", "DTYPES", "FORMATS", "GENERATE", "WEIGHTS",
     "MAX_BLEND_S",
     "MAX_DURATION_S", "MAX_PROMPT_CHARS", "MAX_STATIONS", "MAX_TITLE_CHARS", "PASSWORD_ENV", "ApiConfig",
-    "DaemonConfig", "EngineConfig", "IcecastConfig", "PlaylistItem", "Sampling", "StationConfig", "duration_value",
+    "DaemonConfig", "EngineConfig", "IcecastConfig", "MAX_REQUEST_CHARS",
+    "MAX_REQUEST_NAME_CHARS", "PlaylistItem", "RequestsConfig", "Sampling", "StationConfig", "duration_value",
     "load_daemon_config", "load_station", "load_stations", "looks_like_daemon_config", "parse_duration",
     "parse_size", "station_files", "text_problem",
 ]

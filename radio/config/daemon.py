@@ -9,13 +9,15 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from .requests import requests_section
 from .rules import _device_check, _in, _range, _size_check, _text_check
 from .values import (API_TOKEN_ENV, DECODERS, DEFAULT_MODEL, DTYPES, GENERATE, WEIGHTS, PASSWORD_ENV, ApiConfig,
                      DaemonConfig,
-                     EngineConfig, IcecastConfig)
+                     EngineConfig, IcecastConfig, RequestsConfig)
 from .yamlfile import _compose, _line, _Mapping, _Problems, _section
 
-DAEMON_KEYS = ("stations", "model", "device", "dtype", "memory_budget", "seed", "icecast", "engine", "api", "log_level")
+DAEMON_KEYS = ("stations", "model", "device", "dtype", "memory_budget", "seed", "icecast", "engine", "api", "log_level",
+               "requests")
 ICECAST_KEYS = ("host", "port", "user", "password", "password_file", "local", "admin_password", "public_url")
 API_KEYS = ("enabled", "host", "port", "token_file")
 ENGINE_KEYS = tuple(f for f in EngineConfig.__dataclass_fields__)
@@ -114,6 +116,7 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
         api=api,
         log_level=m.get("log_level", "str", "INFO", check=_in(("DEBUG", "INFO", "WARNING", "ERROR"))),
         path=str(path),
+        requests=RequestsConfig(**(requests_section(m, base) or {})),
     )
     if problems.items:
         raise ConfigError(problems.items)

@@ -9,6 +9,7 @@ from typing import Iterable
 import yaml
 
 from ..errors import ConfigError
+from .requests import requests_section
 from .rules import _check_mount, _in, _range, _text_check
 from .values import (BITRATES, DEFAULT_MODEL, DTYPES, FORMATS, MAX_BLEND_S, MAX_DURATION_S, MAX_PLAYLIST_ITEMS, MAX_PROMPT_CHARS,
                      MAX_STATIONS, MAX_STRING_CHARS, MAX_TITLE_CHARS, ORDERS, WEIGHTS, PlaylistItem, Sampling,
@@ -16,7 +17,8 @@ from .values import (BITRATES, DEFAULT_MODEL, DTYPES, FORMATS, MAX_BLEND_S, MAX_
 from .yamlfile import _compose, _line, _Mapping, _Problems, _scalar, _section
 
 STATION_KEYS = ("name", "mount", "format", "bitrate", "description", "genre", "url", "order", "generation",
-                "playlist", "apply", "loudness", "idents", "model", "dtype", "weights", "always")
+                "playlist", "apply", "loudness", "idents", "model", "dtype", "weights", "always",
+                "requests")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
@@ -73,6 +75,7 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     order = m.get("order", "str", "cycle", check=_in(ORDERS))
     apply = m.get("apply", "str", "next", check=_in(APPLY))
     always = m.get("always", "bool", False)
+    requests = requests_section(m, path.parent) or {}
     loudness: float | None = -16.0
     if isinstance(m.node("loudness"), yaml.ScalarNode) and _scalar(m.node("loudness")) in ("off", False):
         loudness = None
@@ -157,7 +160,8 @@ def _parse_station(path: Path, problems: _Problems) -> StationConfig | None:
     return StationConfig(name=name, mount=mount, format=fmt, bitrate=bitrate, description=description,
                          genre=genre, url=url, order=order, sampling=sampling, playlist=tuple(items),
                          path=str(path), apply=apply, loudness=loudness, idents=tuple(idents),
-                         ident_every=ident_every, model=model, dtype=dtype, weights=weights, always=always)
+                         ident_every=ident_every, model=model, dtype=dtype, weights=weights, always=always,
+                         requests=tuple(sorted(requests.items())))
 
 
 def load_station(path: str | Path) -> StationConfig:

@@ -4,6 +4,7 @@ layers share (sampling settings, dtype and decoder names, the default model), an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_MODEL = "facebook/musicgen-small"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -48,6 +49,28 @@ class PlaylistItem:
     blend: float = 0.0  # seconds over which the text conditioning moves from the previous item's prompt
 
 
+MAX_REQUEST_CHARS = 300  # a listener's prompt
+MAX_REQUEST_NAME_CHARS = 40
+MAX_BLOCKLIST_LINES = 10_000
+
+
+@dataclass(frozen=True)
+class RequestsConfig:
+    """Listener requests of one station (the daemon's ``requests:`` is every station's default). Off unless
+    enabled."""
+
+    enabled: bool = False
+    every: float = 600.0  # seconds a listener waits between requests (the cooldown)
+    queue: int = 5  # requests waiting at most
+    duration: float = 120.0  # seconds a request plays
+    share: float = 0.5  # at most this fraction of airtime is requests: the programme keeps its place
+    blocklist: tuple[str, ...] = ()  # regular expressions (words become whole-word patterns); any match refuses
+    blocklist_file: str = ""  # where they came from (for status)
+
+
+REQUESTS_KEYS = tuple(f for f in RequestsConfig.__dataclass_fields__ if f != "blocklist_file")
+
+
 @dataclass(frozen=True)
 class StationConfig:
     """One station, as validated from one YAML file."""
@@ -71,6 +94,13 @@ class StationConfig:
     dtype: str | None = None  # decoder dtype for this station's model; None: the daemon's dtype
     weights: str | None = None  # decoder weights for this station's model; None: the daemon's engine.weights
     always: bool = False  # generate even while nobody listens (engine.generate: listened leaves it alone)
+    requests: tuple[tuple[str, Any], ...] = ()  # keys of its ``requests:`` section over the daemon's defaults
+
+    def requests_config(self, defaults: "RequestsConfig") -> "RequestsConfig":
+        """This station's request settings: its own ``requests:`` keys over the daemon's."""
+        from dataclasses import replace
+
+        return replace(defaults, **dict(self.requests))
 
     @property
     def key(self) -> str:
@@ -147,3 +177,4 @@ class DaemonConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     log_level: str = "INFO"
     path: str = ""
+    requests: RequestsConfig = field(default_factory=RequestsConfig)  # every station's default

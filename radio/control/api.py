@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from ..config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig,
                      duration_value, text_problem)
-from ..errors import ModelError, RadioError
+from ..errors import ModelError, RadioError, RequestRefused
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ class Controller(Protocol):
 
     def request_reload(self) -> None: ...
 
+    def request(self, station_id: str, prompt: object, name: object, client: str) -> dict[str, Any] | None: ...
+
+    def requests(self, station_id: str) -> dict[str, Any] | None: ...
+
+    def remove_request(self, station_id: str, request_id: str) -> dict[str, Any] | None: ...
+
 
 @functools.lru_cache(maxsize=1)
 def web_page() -> bytes:
@@ -64,10 +70,11 @@ def _refuse_constant(name: str) -> Any:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 def _metrics(status: dict[str, Any]) -> bytes:
@@ -102,6 +109,20 @@ def _metrics(status: dict[str, Any]) -> bytes:
                     if isinstance(value, (int, float)):
                         family.add_metric([str(st.get("mount", "?"))], float(value))
                 yield family
+            queued = GaugeMetricFamily("radio_station_requests_queued", "Listener requests waiting", labels=["mount"])
+            played = CounterMetricFamily("radio_station_requests_played", "Listener requests played",
+                                         labels=["mount"])
+            refused = CounterMetricFamily("radio_station_requests_refused", "Listener requests refused, by reason "
+                                          "(invalid, blocked, cooldown, queue_full)", labels=["mount", "reason"])
+            for st in stations:
+                req = st.get("requests")
+                if isinstance(req, dict) and req.get("enabled"):
+                    mount = str(st.get("mount", "?"))
+                    queued.add_metric([mount], float(req.get("queued", 0)))
+                    played.add_metric([mount], float(req.get("played", 0)))
+                    for reason, n in (req.get("refused") or {}).items():
+                        refused.add_metric([mount, str(reason)], float(n))
+            yield from (queued, played, refused)
             engine = status.get("engine", {})
             for name, doc, key in (("radio_engine_batch_size", "Stations in the last batched step", "batch_size"),
                                    ("radio_engine_step_seconds", "Wall time of the last batched step",
@@ -168,9 +189,11 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("api: %s %s", self.address_string(), format % args)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, retry_after: float | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if retry_after is not None:
+            self.send_header("Retry-After", str(max(1, int(retry_after + 0.999))))
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self._cors()
@@ -182,22 +205,22 @@ class _Handler(BaseHTTPRequestHandler):
         # Any page may read the status and drive the API: writes are guarded by the Bearer token, not by
         # cookies, so a wildcard origin grants nothing a token does not.
         self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Expose-Headers", "Content-Type, Content-Length")
+        self.send_header("Access-Control-Expose-Headers", "Content-Type, Content-Length, Retry-After")
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - CORS preflight for POST with a token and a JSON body
         self.send_response(204)
         self._cors()
-        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS")
         self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _json(self, status: int, data: Any) -> None:
+    def _json(self, status: int, data: Any, retry_after: float | None = None) -> None:
         # "replace": text that is not valid Unicode (it cannot come in through validation, but a bug must not
         # turn every status request into a 500) is sent with a replacement character.
         self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8", "replace"),
-                   "application/json; charset=utf-8")
+                   "application/json; charset=utf-8", retry_after)
 
     def _body(self) -> dict[str, Any]:
         raw = self._read_body()
@@ -246,6 +269,18 @@ class _Handler(BaseHTTPRequestHandler):
             body += self.rfile.read(size)
             self.rfile.readline(8)  # the CRLF after each chunk
 
+    def _client(self) -> str:
+        """Who is asking: the peer's address, or, when the peer is this host's reverse proxy (loopback) and it
+        set ``X-Forwarded-For``, the LAST address there: the one the proxy itself appended (nginx's
+        ``$proxy_add_x_forwarded_for``). Entries a client sends itself end up before it and are never read."""
+        peer = str(self.client_address[0])
+        forwarded = self.headers.get_all("X-Forwarded-For") or []
+        if forwarded and (peer.startswith("127.") or peer in ("::1", "::ffff:127.0.0.1")):
+            last = forwarded[-1].split(",")[-1].strip()
+            if last:
+                return last[:64]
+        return peer
+
     def _proxied(self) -> bool:
         present = {name.lower() for name in self.headers.keys()}
         return any(h in present for h in FORWARDING_HEADERS)
@@ -267,7 +302,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         try:
             path = self.path.split("?", 1)[0]
-            if method in ("GET", "HEAD"):
+            if path.startswith("/stations/") and "/requests" in path:
+                self._requests(method, path)
+            elif method in ("GET", "HEAD"):
                 self._get(path)
             elif method == "POST":
                 self._post(path)
@@ -276,7 +313,10 @@ class _Handler(BaseHTTPRequestHandler):
         except HANG_UPS:
             raise  # the client went away: nothing to answer (see handle_one_request)
         except ApiError as exc:
-            self._json(exc.status, {"error": exc.message})
+            self._json(exc.status, {"error": exc.message}, exc.retry_after)
+        except RequestRefused as exc:
+            status = 429 if exc.retry_after is not None else 400
+            self._json(status, {"error": str(exc), "reason": exc.reason}, exc.retry_after)
         except RadioError as exc:  # the daemon refused or could not apply it
             self._json(409, {"error": str(exc)})
         except Exception:  # noqa: BLE001 - a bug must not leak a traceback to the client or kill the server
@@ -343,6 +383,37 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(202 if "accepted" in skipped else 200, skipped)
                 return
         raise ApiError(404, f"no such action: POST {path}")
+
+    def _requests(self, method: str, path: str) -> None:
+        """Listener requests: ``POST /stations/{id}/requests`` (public), ``GET`` the queue (public), ``DELETE
+        /stations/{id}/requests/{request}`` (the operator's token)."""
+        station_id, _, rest = path[len("/stations/"):].partition("/requests")
+        controller = self.api.controller
+        off = ApiError(404, f"no station with mount /{station_id} takes requests")
+        if rest in ("", "/") and method in ("GET", "HEAD"):
+            queue = controller.requests(station_id)
+            if queue is None:
+                raise off
+            self._json(200, queue)
+        elif rest in ("", "/") and method == "POST":
+            body = self._body()
+            unknown = sorted(set(body) - {"prompt", "name"})
+            if unknown:
+                raise ApiError(400, f"{unknown[0][:40]}: unknown field; known fields: prompt, name")
+            result = controller.request(station_id, body.get("prompt"), body.get("name"), self._client())
+            if result is None:
+                raise off
+            self._json(202, result)
+        elif rest.startswith("/") and rest.count("/") == 1 and method == "DELETE":
+            self._authorize()
+            result = controller.remove_request(station_id, rest[1:])
+            if result is None:
+                raise ApiError(404, f"no request {rest[1:40]!r} waiting on /{station_id}")
+            self._json(200, result)
+        else:
+            raise ApiError(405 if rest in ("", "/") or rest.count("/") == 1 else 404,
+                           f"{method} {path[:80]} is not supported: POST or GET /stations/<id>/requests, "
+                           "DELETE /stations/<id>/requests/<request id>")
 
     def _set_prompt(self, station_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Everything is validated, by the rules station files obey, before anything is applied."""

@@ -15,16 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import EngineConfig, PlaylistItem, StationConfig
+from ..config import EngineConfig, PlaylistItem, RequestsConfig, StationConfig
 from .dsp import Ring, equal_power_crossfade, rms
 from ..logs import Throttle
 from .playlist import Playlist
+from .requests import Request, RequestQueue
 
 logger = logging.getLogger(__name__)
 _throttle = Throttle(logger)  # filler comes and goes often on an overloaded machine: once a minute per station
 
 
 SILENCE_RMS = 10 ** (-60 / 20)  # -60 dBFS: "near-silent" for the watchdog
+REQUEST_BLEND_S = 8.0  # a request's prompt blends in over this long (at most half the request): a segue
 
 
 @dataclass
@@ -40,8 +42,14 @@ class Station:
 
     def __init__(self, config: StationConfig, sample_rate: int, frame_rate: int, num_codebooks: int,
                  engine: EngineConfig, rng: random.Random | None = None,
-                 idents: list[np.ndarray] | None = None) -> None:
+                 idents: list[np.ndarray] | None = None, requests: RequestsConfig | None = None) -> None:
         self.config = config
+        # Listener requests: the API's threads queue them, generation takes them between items.
+        self._request_defaults = requests or RequestsConfig()
+        self.requests = RequestQueue(config.requests_config(self._request_defaults))
+        self.requesting: Request | None = None  # the request generation is on now
+        # Programme seconds still owed before the next request may start (``requests.share``).
+        self.programme_owed = 0.0
         self.idents = idents or []
         self.items_started = 0
         self._ident_due = False
@@ -158,12 +166,21 @@ class Station:
         """Keep the last ``context_seconds`` of codes; count frames into the current playlist item."""
         self.codes = np.concatenate([self.codes, new], axis=1)[:, -self.context_frames:]
         self.frames_in_item += new.shape[1]
+        if self.requesting is None:
+            self.programme_owed = max(0.0, self.programme_owed - new.shape[1] / self.frame_rate)
         if self.frames_in_item >= self.playlist.current.duration * self.frame_rate:
             self.next_item()
 
     def next_item(self) -> None:
-        """Move generation to the next item. The code context stays: the music segues into the new prompt."""
+        """Move generation to the next item. The code context stays: the music segues into the new prompt.
+        A listener's request waiting goes first when the programme has had its share since the last one; the
+        playlist then resumes where it was."""
         previous = self.playlist.current.prompt
+        self.requesting = None
+        request = self.requests.take() if self.programme_owed <= 0 else None
+        if request is not None:
+            self._play_request(request, previous)
+            return
         if self._next_playlist is not None:  # an edit waited for this moment
             self.playlist, self._next_playlist = self._next_playlist, None
             item = self.playlist.current
@@ -174,6 +191,26 @@ class Station:
             self._ident_due = True
         self._start_item(item, previous)
         logger.info("%s: next item %r", self.mount, item.title)
+
+    def _play_request(self, request: Request, previous_prompt: str) -> None:
+        cfg = self.requests.config
+        item = PlaylistItem(title=request.title, prompt=request.prompt, duration=cfg.duration,
+                            blend=min(REQUEST_BLEND_S, cfg.duration / 2))
+        self.playlist.override = item  # like an API prompt: the playlist's own place is kept
+        self.requesting = request
+        self.programme_owed = cfg.duration * (1.0 - cfg.share) / cfg.share
+        self.items_started += 1
+        self._start_item(item, previous_prompt)
+        logger.info("%s: playing a listener's request %r", self.mount, request.prompt[:80])
+
+    def request_wait(self, position: int) -> float:
+        """About how many seconds until the request at ``position`` (1: next) starts at the listener: the audio
+        queued ahead, the rest of the item generating now, the programme owed, the requests ahead."""
+        cfg = self.requests.config
+        item = self.playlist.current
+        remaining = max(0.0, item.duration - self.frames_in_item / self.frame_rate)
+        first = max(remaining, self.programme_owed if self.requesting is None else remaining + self.programme_owed)
+        return self.buffered_seconds + first + (position - 1) * cfg.duration / cfg.share
 
     def _start_item(self, item: PlaylistItem, previous_prompt: str) -> None:
         """Generation moves to ``item``: its title waits for the next pushed audio; it blends in from the
@@ -191,6 +228,7 @@ class Station:
         item = PlaylistItem(title=title or prompt[:80], prompt=prompt, duration=duration or previous.duration,
                             blend=blend)
         self.playlist.override = item
+        self.requesting = None
         self._start_item(item, previous.prompt)
         logger.info("%s: prompt set to %r", self.mount, item.title)
         return item
@@ -228,6 +266,7 @@ class Station:
         takes over at the end of the current item (``apply: next``) or at once (``apply: now``)."""
         old = self.config
         self.config = config
+        self.requests.configure(config.requests_config(self._request_defaults))
         if config.playlist == old.playlist and config.order == old.order:
             return
         playlist = Playlist(config.playlist, config.order, self._rng)
@@ -236,6 +275,7 @@ class Station:
         if config.apply == "now":
             self.playlist = playlist
             self._next_playlist = None
+            self.requesting = None
             self._start_item(playlist.current, current.prompt)
             logger.info("%s: playlist changed, now %r", self.mount, playlist.current.title)
         elif same:
@@ -445,4 +485,5 @@ class Station:
             "error": self.error,
             "last_generation_error": self.last_error,
             "errors": self.errors,
+            "requests": self.requests.status(),
         }

@@ -217,3 +217,56 @@ def test_audience_and_weights_settings_are_read_and_checked(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as err:
         load_station(st)
     assert any(":3: always:" in p for p in err.value.problems) and any(":4: weights:" in p for p in err.value.problems)
+
+
+def test_requests_are_read_with_the_daemons_defaults_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "blocked.txt").write_text("# no thanks\nbadword\nre:spa+m\n", encoding="utf-8")
+    cfg = tmp_path / "radio.yaml"
+    cfg.write_text("requests: {enabled: true, every: 5m, queue: 4, blocklist: blocked.txt}\n", encoding="utf-8")
+    daemon = load_daemon_config(cfg)
+    assert daemon.requests.enabled and daemon.requests.every == 300 and daemon.requests.queue == 4
+    assert len(daemon.requests.blocklist) == 2 and daemon.requests.blocklist_file == str(tmp_path / "blocked.txt")
+    own = write_station(tmp_path / "st", "own.yaml", """
+        name: Own
+        mount: /own.mp3
+        requests: {queue: 2, duration: 90s, share: 0.25}
+        playlist: [{prompt: jazz, duration: 1m}]
+    """)
+    plain = write_station(tmp_path / "st", "plain.yaml", """
+        name: Plain
+        mount: /plain.mp3
+        playlist: [{prompt: jazz, duration: 1m}]
+    """)
+    merged = load_station(own).requests_config(daemon.requests)
+    assert (merged.enabled, merged.every, merged.queue, merged.duration, merged.share) == (True, 300, 2, 90, 0.25)
+    assert merged.blocklist == daemon.requests.blocklist
+    assert load_station(plain).requests_config(daemon.requests) == daemon.requests
+    assert not load_station(plain).requests_config(load_daemon_config(None).requests).enabled  # off by default
+    (tmp_path / "st" / "bad.txt").write_text("fine\nre:(oops\n", encoding="utf-8")  # beside the station file
+    bad = write_station(tmp_path / "st", "bad.yaml", """
+        name: Bad
+        mount: /bad.mp3
+        requests:
+          enabled: maybe
+          queue: 0
+          share: 1.5
+          every: soon
+          blocklist: bad.txt
+          cooldown: 1m
+        playlist: [{prompt: jazz, duration: 1m}]
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_station(bad)
+    text = "\n".join(info.value.problems)
+    for line, key in ((4, "requests.enabled"), (5, "requests.queue"), (6, "requests.share"), (7, "requests.every"),
+                      (8, "requests.blocklist"), (9, "requests.cooldown")):
+        assert re.search(rf"bad\.yaml:{line}: {re.escape(key)}: ", text), (key, text)
+    assert "bad.txt:2: '(oops' is not a valid regular expression" in text
+    missing = write_station(tmp_path / "st", "missing.yaml", """
+        name: Missing
+        mount: /missing.mp3
+        requests: {enabled: true, blocklist: nowhere.txt}
+        playlist: [{prompt: jazz, duration: 1m}]
+    """)
+    with pytest.raises(ConfigError, match=r"missing\.yaml:3: requests\.blocklist: cannot read .*nowhere\.txt"):
+        load_station(missing)
