@@ -212,6 +212,15 @@ class Station:
         first = max(remaining, self.programme_owed if self.requesting is None else remaining + self.programme_owed)
         return self.buffered_seconds + first + (position - 1) * cfg.duration / cfg.share
 
+    def _next_title(self) -> str:
+        """What follows the item generating now: a waiting request when the programme has had its share by then,
+        else the playlist's next item."""
+        waiting = self.requests.waiting()
+        remaining = self.playlist.current.duration - self.frames_in_item / self.frame_rate
+        if waiting and self.requesting is None and self.programme_owed <= max(0.0, remaining):
+            return waiting[0].title
+        return (self._next_playlist.current if self._next_playlist else self.playlist.next).title
+
     def _start_item(self, item: PlaylistItem, previous_prompt: str) -> None:
         """Generation moves to ``item``: its title waits for the next pushed audio; it blends in from the
         previous prompt when it asks for a blend."""
@@ -474,7 +483,7 @@ class Station:
             "bitrate": self.config.bitrate,
             "now_playing": self.now_playing,
             "generating": self.playlist.current.title,
-            "next": (self._next_playlist.current if self._next_playlist else self.playlist.next).title,
+            "next": self._next_title(),
             "buffered_seconds": round(buffered, 3),
             "generated_seconds": round(self.generated_samples / self.sample_rate, 3),
             "filled_seconds": round(self.filled_samples / self.sample_rate, 3),

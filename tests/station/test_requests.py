@@ -113,11 +113,14 @@ def _station(requests: RequestsConfig = ON, **kw) -> tuple[Engine, Station, Sine
 def test_a_request_plays_after_the_current_item_then_the_playlist_resumes_where_it_was() -> None:
     engine, st, model = _station()
     engine.run_once()  # "first" is on
+    assert st.status()["next"] == "second"
     st.requests.submit("bright disco", None, "198.51.100.1")
+    assert st.status()["next"] == "Requested: bright disco"  # what the web player and /status show as next
     for _ in range(7):
         engine.run_once()
     prompts = [c[0][0].prompt for c in model.calls]
     assert prompts == ["p1", "p1", "bright disco", "bright disco", "p2", "p2", "p3", "p3"]
+    assert (st.status()["generating"], st.status()["next"]) == ("first", "second")
     blend = [c[0][0] for c in model.calls][2]
     assert blend.blend_from == "p1" and 0 < blend.blend < 1  # a segue through a prompt blend
     _, titles = st.read(int(round(st.buffered_seconds * 32000)) - st.reserve_samples)
