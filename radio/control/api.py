@@ -176,6 +176,20 @@ def _metrics(status: dict[str, Any]) -> bytes:
     return generate_latest(registry)
 
 
+def _request_route(path: str) -> tuple[str, str | None] | None:
+    """(station id, request id or None) for ``/stations/<id>/requests[/<request id>]``, else None (a mount
+    whose name merely contains "requests" keeps its other routes)."""
+    if not path.startswith("/stations/"):
+        return None
+    head, _, last = path[len("/stations/"):].rstrip("/").rpartition("/")
+    if last == "requests" and head:
+        return head, None
+    station, _, middle = head.rpartition("/")
+    if middle == "requests" and station and last:
+        return station, last
+    return None
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "radio"
     sys_version = ""
@@ -302,8 +316,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         try:
             path = self.path.split("?", 1)[0]
-            if path.startswith("/stations/") and "/requests" in path:
-                self._requests(method, path)
+            route = _request_route(path)
+            if route is not None:
+                self._requests(method, *route)
             elif method in ("GET", "HEAD"):
                 self._get(path)
             elif method == "POST":
@@ -384,18 +399,17 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         raise ApiError(404, f"no such action: POST {path}")
 
-    def _requests(self, method: str, path: str) -> None:
+    def _requests(self, method: str, station_id: str, request_id: str | None) -> None:
         """Listener requests: ``POST /stations/{id}/requests`` (public), ``GET`` the queue (public), ``DELETE
         /stations/{id}/requests/{request}`` (the operator's token)."""
-        station_id, _, rest = path[len("/stations/"):].partition("/requests")
         controller = self.api.controller
         off = ApiError(404, f"no station with mount /{station_id} takes requests")
-        if rest in ("", "/") and method in ("GET", "HEAD"):
+        if request_id is None and method in ("GET", "HEAD"):
             queue = controller.requests(station_id)
             if queue is None:
                 raise off
             self._json(200, queue)
-        elif rest in ("", "/") and method == "POST":
+        elif request_id is None and method == "POST":
             body = self._body()
             unknown = sorted(set(body) - {"prompt", "name"})
             if unknown:
@@ -404,16 +418,15 @@ class _Handler(BaseHTTPRequestHandler):
             if result is None:
                 raise off
             self._json(202, result)
-        elif rest.startswith("/") and rest.count("/") == 1 and method == "DELETE":
+        elif request_id is not None and method == "DELETE":
             self._authorize()
-            result = controller.remove_request(station_id, rest[1:])
+            result = controller.remove_request(station_id, request_id)
             if result is None:
-                raise ApiError(404, f"no request {rest[1:40]!r} waiting on /{station_id}")
+                raise ApiError(404, f"no request {request_id[:40]!r} waiting on /{station_id}")
             self._json(200, result)
         else:
-            raise ApiError(405 if rest in ("", "/") or rest.count("/") == 1 else 404,
-                           f"{method} {path[:80]} is not supported: POST or GET /stations/<id>/requests, "
-                           "DELETE /stations/<id>/requests/<request id>")
+            raise ApiError(405, f"{method} is not supported here: POST or GET /stations/<id>/requests, "
+                                "DELETE /stations/<id>/requests/<request id>")
 
     def _set_prompt(self, station_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Everything is validated, by the rules station files obey, before anything is applied."""

@@ -34,6 +34,15 @@ class Recorder:
     def request_reload(self) -> None:
         pass
 
+    def request(self, station_id: str, prompt: object, name: object, client: str) -> None:
+        return None  # no station here takes requests
+
+    def requests(self, station_id: str) -> None:
+        return None
+
+    def remove_request(self, station_id: str, request_id: str) -> None:
+        return None
+
 
 @pytest.fixture
 def server():
@@ -66,3 +75,21 @@ def test_status_and_metrics_survive_text_that_is_not_unicode(server) -> None:
     assert code == 200 and json.loads(body)["stations"][0]["mount"] == "/a.mp3"
     code, body, _ = request(f"{base}/metrics")
     assert code == 200 and b'radio_station_generated_seconds_total{mount="/a.mp3"} 1.0' in body
+
+
+def test_request_routes_are_told_apart_from_mounts_named_like_them() -> None:
+    from radio.control.api import _request_route
+
+    assert _request_route("/stations/lofi.mp3/requests") == ("lofi.mp3", None)
+    assert _request_route("/stations/lofi.mp3/requests/") == ("lofi.mp3", None)
+    assert _request_route("/stations/live/lofi.mp3/requests/abc") == ("live/lofi.mp3", "abc")
+    assert _request_route("/stations/requests.mp3/prompt") is None  # a station called "requests..." keeps its prompt
+    assert _request_route("/stations/requests") is None
+    assert _request_route("/status") is None
+
+
+def test_request_endpoints_on_a_server_without_them_are_404_and_unknown_methods_405(server) -> None:
+    base, _ = server
+    code, raw, _ = request(f"{base}/stations/a.mp3/requests", "POST", json.dumps({"prompt": "x"}).encode())
+    assert code == 404 and "takes requests" in json.loads(raw)["error"]
+    assert request(f"{base}/stations/a.mp3/requests", "PUT", b"{}")[0] == 405
