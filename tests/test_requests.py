@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from .conftest import listen, mount_info, request, run_daemon, wait_for, write_station
-from .output.test_clients import CHROMIUM_FLAGS, DevTools, _chromium
+from .output.test_clients import chromium_page
 
 pytestmark = pytest.mark.e2e
 TOKEN = "t0ken-for-requests"
@@ -141,22 +139,8 @@ def test_hostile_requests_never_stall_the_api_or_grow_the_queue(request_daemon) 
 
 
 def test_the_web_players_request_box_works_in_a_real_browser(request_daemon, tmp_path: Path) -> None:
-    from radio.output.local import free_port
-
-    daemon, base, _ = request_daemon
-    port = free_port()
-    proc = subprocess.Popen([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                             f"--remote-debugging-port={port}", "--window-size=1100,900", f"{base}/"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        def targets():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                    return [t for t in json.loads(r.read()) if t.get("type") == "page"]
-            except OSError:
-                return []
-
-        tools = DevTools(wait_for(targets, 30, 0.3, message="chromium's DevTools")[0]["webSocketDebuggerUrl"])
+    _daemon, base, _ = request_daemon
+    with chromium_page(f"{base}/", tmp_path / "profile", size="1100,900") as tools:
         card = "document.getElementById('st-/req.ogg')"
         wait_for(lambda: tools.js(f"!!{card} && getComputedStyle({card}.querySelector('form.request')).display")
                  == "block", 20, message="the request box")
@@ -179,9 +163,3 @@ def test_the_web_players_request_box_works_in_a_real_browser(request_daemon, tmp
         queued = json.loads(request(f"{base}/stations/req.ogg/requests")[1])
         assert any(r["prompt"] == "warm dub techno with rain" for r in queued["waiting"]) or \
             (queued["playing"] or {}).get("prompt") == "warm dub techno with rain"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()

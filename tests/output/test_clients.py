@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import urllib.request
 import wave
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -106,19 +109,14 @@ class DevTools:
         return result["result"].get("value")
 
 
-def test_browser_plays_the_web_player_and_follows_now_playing(station_daemon, tmp_path: Path) -> None:
-    import base64
-    import time
-    import urllib.request
-
+@contextlib.contextmanager
+def chromium_page(url: str, profile: Path, size: str = "1100,700") -> Iterator[DevTools]:
+    """Headless Chromium showing ``url``, driven through DevTools; closed on the way out."""
     from radio.output.local import free_port
 
-    daemon, _icecast = station_daemon
-    browser = _chromium()
     port = free_port()
-    page = f"http://127.0.0.1:{daemon.api.port}/"
-    proc = subprocess.Popen([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                             f"--remote-debugging-port={port}", "--window-size=1100,700", page],
+    proc = subprocess.Popen([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                             f"--remote-debugging-port={port}", f"--window-size={size}", url],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def targets():
@@ -128,8 +126,21 @@ def test_browser_plays_the_web_player_and_follows_now_playing(station_daemon, tm
             except OSError:
                 return []
 
-        target = wait_for(targets, 30, 0.3, message="chromium's DevTools")[0]
-        tools = DevTools(target["webSocketDebuggerUrl"])
+        yield DevTools(wait_for(targets, 30, 0.3, message="chromium's DevTools")[0]["webSocketDebuggerUrl"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_browser_plays_the_web_player_and_follows_now_playing(station_daemon, tmp_path: Path) -> None:
+    import base64
+    import time
+
+    daemon, _icecast = station_daemon
+    with chromium_page(f"http://127.0.0.1:{daemon.api.port}/", tmp_path / "profile") as tools:
         wait_for(lambda: tools.js("document.querySelectorAll('.station').length") == 1, 20,
                  message="the station card")
         assert tools.js("document.querySelector('.station .name').textContent") == "Player Test"
@@ -151,9 +162,3 @@ def test_browser_plays_the_web_player_and_follows_now_playing(station_daemon, tm
         assert shot.stat().st_size > 1000
         print(f"web player screenshot: {shot}")
         time.sleep(0.1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
