@@ -131,20 +131,6 @@ def fresh_row(key: str, context: np.ndarray, window: int, steps: int, pad: int) 
     return Row(key=key, context_frames=T, next_column=delayed_column(ctx, T, pad), forced=forced_warmup(ctx, pad)), ctx
 
 
-def resets_due(tokens: dict[int, int], window: int, frames: int, num_codebooks: int, spread: bool = True) -> list[int]:
-    """Which kept rows (index -> tokens in its cache) reset this chunk: every row that would outgrow the window
-    in it, and, when none must, the first in line if the rows due soon could not all get a chunk of their own
-    (``spread``: resets come one per chunk instead of bunching, so no chunk pays for many prefills)."""
-    worst = frames + num_codebooks - 1
-    room = {j: (window - worst - t) // max(1, frames) for j, t in tokens.items()}  # chunks left (< 0: now)
-    hard = [j for j in tokens if room[j] < 0]
-    if not hard and spread:
-        line = sorted(tokens, key=lambda j: room[j])
-        if any(room[j] < p for p, j in enumerate(line)):
-            hard = [line[0]]
-    return hard
-
-
 def delayed_column(context: np.ndarray, column: int, pad: int) -> np.ndarray:
     """Column ``column`` of the delay pattern over ``context`` (K, T): codebook k holds frame column-1-k."""
     K, T = context.shape

@@ -33,6 +33,7 @@ from ..config import DECODERS, DEFAULT_MODEL, DTYPES, Sampling
 from ..errors import ConditioningError, ModelError
 
 if TYPE_CHECKING:
+    from .plan import ChunkPlan
     from .slots import SlotDecoder
 
 logger = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ class MusicgenModel:
         self.decode_group = self.DECODE_GROUP  # halved on an out-of-memory error in EnCodec
         self.state_bytes = 0  # decode state held after the last chunk (describe(): read without the lock)
         self._window_kept: int | None = None  # window_frames while the bench holds resets off
+        self.spread_resets = True  # window resets one per chunk, ahead of need (see plan.resets_due)
         self.resets = 0
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
         self.window_frames = min(window_frames or int(window_seconds * self.frame_rate), self.max_positions - 8)
@@ -506,6 +508,7 @@ class MusicgenModel:
             self.window_frames = self.max_positions - 8
         elif self._window_kept is not None:
             self.window_frames, self._window_kept = self._window_kept, None
+        self.spread_resets = not hold
         if self._slots is not None:
             self._slots.spread_resets = not hold
 
@@ -538,8 +541,8 @@ class MusicgenModel:
         state = self._state
         use_cfg = any(r.sampling.guidance > 1.0 for r in requests)
         keys = [r.key or f"{ANON}{id(r)}:{i}" for i, r in enumerate(requests)]
-        keep_idx, fresh_req = self._place_rows(keys, requests, frames, use_cfg)
-        steps = frames + (self.num_codebooks - 1 if fresh_req else 0)
+        plan, keep_idx = self._place_rows(keys, requests, frames, use_cfg)
+        fresh_req, steps = plan.fresh, plan.steps
         self.last_steps = steps
 
         kept_keys = {state.rows[j].key for j in keep_idx}
@@ -562,12 +565,12 @@ class MusicgenModel:
         return [results[k] for k in keys]
 
     def _place_rows(self, keys: list[str], requests: Sequence[ContinuationRequest], frames: int,
-                    use_cfg: bool) -> tuple[list[int], list[int]]:
-        """Which rows continue from their cache (indices into the state's rows) and which requests are
-        (re)prefilled from their station's codes (new, changed codes, or a window reset: at most one per chunk
-        unless a row cannot wait). Rows this chunk leaves out are parked with their caches; parked rows asked
-        for again come back as they were if they still continue their station's codes."""
-        from .decoding import resets_due
+                    use_cfg: bool) -> tuple["ChunkPlan", list[int]]:
+        """The chunk's plan (:func:`.plan.plan_chunk`) for this layout, and the rows of the state the plan keeps
+        (indices into its rows, in the plan's order). A row continues when it holds its station's codes in the
+        chunk's guidance layout. Rows this chunk leaves out are parked with their caches; parked rows asked for
+        again come back as they were if they still continue their station's codes."""
+        from .plan import plan_chunk
 
         K = self.num_codebooks
         state = self._state
@@ -585,20 +588,17 @@ class MusicgenModel:
                 del state.parked[key]
         state.unpark(back, room=frames + K - 1)  # the chunk's steps, with warm-up if a row turns out fresh
         existing = {row.key: i for i, row in enumerate(state.rows)}
-        keep_idx: list[int] = []
-        fresh_req: list[int] = []
+        row_of: dict[int, int] = {}
         for i, (key, r) in enumerate(zip(keys, requests)):
             j = existing.get(key)
             if j is not None and state.cfg == use_cfg and state.matches(state.rows[j], r.context):
-                keep_idx.append(j)
-            else:
-                fresh_req.append(i)
-        hard = resets_due({j: state.tokens(j) for j in keep_idx}, self.window_frames, frames, K)
-        for j in hard:
+                row_of[i] = j
+        plan = plan_chunk(len(requests), {i: state.tokens(j) for i, j in row_of.items()}, self.window_frames,
+                          frames, K, self.spread_resets)
+        for i in plan.resets:
             self.resets += 1
-            logger.debug("window reset for %s after %d frames", state.rows[j].key, state.tokens(j))
-        keep_idx = [j for j in keep_idx if j not in hard]
-        return keep_idx, sorted(fresh_req + [keys.index(state.rows[j].key) for j in hard])
+            logger.debug("window reset for %s after %d frames", keys[i], state.tokens(row_of[i]))
+        return plan, [row_of[i] for i in plan.keep]
 
     def _decode_steps(self, row_requests: Sequence[ContinuationRequest], use_cfg: bool, steps: int) -> np.ndarray:
         """The chunk's decode steps over the assembled rows (transformers' decoder, one token per row, on our

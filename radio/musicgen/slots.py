@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .decoding import Row, fresh_row, resets_due
+from .decoding import Row, fresh_row
+from .plan import plan_chunk
 from ..errors import ModelError, SlotsFull
 from . import fused
 from .step import DecoderParts, SlotTensors, decode_step, finish_step
@@ -204,15 +205,10 @@ class SlotDecoder:
         window = min(window, self.shape.window)
         # Slots of stations this chunk does not ask for stay as they are (they may come back); a caller that
         # removes a station calls forget().
-        keep: list[int] = []
-        fresh: list[int] = []
-        for i, (key, r) in enumerate(zip(keys, requests)):
-            row = self.rows.get(key)
-            (keep if row is not None and row.continues(r.context) else fresh).append(i)
-        hard = resets_due({i: self._tokens(keys[i]) for i in keep}, window, frames, K, self.spread_resets)
-        keep = [i for i in keep if i not in hard]
-        fresh = sorted(fresh + hard)
-        steps = frames + (K - 1 if fresh else 0)
+        continuing = {i: self._tokens(key) for i, (key, r) in enumerate(zip(keys, requests))
+                      if key in self.rows and self.rows[key].continues(r.context)}
+        plan = plan_chunk(len(requests), continuing, window, frames, K, self.spread_resets)
+        fresh, steps = list(plan.fresh), plan.steps
         self.last_steps = steps
 
         try:
@@ -229,7 +225,7 @@ class SlotDecoder:
                 self.rows.pop(key, None)
             raise
 
-        self.resets += len(hard)
+        self.resets += len(plan.resets)
         results = []
         for i, (key, r) in enumerate(zip(keys, requests)):
             row = self.rows[key]
