@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure generation speed against the prototype loop and raw generate")
     src = bench.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory or hub id")
-    src.add_argument("--shape", choices=("tiny", "small", "medium", "large"), default="tiny",
+    src.add_argument("--shape", choices=("tiny", "small", "small-stereo", "medium", "large"), default="tiny",
                      help="use (and make once, in ~/.cache/radio) a random-weight checkpoint of this shape "
-                          "(small, medium, large: facebook/musicgen-*'s shapes)")
+                          "(small, medium, large: facebook/musicgen-*'s shapes; small-stereo: "
+                          "facebook/musicgen-stereo-small's)")
     bench.add_argument("--mounts", default="1,2,3,4,8", help="comma-separated mount counts (default 1,2,3,4,8)")
     bench.add_argument("--frames", type=int, default=200, help="frames per chunk (50 = 1 s; default 200 = the engine's 4 s chunk)")
     bench.add_argument("--chunks", type=int, default=3, help="measured steady-state chunks (default 3)")
@@ -110,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     make = sub.add_parser("make-test-model", help="write a random-weight MusicGen checkpoint for tests/benchmarks")
     make.add_argument("dir")
     make.add_argument("--shape", choices=SHAPES, default="tiny",
-                      help="tiny: for tests; tiny-alt: another tiny shape (model-swap tests); small, medium, large: "
-                          "facebook/musicgen-small's, -medium's and -large's shapes (benchmarks)")
+                      help="tiny: for tests; tiny-alt: another tiny shape (model-swap tests); tiny-stereo: a stereo "
+                           "one; small, medium, large: facebook/musicgen-small's, -medium's and -large's shapes, "
+                           "small-stereo: musicgen-stereo-small's (benchmarks)")
     make.add_argument("--seed", type=int, default=0)
     return p
 

@@ -84,6 +84,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_test_model(tmp_path_factory.mktemp("tiny-model"), shape="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_stereo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from radio.tools.testing import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("tiny-stereo-model"), shape="tiny-stereo", seed=0)
+
+
 @pytest.fixture
 def icecast():
     """A real icecast2 on 127.0.0.1 and a free port, config in a temp dir, stopped by PID afterwards."""

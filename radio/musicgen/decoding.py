@@ -10,11 +10,11 @@ every step). Rows are right-aligned: row i's tokens occupy columns ``[offset[i],
 own BOS at position 0, whatever its neighbours do. With classifier-free guidance, physical row ``i + B`` is
 the unconditional twin of row ``i``.
 
-Delay pattern. MusicGen predicts codebook k of frame f at column f + 1 + k (column 0 is BOS). A row is
-*fresh* after a prefill of its context (T frames = columns 0..T-1 in the cache; column T is fed by the first
-step). Its first K-1 steps produce columns in which the higher codebooks still belong to the known context:
-those are *forced* from the context instead of sampled. A fresh row therefore yields its first frame after K
-steps; afterwards every step completes one frame.
+Delay pattern (``pattern.DelayPattern``). MusicGen predicts codebook k of frame f at column f + 1 + delay[k]
+(column 0 is BOS). A row is *fresh* after a prefill of its context (T frames = columns 0..T-1 in the cache;
+column T is fed by the first step). Its first ``max_delay`` steps produce columns in which the delayed codebooks
+still belong to the known context: those are *forced* from the context instead of sampled. A fresh row
+therefore yields its first frame after max_delay + 1 steps; afterwards every step completes one frame.
 
 Parking. A row its station leaves out of a chunk is moved out of the buffers with its KV cache and comes back
 unchanged when asked for again (if the station's codes still continue it), so sitting a chunk out costs a copy,
@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+
+from .pattern import DelayPattern
 
 logger = logging.getLogger(__name__)
 
@@ -96,21 +98,18 @@ class Row:
     context_frames: int  # T at the last prefill
     next_column: np.ndarray  # (K,) the column the next step feeds
     forced: np.ndarray  # (K, K): forced[k, j] = value of codebook k at warm-up step j, or -1 (sample)
+    pattern: DelayPattern  # the model's delay pattern (mono or stereo)
     steps: int = 0  # steps since the last prefill
     columns: list[np.ndarray] = field(default_factory=list)  # generated columns not yet fully turned into frames
     tail: np.ndarray | None = None  # last emitted frames, to recognise the station's context next time
 
     def emit(self, sampled: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """Take a chunk's sampled columns (K, steps) and return the frames they complete (K, n): codebook k of
-        frame f arrives at column f + 1 + k, so a column completes the frame K-1 columns before it. The columns
-        of frames still incomplete are kept for the next chunk; ``tail`` remembers what the station now has."""
-        K = sampled.shape[0]
+        """Take a chunk's sampled columns (K, steps) and return the frames they complete (K, n)
+        (:meth:`DelayPattern.frames`). The columns of frames still incomplete are kept for the next chunk;
+        ``tail`` remembers what the station now has."""
         self.next_column = sampled[:, -1].copy()
         self.columns.extend(sampled[:, j] for j in range(sampled.shape[1]))
-        complete = len(self.columns) - (K - 1)
-        new = np.stack([[self.columns[m + k][k] for m in range(complete)] for k in range(K)]).astype(np.int64) \
-            if complete > 0 else np.zeros((K, 0), np.int64)
-        self.columns = self.columns[max(0, complete):]
+        new, self.columns = self.pattern.frames(self.columns)
         self.tail = np.concatenate([np.asarray(context, dtype=np.int64), new], axis=1)[:, -4:]
         return new
 
@@ -122,46 +121,15 @@ class Row:
         return n > 0 and np.array_equal(self.tail[:, -n:], context[:, -n:])
 
 
-def fresh_row(key: str, context: np.ndarray, window: int, steps: int, pad: int) -> tuple[Row, np.ndarray]:
+def fresh_row(key: str, context: np.ndarray, window: int, steps: int, pad: int,
+              pattern: DelayPattern) -> tuple[Row, np.ndarray]:
     """A row to prefill from a station's codes: the context cut so the row and this chunk's ``steps`` fit the
     window, with its first column and its warm-up forcing. Returns the row and the cut context."""
     ctx = np.asarray(context, dtype=np.int64)
     ctx = ctx[:, max(0, ctx.shape[1] - max(0, window - steps - 1)):]
     T = ctx.shape[1]
-    return Row(key=key, context_frames=T, next_column=delayed_column(ctx, T, pad), forced=forced_warmup(ctx, pad)), ctx
-
-
-def delayed_column(context: np.ndarray, column: int, pad: int) -> np.ndarray:
-    """Column ``column`` of the delay pattern over ``context`` (K, T): codebook k holds frame column-1-k."""
-    K, T = context.shape
-    out = np.full(K, pad, dtype=np.int64)
-    for k in range(K):
-        f = column - 1 - k
-        if 0 <= f < T:
-            out[k] = context[k, f]
-    return out
-
-
-def delayed_columns(context: np.ndarray, count: int, pad: int) -> np.ndarray:
-    """Columns ``0 .. count-1`` of the delay pattern at once, (K, count): ``delayed_column`` for each."""
-    K, T = context.shape
-    out = np.full((K, count), pad, dtype=np.int64)
-    for k in range(K):  # codebook k's frame f sits in column f + 1 + k
-        end = min(count, T + k + 1)
-        if end > k + 1:
-            out[k, k + 1:end] = context[k, : end - k - 1]
-    return out
-
-
-def forced_warmup(context: np.ndarray, pad: int) -> np.ndarray:
-    """forced[k, j]: at warm-up step j (column T+1+j), codebook k > j still belongs to the context."""
-    K, T = context.shape
-    forced = np.full((K, K), -1, dtype=np.int64)
-    for j in range(K - 1):
-        for k in range(j + 1, K):
-            f = T + j - k
-            forced[k, j] = context[k, f] if f >= 0 else pad
-    return forced
+    return Row(key=key, context_frames=T, next_column=pattern.column(ctx, T, pad), forced=pattern.warmup(ctx, pad),
+               pattern=pattern), ctx
 
 
 MAX_PARKED = 64

@@ -32,6 +32,8 @@ import numpy as np
 from ..config import DECODERS, DEFAULT_MODEL, DTYPES, Sampling
 from ..errors import ConditioningError, ModelError
 
+from .pattern import DelayPattern
+
 if TYPE_CHECKING:
     from .plan import ChunkPlan
     from .slots import SlotDecoder
@@ -282,8 +284,10 @@ class MusicgenModel:
                 f"could not load model {name!r}: {str(exc).strip().splitlines()[0][:300]}. Use a hub id such as "
                 f"{DEFAULT_MODEL} (needs network on first use) or a local MusicGen checkpoint directory"
             ) from exc
-        if model.config.decoder.audio_channels != 1:
-            raise ModelError(f"model {name!r} is stereo; only mono MusicGen checkpoints are supported")
+        channels = int(getattr(model.config.decoder, "audio_channels", 1) or 1)
+        if channels not in (1, 2) or model.decoder.num_codebooks % channels:
+            raise ModelError(f"model {name!r} has {channels} audio channels over {model.decoder.num_codebooks} "
+                             "codebooks; MusicGen checkpoints are mono (1) or stereo (2)")
         model.eval().to(self.device)
         self._torch = torch
         self.model: Any = model
@@ -299,6 +303,8 @@ class MusicgenModel:
         self.frame_rate = int(audio_cfg.frame_rate)
         self.samples_per_frame = self.sample_rate // self.frame_rate
         self.num_codebooks = int(model.decoder.num_codebooks)
+        self.channels = channels  # PCM comes back (samples,) for mono, (samples, 2) for stereo
+        self.pattern = DelayPattern(self.num_codebooks, channels)
         self.pad_id = int(model.generation_config.pad_token_id
                           if model.generation_config.pad_token_id is not None else model.config.decoder.pad_token_id)
         self.vocab_size = int(model.config.decoder.vocab_size)
@@ -371,7 +377,8 @@ class MusicgenModel:
             return (attn.k_proj(states).view(n, S, heads, -1).transpose(1, 2),
                     attn.v_proj(states).view(n, S, heads, -1).transpose(1, 2))
 
-        slots = SlotDecoder(parts, shape, self.pad_id, self._prefill, self.conditioning, cross_kv)
+        slots = SlotDecoder(parts, shape, self.pad_id, self._prefill, self.conditioning, cross_kv,
+                            pattern=self.pattern)
         slots.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
         return slots
 
@@ -546,7 +553,8 @@ class MusicgenModel:
         self.last_steps = steps
 
         kept_keys = {state.rows[j].key for j in keep_idx}
-        fresh = [fresh_row(keys[i], requests[i].context, self.window_frames, steps, self.pad_id) for i in fresh_req]
+        fresh = [fresh_row(keys[i], requests[i].context, self.window_frames, steps, self.pad_id, self.pattern)
+                 for i in fresh_req]
         self.last_prefill_seconds = 0.0
         if fresh or len(keep_idx) != len(state.rows):
             t0 = time.monotonic()
@@ -586,7 +594,7 @@ class MusicgenModel:
                 back.append(key)
             else:
                 del state.parked[key]
-        state.unpark(back, room=frames + K - 1)  # the chunk's steps, with warm-up if a row turns out fresh
+        state.unpark(back, room=frames + self.pattern.max_delay)  # the chunk's steps, with a fresh row's warm-up
         existing = {row.key: i for i, row in enumerate(state.rows)}
         row_of: dict[int, int] = {}
         for i, (key, r) in enumerate(zip(keys, requests)):
@@ -594,7 +602,7 @@ class MusicgenModel:
             if j is not None and state.cfg == use_cfg and state.matches(state.rows[j], r.context):
                 row_of[i] = j
         plan = plan_chunk(len(requests), {i: state.tokens(j) for i, j in row_of.items()}, self.window_frames,
-                          frames, K, self.spread_resets)
+                          frames, self.pattern.max_delay, self.spread_resets)
         for i in plan.resets:
             self.resets += 1
             logger.debug("window reset for %s after %d frames", keys[i], state.tokens(row_of[i]))
@@ -633,7 +641,7 @@ class MusicgenModel:
                     logits = res.logits[:, -1, :].float().reshape(rows, K, -1)
                     sampled = self._sample(logits, B, use_cfg, guidance, temperature, top_k).cpu().numpy()
                     for b, row in enumerate(state.rows):
-                        if row.steps < K - 1:  # the delay pattern's warm-up: codebooks still in the context
+                        if row.steps < self.pattern.max_delay:  # warm-up: codebooks still in the context
                             f = row.forced[:, row.steps]
                             sampled[b] = np.where(f >= 0, f, sampled[b])
                         row.steps += 1
@@ -646,8 +654,6 @@ class MusicgenModel:
     def _prefill(self, rows: list, contexts: list[np.ndarray], requests: Sequence[ContinuationRequest],
                  use_cfg: bool):
         """Run fresh rows' contexts (all but their last column) through the decoder; return their KV."""
-        from .decoding import delayed_columns
-
         torch = self._torch
         K, pad, dev = self.num_codebooks, self.pad_id, self.device
         lengths = [c.shape[1] for c in contexts]
@@ -661,7 +667,7 @@ class MusicgenModel:
             T = ctx.shape[1]
             off = P - T
             offsets[i] = off
-            ids[i, :, off:] = torch.from_numpy(delayed_columns(ctx, T, pad))  # column T is fed by the first step
+            ids[i, :, off:] = torch.from_numpy(self.pattern.columns(ctx, T, pad))  # column T: the first step's
         offs = torch.cat([offsets, offsets]) if use_cfg else offsets
         ids = torch.cat([ids, ids]) if use_cfg else ids
         phys = ids.shape[0]
@@ -739,8 +745,11 @@ class MusicgenModel:
             while groups:
                 idx = groups.pop(0)
                 codes = torch.from_numpy(np.stack([seqs[i] for i in idx])).to(self.device)[None]
+                # Stereo: the channels' codebooks interleave (left 0, right 0, ...); EnCodec decodes each channel.
+                halves = [codes] if self.channels == 1 else [codes[:, :, c::2] for c in range(self.channels)]
                 try:
-                    audio = self.model.audio_encoder.decode(codes, audio_scales=[None] * len(idx)).audio_values
+                    audio = torch.cat([self.model.audio_encoder.decode(h, audio_scales=[None] * len(idx)).audio_values
+                                       for h in halves], dim=1)  # (stations, channels, samples)
                 except torch.OutOfMemoryError as exc:
                     if len(idx) == 1:
                         raise ModelError(f"out of device memory decoding one station's audio: {exc}") from exc
@@ -753,12 +762,12 @@ class MusicgenModel:
                     g = self.decode_group
                     groups[:0] = [idx[i:i + g] for i in range(0, len(idx), g)]
                     continue
-                audio = audio[:, 0].float().cpu().numpy()
+                audio = audio.float().cpu().numpy()
                 if not np.isfinite(audio).all():
                     self.nonfinite += 1
                     logger.error("decoded audio has non-finite samples (%d times so far); silenced", self.nonfinite)
                     audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
                 for j, i in enumerate(idx):
-                    out[i] = np.ascontiguousarray(audio[j, : seqs[i].shape[1] * self.samples_per_frame],
-                                                  dtype=np.float32)
+                    pcm = audio[j, :, : seqs[i].shape[1] * self.samples_per_frame]
+                    out[i] = np.ascontiguousarray(pcm[0] if self.channels == 1 else pcm.T, dtype=np.float32)
         return [o for o in out if o is not None]

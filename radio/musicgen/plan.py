@@ -15,15 +15,15 @@ class ChunkPlan:
     keep: tuple[int, ...]  # request indices whose row continues from its cache
     fresh: tuple[int, ...]  # request indices prefilled: new, codes their row does not continue, or a reset
     resets: tuple[int, ...]  # of ``fresh``: rows that did continue but reset at the window
-    steps: int  # decode steps: the chunk's frames, plus K-1 warm-up steps when any row is fresh
+    steps: int  # decode steps: the chunk's frames, plus the warm-up steps when any row is fresh
 
 
-def resets_due(tokens: Mapping[int, int], window: int, frames: int, num_codebooks: int,
+def resets_due(tokens: Mapping[int, int], window: int, frames: int, warmup: int,
                spread: bool = True) -> list[int]:
     """Which continuing rows (index -> tokens in its cache) reset this chunk: every row that would outgrow the
     window in it, and, when none must, the first in line if the rows due soon could not all get a chunk of their
     own (``spread``: resets come one per chunk instead of bunching, so no chunk pays for many prefills)."""
-    worst = frames + num_codebooks - 1
+    worst = frames + warmup
     room = {j: (window - worst - t) // max(1, frames) for j, t in tokens.items()}  # chunks left (< 0: now)
     hard = [j for j in tokens if room[j] < 0]
     if not hard and spread:
@@ -33,13 +33,14 @@ def resets_due(tokens: Mapping[int, int], window: int, frames: int, num_codebook
     return hard
 
 
-def plan_chunk(requests: int, continuing: Mapping[int, int], window: int, frames: int, num_codebooks: int,
+def plan_chunk(requests: int, continuing: Mapping[int, int], window: int, frames: int, warmup: int,
                spread: bool = True) -> ChunkPlan:
     """The plan for ``requests`` requests of ``frames`` frames, given ``continuing``: request index -> tokens in
     the cache of its row, for every request whose row continues its station's codes (the layout decides what
     "continues" means for it: same codes, same guidance layout). The others, and rows due a window reset, are
-    prefilled; a fresh row needs K-1 warm-up steps (the delay pattern), so then the whole chunk takes them."""
-    resets = resets_due(continuing, window, frames, num_codebooks, spread)
+    prefilled; a fresh row needs ``warmup`` steps more (the delay pattern's ``max_delay``: K-1 for mono, K/2-1
+    for stereo), so then the whole chunk takes them."""
+    resets = resets_due(continuing, window, frames, warmup, spread)
     keep = tuple(i for i in sorted(continuing) if i not in resets)
     fresh = tuple(i for i in range(requests) if i not in keep)
-    return ChunkPlan(keep, fresh, tuple(sorted(resets)), frames + (num_codebooks - 1 if fresh else 0))
+    return ChunkPlan(keep, fresh, tuple(sorted(resets)), frames + (warmup if fresh else 0))

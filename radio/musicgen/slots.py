@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .decoding import Row, fresh_row
+from .pattern import DelayPattern
 from .plan import plan_chunk
 from ..errors import ModelError, SlotsFull
 from . import fused
@@ -70,8 +71,10 @@ class SlotDecoder:
     PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
 
     def __init__(self, parts: DecoderParts, shape: SlotShape, pad: int, prefill: Callable, conditioning: Callable,
-                 cross_kv: Callable, max_slots: int | None = None, graphs: bool | None = None) -> None:
+                 cross_kv: Callable, max_slots: int | None = None, graphs: bool | None = None,
+                 pattern: DelayPattern | None = None) -> None:
         self.parts = parts
+        self.pattern = pattern or DelayPattern(shape.codebooks)
         self.pad = pad
         self.shape = shape
         self._prefill = prefill  # (rows, contexts, requests, use_cfg) -> (kv per layer, P, offsets)
@@ -201,13 +204,12 @@ class SlotDecoder:
     def generate(self, requests: Sequence["ContinuationRequest"], keys: list[str], frames: int,
                  window: int) -> list[tuple[np.ndarray, bool]]:
         """``frames`` (or a few more) new frames for every request; returns (codes, was_fresh) per request."""
-        K = self.shape.codebooks
         window = min(window, self.shape.window)
         # Slots of stations this chunk does not ask for stay as they are (they may come back); a caller that
         # removes a station calls forget().
         continuing = {i: self._tokens(key) for i, (key, r) in enumerate(zip(keys, requests))
                       if key in self.rows and self.rows[key].continues(r.context)}
-        plan = plan_chunk(len(requests), continuing, window, frames, K, self.spread_resets)
+        plan = plan_chunk(len(requests), continuing, window, frames, self.pattern.max_delay, self.spread_resets)
         fresh, steps = list(plan.fresh), plan.steps
         self.last_steps = steps
 
@@ -303,7 +305,7 @@ class SlotDecoder:
         pad = self.pad
         rows, contexts = [], []
         for key, r in zip(keys, requests):
-            row, ctx = fresh_row(key, r.context, window, steps, pad)
+            row, ctx = fresh_row(key, r.context, window, steps, pad, self.pattern)
             contexts.append(ctx)
             rows.append(row)
             self.rows[key] = row

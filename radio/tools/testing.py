@@ -7,6 +7,8 @@ random, so the audio is noise-like; the shapes (and so the compute cost) are rea
 * ``tiny``: a few hundred kB, generates in milliseconds. For tests.
 * ``tiny-alt``: another tiny shape (wider, deeper decoder and text encoder; the same codec), so tests can
   run two different models side by side and swap between them.
+* ``tiny-stereo``, ``small-stereo``: the same, as stereo checkpoints (facebook/musicgen-stereo-small's layout:
+  8 codebooks, the two channels' interleaved, one mono EnCodec decoding each channel).
 * ``small``: exactly facebook/musicgen-small's shapes (T5-base text encoder, 32 kHz EnCodec with 4 codebooks
   at 50 Hz, a 24-layer 1024-wide decoder). About 2.4 GB in fp32. For ``radio bench`` only.
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-from . import SHAPES  # noqa: F401 - the names make_test_model takes
+from . import SHAPES  # the names make_test_model takes
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,10 @@ def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> 
         T5Config,
     )
 
-    if shape not in _SHAPES:
+    if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: use one of {', '.join(SHAPES)}")
-    s = _SHAPES[shape]
+    channels = 2 if shape.endswith("-stereo") else 1
+    s = _SHAPES[shape.removesuffix("-stereo")]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -146,14 +149,20 @@ def make_test_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> 
     )
     decoder = MusicgenDecoderConfig(  # type: ignore[call-arg]
         vocab_size=s.codebook_size, hidden_size=s.dec_hidden, num_hidden_layers=s.dec_layers,
-        num_attention_heads=s.dec_heads, ffn_dim=s.dec_ffn, num_codebooks=4, max_position_embeddings=2048,
+        num_attention_heads=s.dec_heads, ffn_dim=s.dec_ffn, num_codebooks=4 * channels, max_position_embeddings=2048,
         pad_token_id=s.codebook_size, bos_token_id=s.codebook_size, decoder_start_token_id=s.codebook_size,
-        audio_channels=1,
+        audio_channels=channels,
     )
     config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
     model = MusicgenForConditionalGeneration(config).eval()
     if model.audio_encoder.quantizer.num_quantizers != 4:
         raise RuntimeError("test model EnCodec does not have 4 codebooks; shape table is wrong")
+    if channels == 2:
+        # A fresh EnCodec's codebooks are zeros, so its audio does not depend on the codes at all; a stereo test
+        # model needs audio that does, or a channel mix-up would go unseen.
+        with torch.no_grad():
+            for layer in model.audio_encoder.quantizer.layers:
+                layer.codebook.embed.normal_()
 
     gen = model.generation_config
     gen.do_sample = True

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from radio.musicgen.decoding import DecodeState, Row, delayed_column, delayed_columns
+from radio.musicgen.decoding import DecodeState, Row
+from radio.musicgen.pattern import DelayPattern
 
 
 def _row(key: str) -> Row:
-    return Row(key=key, context_frames=0, next_column=np.zeros(4, np.int64), forced=np.full((4, 4), -1))
+    return Row(key=key, context_frames=0, next_column=np.zeros(4, np.int64), forced=np.full((4, 4), -1),
+               pattern=DelayPattern(4))
 
 
 def _state(cfg: bool, lengths: list[int], length: int) -> DecodeState:
@@ -114,11 +116,35 @@ def test_a_rejoin_is_sized_for_the_coming_chunk_so_it_is_not_rebuilt_twice() -> 
     assert st.k_bufs[0] is not buffers and st.capacity == st.length + 7
 
 
+@pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("frames", [0, 1, 2, 3, 4, 9])
-def test_the_delay_pattern_at_once_is_the_pattern_column_by_column(frames: int) -> None:
-    ctx = np.arange(4 * frames, dtype=np.int64).reshape(4, frames) + 1
+def test_the_delay_pattern_puts_codebook_k_of_frame_f_at_column_f_plus_1_plus_its_delay(channels: int,
+                                                                                      frames: int) -> None:
+    p = DelayPattern(4 * channels, channels)
+    assert list(p.delays) == ([0, 1, 2, 3] if channels == 1 else [0, 0, 1, 1, 2, 2, 3, 3]) and p.max_delay == 3
+    K = p.num_codebooks
+    ctx = np.arange(K * frames, dtype=np.int64).reshape(K, frames) + 1
     for count in range(frames + 6):
-        whole = delayed_columns(ctx, count, pad=-7)
-        assert whole.shape == (4, count)
+        whole = p.columns(ctx, count, pad=-7)
+        assert whole.shape == (K, count)
         for col in range(count):
-            np.testing.assert_array_equal(whole[:, col], delayed_column(ctx, col, pad=-7))
+            expected = [ctx[k, col - 1 - d] if 0 <= col - 1 - d < frames else -7 for k, d in enumerate(p.delays)]
+            np.testing.assert_array_equal(whole[:, col], expected)
+            np.testing.assert_array_equal(p.column(ctx, col, pad=-7), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_warm_up_forcing_and_frames_read_the_columns_back(channels: int) -> None:
+    """A row prefilled with T frames: its forced warm-up values are the pattern's columns T+1.. over the whole
+    music, and the frames its sampled columns complete are the music's frames T.. again."""
+    p = DelayPattern(4 * channels, channels)
+    K, T, N = p.num_codebooks, 10, 30
+    music = np.random.default_rng(channels).integers(0, 2048, (K, N))
+    full = p.columns(music, N + p.max_delay + 1, pad=-7)
+    forced = p.warmup(music[:, :T], pad=-7)
+    for j in range(K):
+        for k, d in enumerate(p.delays):
+            assert forced[k, j] == (full[k, T + 1 + j] if j < d else -1), (k, j)
+    new, rest = p.frames([full[:, c] for c in range(T + 1, N + p.max_delay + 1)])
+    np.testing.assert_array_equal(new, music[:, T:])
+    assert len(rest) == p.max_delay

@@ -24,11 +24,11 @@ def model(tiny_model_dir: Path, request: pytest.FixtureRequest) -> MusicgenModel
 
 def _generate_codes(model: MusicgenModel, prompt: str, context: np.ndarray, frames: int) -> np.ndarray:
     """transformers' own generate (greedy), returning the codes it hands to EnCodec."""
-    captured = {}
+    captured: list[torch.Tensor] = []  # one call per channel: stereo decodes left, then right
     real_decode = model.model.audio_encoder.decode
 
     def capture(codes, *args, **kwargs):
-        captured["codes"] = codes.clone()
+        captured.append(codes.clone())
         return real_decode(codes, *args, **kwargs)
 
     model.model.audio_encoder.decode = capture
@@ -36,12 +36,15 @@ def _generate_codes(model: MusicgenModel, prompt: str, context: np.ndarray, fram
         tokens = model.tokenizer([prompt], return_tensors="pt")
         kwargs = {}
         if context.shape[1]:
-            kwargs["decoder_input_ids"] = torch.from_numpy(context).reshape(4, -1)
+            kwargs["decoder_input_ids"] = torch.from_numpy(context).reshape(model.num_codebooks, -1)
         # a few extra steps: generate pads the last frames of its window (the delay pattern's tail)
         model.model.generate(**tokens, **kwargs, do_sample=False, guidance_scale=3.0, max_new_tokens=frames + 8)
     finally:
         model.model.audio_encoder.decode = real_decode
-    codes = captured["codes"][0, 0].numpy()
+    halves = [c[0, 0].numpy() for c in captured]
+    codes = np.empty((model.num_codebooks, halves[0].shape[1]), np.int64)
+    for channel, half in enumerate(halves):  # the channels' codebooks interleave
+        codes[channel::len(halves)] = half
     T = context.shape[1]
     return codes[:, T:T + frames]
 
@@ -404,3 +407,22 @@ def test_a_stations_codes_depend_only_on_its_own_settings(prompt_driven_model_di
     np.testing.assert_array_equal(codes[0.0], codes[1.0])
     np.testing.assert_array_equal(codes[0.5], codes[1.0])
     assert (codes[3.0] != codes[1.0]).any()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("context_frames", [0, 2, 37])
+def test_a_stereo_checkpoint_continues_as_transformers_generate_does(tiny_stereo_model_dir: Path, decoder: str,
+                                                                    context_frames: int) -> None:
+    """musicgen-stereo's layout: 8 codebooks, the channels' interleaved, a pair delayed alike; two channels of
+    PCM, each channel's codebooks through EnCodec."""
+    model = MusicgenModel(str(tiny_stereo_model_dir), device="cpu", dtype="float32", seed=1, decoder=decoder)
+    assert (model.channels, model.num_codebooks, model.pattern.max_delay) == (2, 8, 3)
+    context = np.random.default_rng(context_frames).integers(0, model.vocab_size, (8, context_frames))
+    ours = model.continue_batch([ContinuationRequest(context, "jazz piano at night", GREEDY, key="s")], 20)[0]
+    np.testing.assert_array_equal(ours.codes, _generate_codes(model, "jazz piano at night", context, 20))
+    assert ours.pcm.shape == (20 * 640, 2) and ours.pcm.dtype == np.float32
+    assert np.abs(ours.pcm[:, 0] - ours.pcm[:, 1]).max() > 0  # two channels, not one copied
+    again = model.continue_batch([ContinuationRequest(np.concatenate([context, ours.codes], axis=1),
+                                                      "jazz piano at night", GREEDY, key="s")], 20)[0]
+    whole = _generate_codes(model, "jazz piano at night", context, 40)
+    np.testing.assert_array_equal(again.codes, whole[:, 20:])  # the cache continues across chunks
