@@ -185,8 +185,8 @@ class Daemon:
             raise ModelError(f"{sc.path or sc.mount}: {exc}") from exc
         station = Station(sc, model.sample_rate, model.frame_rate, model.num_codebooks,
                           self.config.engine, rng=random.Random((rng or random.Random()).random()),
-                          idents=load_idents(sc.idents, model.sample_rate, sc.mount),
-                          requests=self.config.requests)
+                          idents=load_idents(sc.idents, model.sample_rate, sc.mount, model.channels),
+                          requests=self.config.requests, channels=model.channels)
         self.stations[station.key] = station
         self._failed.pop(sc.key, None)
         self.pool.add_station(station, spec)
@@ -245,7 +245,8 @@ class Daemon:
         if sc.mount != old.mount and any(st.mount == sc.mount for st in self.stations.values()):
             logger.error("%s: mount: %s is already used by another station; change not applied", sc.path, sc.mount)
             return
-        idents = load_idents(sc.idents, station.sample_rate, sc.mount) if sc.idents != old.idents else None
+        idents = load_idents(sc.idents, station.sample_rate, sc.mount, station.channels) \
+            if sc.idents != old.idents else None
 
         def apply(st: Station) -> None:
             st.apply_config(sc)

@@ -56,6 +56,18 @@ def code_format(model: MusicModel) -> tuple[object, ...]:
     return (model.num_codebooks, model.vocab_size, model.frame_rate, model.sample_rate)
 
 
+def fit_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
+    """A model's PCM in a station's channel layout. A station keeps the layout of the model it started with (its
+    mount's encoder and buffers are built for it); a model swapped in live with another layout is mixed down to
+    mono or spread to both channels, until the station restarts."""
+    have = 1 if pcm.ndim == 1 else pcm.shape[1]
+    if have == channels:
+        return pcm
+    if channels == 1:
+        return pcm.mean(axis=1, dtype=np.float32)
+    return np.repeat((pcm if pcm.ndim == 1 else pcm.mean(axis=1))[:, None], channels, axis=1).astype(np.float32)
+
+
 class Engine:
     """Schedules generation for all stations over one or more models (keyed by name)."""
 
@@ -361,7 +373,8 @@ class Engine:
                 logger.info("%s: generating again", station.mount)
                 station.error = None
                 self._throttle.clear(f"aside{station.key}")
-            silent = station.push(self._join(model, station.key, result.pcm, result.overlap))
+            pcm = fit_channels(result.pcm, station.channels)
+            silent = station.push(self._join(model, station.key, pcm, result.overlap))
             station.append_codes(result.codes)
             self._watch_silence(model, station, silent, result.codes.shape[1])
         self.steps += 1
@@ -434,6 +447,9 @@ class Engine:
                        "fresh context", station.mount, seconds, dropped)
 
     def _join(self, model: MusicModel, key: str, pcm: np.ndarray, overlap: int) -> np.ndarray:
+        tail = self._tails.get(key)
+        if tail is not None and tail.shape[1:] != pcm.shape[1:]:
+            self._tails.pop(key)  # the station's layout changed under it: start its joins afresh
         spf = model.samples_per_frame
         body_start = overlap * spf
         reserve = int(self.config.crossfade_ms / 1000 * model.sample_rate)
@@ -449,7 +465,7 @@ class Engine:
         elif tail is not None:
             head = tail
         else:
-            head = np.zeros(0, np.float32)
+            head = pcm[:0]
         end = len(pcm) - xf
         self._tails[key] = pcm[end:].copy()
         return np.concatenate([head, pcm[body_start:end]]).astype(np.float32)

@@ -156,7 +156,7 @@ def silent_run_seconds(audio: np.ndarray, rate: int = 16000, window: float = 0.0
 def probe(url: str) -> dict:
     """ffprobe's view of a mount's first audio stream (codec, sample rate) and its tags."""
     proc = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name,sample_rate:stream_tags:format_tags",
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name,sample_rate,channels:stream_tags:format_tags",
          "-of", "json", url], capture_output=True, timeout=30,
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")

@@ -87,6 +87,7 @@ class MusicModel(Protocol):
     frame_rate: int
     num_codebooks: int
     samples_per_frame: int
+    channels: int  # 1: PCM (samples,); 2: PCM (samples, 2)
 
     @property
     def batch_limit(self) -> int:
@@ -529,7 +530,7 @@ class MusicgenModel:
         slots = self._slots
         kernels = ((f"{self.weights}-weight-only" if self.weights in ("int8", "int4") else "onednn-packed")
                    if self.packed else "stock")
-        return {"device": self.device, "decoder": self.decoder, "weights": self.weights,
+        return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "channels": self.channels,
                 "kernels": slots.kernels if slots is not None else kernels,
                 "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,
                 "slots_used": sum(k is not None for k in list(slots.keys)) if slots is not None else None,

@@ -48,21 +48,23 @@ def safe_text(text: str) -> str:
 
 def ffmpeg_argv(fmt: str, bitrate: int, sample_rate: int, title: str | None = None,
                 station: str | None = None, loudness: float | None = None, ffmpeg: str = "ffmpeg",
-                trim: tuple[float, float] | None = None) -> list[str]:
+                trim: tuple[float, float] | None = None, channels: int = 1) -> list[str]:
     """The ffmpeg command line for one mount (a list: no shell, no quoting issues with titles).
 
     ``loudness`` (LUFS) adds EBU R128 normalisation (``loudnorm``, dynamic mode), so every station sits at
     the same level whatever the model makes; loudnorm works at 192 kHz, so the output rate is set again.
+    ``channels``: 1 (mono) or 2 (stereo, the samples interleaved left/right).
     ``trim`` (start, end seconds) keeps only that part of the filtered input (see :func:`encode_loop`).
     """
     if fmt not in CODEC_ARGS:
         raise EncoderError(f"unknown format {fmt!r}")
+    layout = {1: "mono", 2: "stereo"}[channels]
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "warning",
-            "-f", "f32le", "-ar", str(sample_rate), "-ch_layout", "mono", "-i", "pipe:0"]
+            "-f", "f32le", "-ar", str(sample_rate), "-ch_layout", layout, "-i", "pipe:0"]
     filters = []
     if loudness is not None:
         out_rate = OUTPUT_RATE[fmt] or sample_rate
-        filters.append(f"loudnorm=I={loudness:g}:TP=-1.5:LRA=11,aresample={out_rate},aformat=channel_layouts=mono")
+        filters.append(f"loudnorm=I={loudness:g}:TP=-1.5:LRA=11,aresample={out_rate},aformat=channel_layouts={layout}")
     if trim is not None:
         filters.append(f"atrim=start={trim[0]:.6f}:end={trim[1]:.6f},asetpts=PTS-STARTPTS")
     if filters:
@@ -85,8 +87,9 @@ def encode_loop(pcm: np.ndarray, fmt: str, bitrate: int, sample_rate: int, title
     complete Ogg stream (headers, pages, end of stream) or whole MP3 frames. The encoder runs over three
     cycles and keeps the middle one, so loudness normalisation has settled exactly as on the live stream."""
     seconds = len(pcm) / sample_rate
-    argv = ffmpeg_argv(fmt, bitrate, sample_rate, title, station, loudness, trim=(seconds, 2 * seconds))
-    data = np.ascontiguousarray(np.tile(pcm, 3), dtype="<f4").tobytes()
+    argv = ffmpeg_argv(fmt, bitrate, sample_rate, title, station, loudness, trim=(seconds, 2 * seconds),
+                       channels=1 if pcm.ndim == 1 else pcm.shape[1])
+    data = np.ascontiguousarray(np.concatenate([pcm] * 3), dtype="<f4").tobytes()
     try:
         proc = subprocess.run(argv, input=data, capture_output=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -251,8 +254,9 @@ class Encoder:
     :meth:`resume` starts a fresh one behind it."""
 
     def __init__(self, mount: str, fmt: str, bitrate: int, sample_rate: int, station: str = "",
-                 loudness: float | None = None) -> None:
+                 loudness: float | None = None, channels: int = 1) -> None:
         self.mount = mount
+        self.channels = channels
         self.loudness = loudness
         self.format = fmt
         self.bitrate = bitrate
@@ -272,7 +276,8 @@ class Encoder:
         return SHOUT_FORMAT[self.format] == "ogg"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        argv = ffmpeg_argv(self.format, self.bitrate, self.sample_rate, self.title, self.station, self.loudness)
+        argv = ffmpeg_argv(self.format, self.bitrate, self.sample_rate, self.title, self.station, self.loudness,
+                           channels=self.channels)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:

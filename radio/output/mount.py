@@ -42,7 +42,7 @@ class Mount:
         self.block = max(1, int(block_seconds * self.sample_rate))
         self.lead = lead_seconds
         self.encoder = Encoder(cfg.mount, cfg.format, cfg.bitrate, self.sample_rate, station=cfg.name,
-                               loudness=cfg.loudness)
+                               loudness=cfg.loudness, channels=station.channels)
         self.output = IcecastOutput(server, cfg, self.encoder, self.sample_rate, on_connect=self._on_connect)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,7 +183,7 @@ class Mount:
         worker.start()
         pos = 0
         while worker.is_alive() and not self._stop.is_set():
-            block = np.take(pcm, np.arange(pos, pos + self.block), mode="wrap")
+            block = np.take(pcm, np.arange(pos, pos + self.block), axis=0, mode="wrap")
             pos = (pos + self.block) % len(pcm)
             self.encoder.write(block)
             self._sent += len(block)

@@ -14,7 +14,8 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def equal_power_crossfade(out_going: np.ndarray, in_coming: np.ndarray) -> np.ndarray:
-    """Mix two equal-length float32 signals: ``out_going`` fades out, ``in_coming`` fades in, at constant power.
+    """Mix two equal-length float32 signals, (samples,) or (samples, channels): ``out_going`` fades out,
+    ``in_coming`` fades in, at constant power.
 
     The gains keep the *mixed* power constant for the correlation ``r`` the two signals actually have:
     g_out**2 + g_in**2 + 2*r*g_out*g_in == 1 at every sample. For unrelated audio (a filler loop, r ~ 0) this
@@ -22,12 +23,13 @@ def equal_power_crossfade(out_going: np.ndarray, in_coming: np.ndarray) -> np.nd
     becomes an amplitude-complementary fade, so the join has no +3 dB bump and no jump.
     """
     n = len(out_going)
-    if n != len(in_coming):
-        raise ValueError(f"crossfade needs equal lengths, got {n} and {len(in_coming)}")
+    if out_going.shape != in_coming.shape:
+        raise ValueError(f"crossfade needs equal shapes, got {out_going.shape} and {in_coming.shape}")
     if n == 0:
-        return np.zeros(0, dtype=np.float32)
-    r = correlation(out_going.astype(np.float64), in_coming.astype(np.float64))
+        return np.zeros(out_going.shape, dtype=np.float32)
+    r = correlation(out_going.astype(np.float64).ravel(), in_coming.astype(np.float64).ravel())
     p = np.sin((np.arange(n, dtype=np.float64) + 0.5) / n * (np.pi / 2)) ** 2  # smooth 0 -> 1
+    p = p.reshape(n, *([1] * (out_going.ndim - 1)))  # one gain per sample, for every channel
     g_out, g_in = 1.0 - p, p
     k = 1.0 / np.sqrt(g_out ** 2 + g_in ** 2 + 2.0 * r * g_out * g_in)
     return (out_going * (g_out * k) + in_coming * (g_in * k)).astype(np.float32)
@@ -38,10 +40,11 @@ def rms(pcm: np.ndarray) -> float:
 
 
 class Ring:
-    """The last ``capacity`` samples of a stream, kept in one preallocated buffer written in place."""
+    """The last ``capacity`` samples of a stream (mono, or ``channels`` per sample), kept in one preallocated
+    buffer written in place."""
 
-    def __init__(self, capacity: int) -> None:
-        self.buf = np.zeros(max(1, capacity), dtype=np.float32)
+    def __init__(self, capacity: int, channels: int = 1) -> None:
+        self.buf = np.zeros((max(1, capacity),) if channels == 1 else (max(1, capacity), channels), dtype=np.float32)
         self.size = 0
         self.end = 0  # where the next sample goes
 

@@ -16,8 +16,9 @@ IDENT_DBFS = -20.0
 MAX_IDENT_SECONDS = 60.0
 
 
-def load_ident(path: str, sample_rate: int, target_dbfs: float = IDENT_DBFS) -> np.ndarray:
-    """Decode, downmix, resample and level one ident. Raises OSError/ValueError with a message on failure."""
+def load_ident(path: str, sample_rate: int, target_dbfs: float = IDENT_DBFS, channels: int = 1) -> np.ndarray:
+    """Decode, mix to the station's channels, resample and level one ident: (samples,) or (samples, channels).
+    Raises OSError/ValueError with a message on failure."""
     from pydub import AudioSegment
     from pydub.exceptions import CouldntDecodeError
 
@@ -27,19 +28,21 @@ def load_ident(path: str, sample_rate: int, target_dbfs: float = IDENT_DBFS) -> 
         raise ValueError(f"{path}: not an audio file ffmpeg can decode ({exc})") from exc
     if len(seg) / 1000 > MAX_IDENT_SECONDS:
         raise ValueError(f"{path}: {len(seg) / 1000:.0f} s long; idents are limited to {MAX_IDENT_SECONDS:.0f} s")
-    seg = seg.set_channels(1).set_frame_rate(sample_rate)
+    seg = seg.set_channels(channels).set_frame_rate(sample_rate)
     if seg.dBFS != float("-inf"):
         seg = seg.apply_gain(target_dbfs - seg.dBFS)
     samples = np.array(seg.get_array_of_samples(), dtype=np.float32)
+    if channels > 1:
+        samples = samples.reshape(-1, channels)  # pydub interleaves the channels
     return np.clip(samples / float(1 << (8 * seg.sample_width - 1)), -1.0, 1.0)
 
 
-def load_idents(paths: tuple[str, ...], sample_rate: int, station: str) -> list[np.ndarray]:
+def load_idents(paths: tuple[str, ...], sample_rate: int, station: str, channels: int = 1) -> list[np.ndarray]:
     """Every ident that loads; a broken one is logged and left out (the station still runs)."""
     out = []
     for p in paths:
         try:
-            out.append(load_ident(p, sample_rate))
+            out.append(load_ident(p, sample_rate, channels=channels))
         except (OSError, ValueError) as exc:
             logger.error("%s: ident left out: %s", station, exc)
     return out

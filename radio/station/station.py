@@ -42,8 +42,11 @@ class Station:
 
     def __init__(self, config: StationConfig, sample_rate: int, frame_rate: int, num_codebooks: int,
                  engine: EngineConfig, rng: random.Random | None = None,
-                 idents: list[np.ndarray] | None = None, requests: RequestsConfig | None = None) -> None:
+                 idents: list[np.ndarray] | None = None, requests: RequestsConfig | None = None,
+                 channels: int = 1) -> None:
         self.config = config
+        # PCM is (samples,) for a mono model and (samples, channels) for a stereo one, everywhere in the station.
+        self.channels = channels
         # Listener requests: the API's threads queue them, generation takes them between items.
         self._request_defaults = requests or RequestsConfig()
         self.requests = RequestQueue(config.requests_config(self._request_defaults))
@@ -73,7 +76,7 @@ class Station:
         self._reserve = max(1, int(engine.crossfade_ms / 1000 * sample_rate))
         # The last real audio handed out, for filler: a ring written in place, as it is fed every 100 ms (a new
         # array per block was a steady churn of half-megabyte allocations across the feeder threads).
-        self._history = Ring(int(engine.filler_seconds * sample_rate) + self._reserve)
+        self._history = Ring(int(engine.filler_seconds * sample_rate) + self._reserve, channels)
         self._filler: np.ndarray | None = None
         self._filler_pos = 0
         self.now_playing: str | None = None
@@ -366,7 +369,7 @@ class Station:
                     need -= len(take)
                 else:
                     self._enter_filler(titles)
-        pcm = np.concatenate(out) if out else np.zeros(0, np.float32)
+        pcm = np.concatenate(out) if out else self.silence(0)
         with self._lock:
             if len(pcm) > n:  # the exit crossfade may overshoot by < one reserve; keep it for next time
                 extra = pcm[n:]
@@ -398,7 +401,11 @@ class Station:
             self.real_samples += k
             if seg.pos >= len(seg.pcm):
                 self._queue.popleft()
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return np.concatenate(parts) if parts else self.silence(0)
+
+    def silence(self, n: int) -> np.ndarray:
+        """``n`` samples of silence in the station's channel layout."""
+        return np.zeros((n,) if self.channels == 1 else (n, self.channels), dtype=np.float32)
 
     def _remember(self, pcm: np.ndarray) -> None:
         self._history.push(pcm)
@@ -410,7 +417,7 @@ class Station:
         xf = self._reserve
         if len(history) < 4 * xf:
             # Nothing played yet: silence is all that exists. It still counts as filled time.
-            self._filler = np.zeros(self.sample_rate // 10, dtype=np.float32)
+            self._filler = self.silence(self.sample_rate // 10)
             self._filler_pos = 0
             if len(reserve):
                 self._filler[: len(reserve)] = reserve
@@ -440,7 +447,7 @@ class Station:
         start = max(0, len(history) - span)
         audio = audio[start:start + span]
         if len(audio) < 4 * self._reserve:
-            return np.zeros(self.sample_rate, dtype=np.float32)
+            return self.silence(self.sample_rate)
         return self._cycle(audio)
 
     def _filler_take(self, n: int) -> np.ndarray:
@@ -481,6 +488,7 @@ class Station:
             "mount": self.mount,
             "format": self.config.format,
             "bitrate": self.config.bitrate,
+            "channels": self.channels,
             "now_playing": self.now_playing,
             "generating": self.playlist.current.title,
             "next": self._next_title(),

@@ -199,17 +199,20 @@ class SineModel:
     Codes carry the absolute frame index (so a continuation's position is read off its context), and the PCM
     of frame f is the sine at samples [f*640, (f+1)*640): chunks decoded with overlap line up exactly, and any
     repeated or missing sample at a join shows as a phase jump. ``delay`` makes it slower (seconds per call).
+    ``channels=2``: stereo PCM (samples, 2), the right channel a sine at 1.5 times the frequency.
     """
 
     sample_rate = 32000
     frame_rate = 50
     samples_per_frame = 640
     num_codebooks = 4
+    channels = 1
 
     batch_limit = 16
     vocab_size = 2048
 
-    def __init__(self, freq: float = 440.0, amplitude: float = 0.5, delay: float = 0.0) -> None:
+    def __init__(self, freq: float = 440.0, amplitude: float = 0.5, delay: float = 0.0, channels: int = 1) -> None:
+        self.channels = channels
         self.freq = freq
         self.amplitude = amplitude
         self.delay = delay
@@ -219,7 +222,9 @@ class SineModel:
         import numpy as np
 
         n = np.arange(start * self.samples_per_frame, stop * self.samples_per_frame, dtype=np.float64)
-        return (self.amplitude * np.sin(2 * np.pi * self.freq * n / self.sample_rate)).astype(np.float32)
+        freqs = [self.freq, 1.5 * self.freq][: self.channels]
+        pcm = np.stack([self.amplitude * np.sin(2 * np.pi * f * n / self.sample_rate) for f in freqs], axis=1)
+        return (pcm[:, 0] if self.channels == 1 else pcm).astype(np.float32)
 
     def forget(self, key: str) -> None:
         """Nothing is kept per station."""
