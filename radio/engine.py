@@ -68,6 +68,19 @@ def fit_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat((pcm if pcm.ndim == 1 else pcm.mean(axis=1))[:, None], channels, axis=1).astype(np.float32)
 
 
+@dataclass
+class _Record:
+    """Everything the engine keeps about one station, in one place (the engine thread writes it; other threads
+    read or set single fields under the engine's lock)."""
+
+    station: Station
+    model: str | None  # the model's key (None: waiting for one; filler plays)
+    code_format: tuple[object, ...] | None = None  # the format of its context codes (see code_format())
+    tail: np.ndarray | None = None  # the last chunk's end, held back for the crossfade into the next chunk
+    retry_at: float = 0.0  # not picked before this time (no decode slot free, a prompt the model refused)
+    heard: float = float("-inf")  # when it last had a listener: the linger runs from there
+
+
 class Engine:
     """Schedules generation for all stations over one or more models (keyed by name)."""
 
@@ -76,10 +89,7 @@ class Engine:
         if model is not None:
             self.models[DEFAULT_MODEL_KEY] = model
         self.config = config
-        self._stations: dict[str, Station] = {}
-        self._assigned: dict[str, str | None] = {}  # station key -> model key (None: waiting, filler plays)
-        self._code_formats: dict[str, tuple[object, ...]] = {}  # station key -> format of its context codes
-        self._tails: dict[str, np.ndarray] = {}
+        self._records: dict[str, _Record] = {}  # station key -> its record
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -93,14 +103,11 @@ class Engine:
         self._throttle = Throttle(logger)
         self._forgets: deque[tuple[MusicModel, str]] = deque()  # decode states to drop, applied by the engine thread
         self._commands: deque[Command] = deque()  # station changes from other threads, applied by the engine thread
-        # Stations that could not run (no decode slot free, a prompt the model refused): not picked again before
-        # this time, so they neither spin the engine nor take every step from the stations that can run.
-        self._retry_at: dict[str, float] = {}
+        # Stations that could not run (no decode slot free, a prompt the model refused) wait this long before
+        # they are picked again, so they neither spin the engine nor take every step from those that can run.
         self.retry_seconds = 2.0
-        # The audience: listeners per mount from Icecast (None: unknown, so every station generates: fail open),
-        # and when each station last had one (the linger runs from there).
+        # The audience: listeners per mount from Icecast (None: unknown, so every station generates: fail open).
         self._listeners: dict[str, int] | None = None
-        self._heard: dict[str, float] = {}
         self.idle_changes = 0  # stations that went idle or woke up
         # Audio made against wall time since the load was last judged, busy or idle (overload check).
         self._made_since = (time.monotonic(), 0.0)
@@ -125,17 +132,19 @@ class Engine:
             removed = self.models.pop(key, None)
             # Its pending forgets are moot (its state goes with it), and must not keep it alive.
             self._forgets = deque(f for f in self._forgets if f[0] is not removed)
-            for station, assigned in self._assigned.items():
-                if assigned == key:
-                    self._assigned[station] = None
+            for record in self._records.values():
+                if record.model == key:
+                    record.model = None
 
     def set_station_model(self, station_key: str, model_key: str | None) -> None:
         """Move a station to another model from its next chunk on (None: pause it; filler covers). The join
         is crossfaded as usual: the new model continues the station's codes when their formats match, else
         it starts fresh and the engine crossfades into it."""
         with self._lock:
-            old = self._assigned.get(station_key)
-            self._assigned[station_key] = model_key
+            record = self._records.get(station_key)
+            if record is None:
+                return
+            old, record.model = record.model, model_key
             previous = self.models.get(old) if old is not None and old != model_key else None
         if previous is not None:
             self._forget(previous, station_key)
@@ -143,7 +152,8 @@ class Engine:
 
     def model_of(self, station_key: str) -> str | None:
         with self._lock:
-            return self._assigned.get(station_key)
+            record = self._records.get(station_key)
+            return record.model if record is not None else None
 
     def _forget(self, model: MusicModel, station_key: str) -> None:
         """Queue a station's decode state to be dropped by the engine thread before its next step: the model
@@ -173,7 +183,8 @@ class Engine:
                 if not self._commands:
                     return
                 command = self._commands.popleft()
-                station = self._stations.get(command.key)
+                record = self._records.get(command.key)
+                station = record.station if record is not None else None
             try:
                 if station is None:
                     raise KeyError(command.key)
@@ -195,26 +206,19 @@ class Engine:
     # -- stations --------------------------------------------------------------------------------------------
     def add_station(self, station: Station, model_key: str | None = DEFAULT_MODEL_KEY) -> None:
         with self._lock:
-            self._stations[station.key] = station
-            self._assigned[station.key] = model_key
-            self._tails.pop(station.key, None)
-            self._code_formats.pop(station.key, None)
+            self._records[station.key] = _Record(station, model_key)
         self._wake.set()
 
     def remove_station(self, key: str) -> None:
         with self._lock:
-            self._retry_at.pop(key, None)
-            self._heard.pop(key, None)
-            self._stations.pop(key, None)
-            self._tails.pop(key, None)
-            self._code_formats.pop(key, None)
-            model = self.models.get(self._assigned.pop(key, None) or "")
+            record = self._records.pop(key, None)
+            model = self.models.get(record.model or "") if record is not None else None
         if model is not None:
             self._forget(model, key)
 
     def stations(self) -> list[Station]:
         with self._lock:
-            return list(self._stations.values())
+            return [r.station for r in self._records.values()]
 
     # -- audience --------------------------------------------------------------------------------------------
     def set_listeners(self, counts: dict[str, int] | None) -> None:
@@ -228,12 +232,12 @@ class Engine:
         with self._lock:
             changed = counts != self._listeners
             self._listeners = counts
-            stations = list(self._stations.values())
             woken = []
-            for station in stations:
+            for record in self._records.values():
+                station = record.station
                 heard = counts is None or counts.get(station.mount, 0) > 0
                 if heard:
-                    self._heard[station.key] = now
+                    record.heard = now
                 if heard and station.idle:
                     station.set_idle(False)
                     woken.append(station)
@@ -249,7 +253,7 @@ class Engine:
         with self._lock:
             return None if self._listeners is None else self._listeners.get(mount, 0)
 
-    def _wanted(self, station: Station, counts: dict[str, int] | None, heard: dict[str, float], now: float) -> bool:
+    def _wanted(self, station: Station, counts: dict[str, int] | None, heard: float, now: float) -> bool:
         """Whether the model should serve ``station``: someone listens (or did within the linger), or it is
         set to generate always, or the audience is unknown, or it has no audio yet (its first short chunk puts
         its mount on air, with its own music to loop while nobody listens)."""
@@ -257,7 +261,7 @@ class Engine:
             return True
         if counts.get(station.mount, 0) > 0:
             return True
-        return now - heard.get(station.key, float("-inf")) < self.config.linger
+        return now - heard < self.config.linger
 
     def update_audience(self) -> None:
         """Idle the stations nobody has listened to for the linger (the engine thread, between steps; waking
@@ -266,9 +270,8 @@ class Engine:
         now = time.monotonic()
         with self._lock:
             counts = self._listeners
-            heard = dict(self._heard)
-            stations = [(s, self.models.get(self._assigned.get(k) or "")) for k, s in self._stations.items()]
-        for station, model in stations:
+            stations = [(r.station, r.heard, self.models.get(r.model or "")) for r in self._records.values()]
+        for station, heard, model in stations:
             if station.idle or self._wanted(station, counts, heard, now):
                 continue
             station.set_idle(True)
@@ -282,7 +285,7 @@ class Engine:
     def generating(self) -> int:
         """Stations the engine serves now (on a loaded model and not idle)."""
         with self._lock:
-            return sum(1 for k, s in self._stations.items() if self._assigned.get(k) in self.models and not s.idle)
+            return sum(1 for r in self._records.values() if r.model in self.models and not r.station.idle)
 
     # -- scheduling ------------------------------------------------------------------------------------------
     def pick_batch(self) -> list[Station]:
@@ -306,12 +309,10 @@ class Engine:
         return self._pick()[1]
 
     def _pick(self) -> tuple[str | None, list[Station]]:
-        with self._lock:
-            stations = [(s, self._assigned.get(k)) for k, s in self._stations.items()]
-            models = set(self.models)
         now = time.monotonic()
-        stations = [(s, m) for s, m in stations
-                    if m in models and not s.idle and self._retry_at.get(s.key, 0.0) <= now]
+        with self._lock:
+            stations = [(r.station, r.model) for r in self._records.values()
+                        if r.model in self.models and not r.station.idle and r.retry_at <= now]
         needy = [(s, m) for s, m in stations if s.needs_audio()]
         if not needy:
             return None, []
@@ -340,8 +341,10 @@ class Engine:
             return False
         fmt = code_format(model)
         with self._lock:
-            unreadable = [s for s in batch if self._code_formats.get(s.key, fmt) != fmt]
-            self._code_formats.update((s.key, fmt) for s in batch)
+            records = [self._records[s.key] for s in batch if s.key in self._records]
+            unreadable = [r.station for r in records if r.code_format not in (None, fmt)]
+            for r in records:
+                r.code_format = fmt
         for s in unreadable:
             s.drop_context(model.num_codebooks)  # another model made these codes and this one cannot read them
         fps = model.frame_rate
@@ -364,17 +367,18 @@ class Engine:
         batch, results = continued
         wall = time.monotonic() - t0
         with self._lock:
-            live = {k for k, m in self._assigned.items() if m == model_key and k in self._stations}
+            live = {k: r for k, r in self._records.items() if r.model == model_key}
         for station, result in zip(batch, results):
-            if station.key not in live:
+            record = live.get(station.key)
+            if record is None or record.station is not station:
                 continue  # removed, or moved to another model, while we generated
-            self._retry_at.pop(station.key, None)
+            record.retry_at = 0.0
             if station.error is not None:
                 logger.info("%s: generating again", station.mount)
                 station.error = None
                 self._throttle.clear(f"aside{station.key}")
             pcm = fit_channels(result.pcm, station.channels)
-            silent = station.push(self._join(model, station.key, pcm, result.overlap))
+            silent = station.push(self._join(model, record, pcm, result.overlap))
             station.append_codes(result.codes)
             self._watch_silence(model, station, silent, result.codes.shape[1])
         self.steps += 1
@@ -404,7 +408,7 @@ class Engine:
                         raise
                     for s in waiting:
                         s.error = f"waiting for a decode slot: {exc}"
-                        self._retry_at[s.key] = time.monotonic() + self.retry_seconds
+                        self._retry_later(s)
                     self._throttle.log(logging.WARNING, "slots", "%d station(s) wait for a decode slot (%s): %s",
                                        len(waiting), exc, ", ".join(s.mount for s in waiting[:5]))
                     batch = [s for s in batch if s.key not in exc.keys]
@@ -418,12 +422,18 @@ class Engine:
                         raise
                     aside = batch.pop(i)
                     self._set_aside(aside, str(exc))
-                    self._retry_at[aside.key] = time.monotonic() + self.retry_seconds
+                    self._retry_later(aside)
                     requests.pop(i)
                     if not batch:
                         return None
         finally:
             self._step_started = None
+
+    def _retry_later(self, station: Station) -> None:
+        with self._lock:
+            record = self._records.get(station.key)
+            if record is not None:
+                record.retry_at = time.monotonic() + self.retry_seconds
 
     def _set_aside(self, station: Station, message: str) -> None:
         """A station whose current item cannot be generated: it moves on to its next item (filler covers) and
@@ -442,19 +452,22 @@ class Engine:
             return
         seconds = station.silent_frames / model.frame_rate
         dropped = station.restart_context()
-        self._tails.pop(station.key, None)
+        record = self._records.get(station.key)
+        if record is not None:
+            record.tail = None
         logger.warning("%s: %.0f s of near-silence from the generator; skipped %.1f s and starting from a "
                        "fresh context", station.mount, seconds, dropped)
 
-    def _join(self, model: MusicModel, key: str, pcm: np.ndarray, overlap: int) -> np.ndarray:
-        tail = self._tails.get(key)
+    def _join(self, model: MusicModel, record: _Record, pcm: np.ndarray, overlap: int) -> np.ndarray:
+        """The new chunk's audio joined to the station's held tail (a crossfade over the decoded overlap); the
+        chunk's own end is held back as the next tail."""
+        tail = record.tail
         if tail is not None and tail.shape[1:] != pcm.shape[1:]:
-            self._tails.pop(key)  # the station's layout changed under it: start its joins afresh
+            tail = None  # the station's layout changed under it: start its joins afresh
         spf = model.samples_per_frame
         body_start = overlap * spf
         reserve = int(self.config.crossfade_ms / 1000 * model.sample_rate)
         xf = min(reserve, body_start, len(pcm) // 4) if body_start else min(reserve, len(pcm) // 4)
-        tail = self._tails.get(key)
         if tail is not None and 0 < len(tail) <= body_start:
             head = equal_power_crossfade(tail, pcm[body_start - len(tail): body_start])
         elif tail is not None and 0 < len(tail) <= len(pcm) // 2:
@@ -467,7 +480,7 @@ class Engine:
         else:
             head = pcm[:0]
         end = len(pcm) - xf
-        self._tails[key] = pcm[end:].copy()
+        record.tail = pcm[end:].copy()
         return np.concatenate([head, pcm[body_start:end]]).astype(np.float32)
 
     LOAD_WINDOW = 30.0  # seconds of wall time over which production is judged against need
@@ -475,7 +488,7 @@ class Engine:
     def on_air(self) -> int:
         """Stations with a loaded model, generating or idle: each keeps its mount on air."""
         with self._lock:
-            return sum(1 for k in self._stations if self._assigned.get(k) in self.models)
+            return sum(1 for r in self._records.values() if r.model in self.models)
 
     def _judge_load(self) -> None:
         """Every LOAD_WINDOW: did the engine make what its stations need? If not, say so once (then once a

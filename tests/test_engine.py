@@ -386,7 +386,7 @@ def test_the_linger_keeps_a_station_generating_after_its_last_listener_leaves() 
         engine.set_listeners({"/a.mp3": i % 2})
         engine.update_audience()
     assert not a.idle and engine.idle_changes == 0
-    engine._heard[a.key] -= 3601.0  # the linger has run out since the last listener left
+    engine._records[a.key].heard -= 3601.0  # the linger has run out since the last listener left
     engine.set_listeners({})
     engine.update_audience()
     assert a.idle and engine.idle_changes == 1
