@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -35,7 +34,9 @@ from ..errors import ConditioningError, ModelError
 from .pattern import DelayPattern
 
 if TYPE_CHECKING:
+    from .codec import Codec
     from .plan import ChunkPlan
+    from .text import TextConditioning
     from .slots import SlotDecoder
 
 logger = logging.getLogger(__name__)
@@ -312,15 +313,18 @@ class MusicgenModel:
         self.max_positions = int(model.config.decoder.max_position_embeddings)
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        self._text_cache: OrderedDict[str, object] = OrderedDict()
-        self._text_cache_size = text_cache_size
+        from .codec import Codec  # torch-heavy, like the rest: imported only when a real model is loaded
+        from .text import TextConditioning
+
+        self.text: TextConditioning = TextConditioning(model, self.tokenizer, self.device, self.dtype,
+                                                       text_cache_size)
         self._lock = threading.Lock()
         self.calls = 0  # batched continuation calls so far (status and tests)
         self.last_batch_size = 0
         self.last_steps = 0
         self.last_prefill_seconds = 0.0  # wall time of the last chunk's prefill (bench: a reset's cost)
         self.last_decode_seconds = 0.0  # wall time of the last chunk's EnCodec decoding
-        self.decode_group = self.DECODE_GROUP  # halved on an out-of-memory error in EnCodec
+        self.codec: Codec = Codec(model.audio_encoder, self.channels, self.samples_per_frame, self.device)
         self.state_bytes = 0  # decode state held after the last chunk (describe(): read without the lock)
         self._window_kept: int | None = None  # window_frames while the bench holds resets off
         self.spread_resets = True  # window resets one per chunk, ahead of need (see plan.resets_due)
@@ -333,14 +337,13 @@ class MusicgenModel:
         self._state = DecodeState(num_layers=dcfg.num_hidden_layers, heads=dcfg.num_attention_heads,
                                   head_dim=dcfg.hidden_size // dcfg.num_attention_heads, num_codebooks=self.num_codebooks,
                                   pad=self.pad_id, dtype=self.dtype, device=self.device)
-        self.nonfinite = 0  # chunks whose audio had NaN/inf (replaced by silence)
         if self.dtype != torch.float32 and not self._outputs_finite():
             logger.warning("model %s gives non-finite outputs in %s; falling back to float32", name,
                            str(self.dtype).replace("torch.", ""))
             self._set_decoder_dtype(torch.float32)
             self._state.dtype = torch.float32
             self.weights = "dense"
-            self._text_cache.clear()
+            self.text.set_dtype(torch.float32)
         # Last: packing fixes the decoder's dtype. Every caller (our loop, generate) then uses the packed layers.
         from .kernels import accelerate, quantize_linears
 
@@ -405,31 +408,14 @@ class MusicgenModel:
             logits = self.model.decoder(input_ids=ids, encoder_hidden_states=states).logits
         return bool(torch.isfinite(logits).all())
 
-    # -- text conditioning ----------------------------------------------------------------------------------
-    def _project(self, hidden):  # torch.Tensor -> torch.Tensor
-        m = self.model
-        if (m.text_encoder.config.hidden_size != m.decoder.config.hidden_size
-                and m.decoder.config.cross_attention_hidden_size is None):
-            hidden = m.enc_to_dec_proj(hidden.to(self.dtype))
-        return hidden.to(self.dtype)
-
+    # -- text conditioning (musicgen/text.py) ------------------------------------------------------------------
     def encode_text(self, prompt: str):  # -> torch.Tensor (tokens, hidden)
-        """Projected text states for a prompt; cached, so a prompt is encoded once until evicted."""
-        cached = self._text_cache.get(prompt)
-        if cached is not None:
-            self._text_cache.move_to_end(prompt)
-            return cached
-        torch = self._torch
-        with torch.inference_mode():
-            tokens = self.tokenizer([prompt], return_tensors="pt")
-            ids = tokens["input_ids"].to(self.device)
-            mask = tokens["attention_mask"].to(self.device)
-            hidden = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            states = self._project(hidden)[0]
-        self._text_cache[prompt] = states
-        while len(self._text_cache) > self._text_cache_size:
-            self._text_cache.popitem(last=False)
-        return states
+        """Projected text states for a prompt (cached per prompt)."""
+        return self.text.encode(prompt)
+
+    def conditioning(self, request: ContinuationRequest):  # -> torch.Tensor (tokens, hidden)
+        """Text states for a request; during a blend, the old and new prompts' states interpolated."""
+        return self.text.conditioning(request)
 
     # -- the batched step ------------------------------------------------------------------------------------
     def continue_batch(self, requests: Sequence[ContinuationRequest], frames: int) -> list[ContinuationResult]:
@@ -460,7 +446,7 @@ class MusicgenModel:
             self.state_bytes = self.decode_state_bytes()
             new_codes = [c for c, _ in generated]
             t0 = time.monotonic()
-            pcm = self._decode(requests, new_codes)
+            pcm = self.codec.decode(requests, new_codes)
             self.last_decode_seconds = time.monotonic() - t0
         return [ContinuationResult(codes=c, pcm=p, overlap=r.decoded_overlap, fresh=fresh)
                 for r, (c, fresh), p in zip(requests, generated, pcm)]
@@ -619,7 +605,7 @@ class MusicgenModel:
         guidance = torch.tensor([r.sampling.guidance for r in row_requests], dtype=torch.float32, device=dev)
         temperature = torch.tensor([r.sampling.temperature for r in row_requests], dtype=torch.float32, device=dev)
         top_k = torch.tensor([max(1, min(r.sampling.top_k, self.vocab_size)) for r in row_requests], device=dev)
-        enc, enc_mask = self._text_batch(row_requests, use_cfg)
+        enc, enc_mask = self.text.batch(row_requests, use_cfg)
         cache = state.cache()
         offsets = state.physical_offsets().to(dev)
         rows = state.physical
@@ -673,7 +659,7 @@ class MusicgenModel:
         ids = torch.cat([ids, ids]) if use_cfg else ids
         phys = ids.shape[0]
         mask = (torch.arange(P)[None, :] >= offs[:, None]).long()
-        enc, enc_mask = self._text_batch(requests, use_cfg)
+        enc, enc_mask = self.text.batch(requests, use_cfg)
         self._positions.position_ids = (torch.arange(P)[None, :] - offs[:, None]).to(dev)
         try:
             with torch.inference_mode():
@@ -685,35 +671,6 @@ class MusicgenModel:
         layers = output_cache(res).self_attention_cache.layers
         return [(layer.keys, layer.values) for layer in layers], P, [int(o) for o in offsets]
 
-    def conditioning(self, request: ContinuationRequest):  # -> torch.Tensor (tokens, hidden)
-        """Text states for a request; during a blend, the old and new prompts' states interpolated."""
-        new = self.encode_text(request.prompt)
-        if not request.blend_from or request.blend >= 1.0:
-            return new
-        old = self.encode_text(request.blend_from)
-        n = max(old.shape[0], new.shape[0])
-        a = float(min(1.0, max(0.0, request.blend)))
-        mixed = self._torch.zeros((n, new.shape[1]), dtype=new.dtype, device=new.device)
-        mixed[: old.shape[0]] += (1.0 - a) * old
-        mixed[: new.shape[0]] += a * new
-        return mixed
-
-    def _text_batch(self, requests: Sequence[ContinuationRequest], use_cfg: bool):
-        torch = self._torch
-        states = [self.conditioning(r) for r in requests]
-        S = max(s.shape[0] for s in states)
-        D = states[0].shape[1]
-        enc = torch.zeros((len(states), S, D), dtype=self.dtype, device=self.device)
-        enc_mask = torch.zeros((len(states), S), dtype=torch.long, device=self.device)
-        for i, s in enumerate(states):
-            enc[i, : s.shape[0]] = s
-            enc_mask[i, : s.shape[0]] = 1
-        if use_cfg:
-            # The unconditional half: zeroed text states, fully masked (what transformers' generate feeds).
-            enc = torch.cat([enc, torch.zeros_like(enc)])
-            enc_mask = torch.cat([enc_mask, torch.zeros_like(enc_mask)])
-        return enc, enc_mask
-
     def _sample(self, logits, B: int, use_cfg: bool, guidance, temperature, top_k):
         """The step's codes from its logits (physical rows, K, V): :func:`.sampling.guide` and :func:`.sampling.sample`,
         the same functions as the slot path's."""
@@ -723,52 +680,13 @@ class MusicgenModel:
         noise = self._torch.rand(logits.shape, generator=self._generator, device=logits.device)
         return sample(logits, temperature, top_k, noise, int(top_k.max()))
 
-    # -- audio ----------------------------------------------------------------------------------------------
-    # Stations per EnCodec call. A call has a fixed cost (H100: ~15 ms for one station, ~28 ms for 16: its LSTM
-    # steps through the frames one at a time) and ~30 MB of activations per station and 4 s chunk, so few large
-    # calls are cheapest while memory lasts; an out-of-memory error halves the group. (A CPU batch is at most 16.)
-    DECODE_GROUP = 64
+    # -- audio (musicgen/codec.py) --------------------------------------------------------------------------------
+    @property
+    def decode_group(self) -> int:
+        """Stations per EnCodec call now (halved on an out-of-memory error)."""
+        return self.codec.group
 
-    def _decode(self, requests: Sequence[ContinuationRequest], new_codes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """EnCodec-decode overlap + new frames; requests of equal length share a decoder call (up to a group)."""
-        torch = self._torch
-        seqs = []
-        for r, c in zip(requests, new_codes):
-            ov = r.decoded_overlap
-            seqs.append(np.concatenate([r.context[:, r.context.shape[1] - ov:], c], axis=1) if ov else c)
-        out: list[np.ndarray | None] = [None] * len(seqs)
-        by_len: dict[int, list[int]] = {}
-        for i, s in enumerate(seqs):
-            by_len.setdefault(s.shape[1], []).append(i)
-        step = self.decode_group
-        groups = [idx[i:i + step] for idx in by_len.values() for i in range(0, len(idx), step)]
-        with torch.inference_mode():
-            while groups:
-                idx = groups.pop(0)
-                codes = torch.from_numpy(np.stack([seqs[i] for i in idx])).to(self.device)[None]
-                # Stereo: the channels' codebooks interleave (left 0, right 0, ...); EnCodec decodes each channel.
-                halves = [codes] if self.channels == 1 else [codes[:, :, c::2] for c in range(self.channels)]
-                try:
-                    audio = torch.cat([self.model.audio_encoder.decode(h, audio_scales=[None] * len(idx)).audio_values
-                                       for h in halves], dim=1)  # (stations, channels, samples)
-                except torch.OutOfMemoryError as exc:
-                    if len(idx) == 1:
-                        raise ModelError(f"out of device memory decoding one station's audio: {exc}") from exc
-                    # Activations scale with the group: halve it (this chunk, and the ones after) and go on.
-                    self.decode_group = max(1, len(idx) // 2)
-                    logger.warning("out of device memory in EnCodec with %d stations at once; now %d at once",
-                                   len(idx), self.decode_group)
-                    if self.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                    g = self.decode_group
-                    groups[:0] = [idx[i:i + g] for i in range(0, len(idx), g)]
-                    continue
-                audio = audio.float().cpu().numpy()
-                if not np.isfinite(audio).all():
-                    self.nonfinite += 1
-                    logger.error("decoded audio has non-finite samples (%d times so far); silenced", self.nonfinite)
-                    audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
-                for j, i in enumerate(idx):
-                    pcm = audio[j, :, : seqs[i].shape[1] * self.samples_per_frame]
-                    out[i] = np.ascontiguousarray(pcm[0] if self.channels == 1 else pcm.T, dtype=np.float32)
-        return [o for o in out if o is not None]
+    @property
+    def nonfinite(self) -> int:
+        """Chunks whose audio had NaN/inf (replaced by silence)."""
+        return self.codec.nonfinite
