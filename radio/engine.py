@@ -60,12 +60,11 @@ def fit_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
     """A model's PCM in a station's channel layout. A station keeps the layout of the model it started with (its
     mount's encoder and buffers are built for it); a model swapped in live with another layout is mixed down to
     mono or spread to both channels, until the station restarts."""
-    have = 1 if pcm.ndim == 1 else pcm.shape[1]
-    if have == channels:
+    if (1 if pcm.ndim == 1 else pcm.shape[1]) == channels:
         return pcm
     if channels == 1:
         return pcm.mean(axis=1, dtype=np.float32)
-    return np.repeat((pcm if pcm.ndim == 1 else pcm.mean(axis=1))[:, None], channels, axis=1).astype(np.float32)
+    return np.repeat(pcm[:, None], channels, axis=1)  # layouts are mono or stereo: this one is mono
 
 
 @dataclass
@@ -380,7 +379,7 @@ class Engine:
             pcm = fit_channels(result.pcm, station.channels)
             silent = station.push(self._join(model, record, pcm, result.overlap))
             station.append_codes(result.codes)
-            self._watch_silence(model, station, silent, result.codes.shape[1])
+            self._watch_silence(model, record, silent, result.codes.shape[1])
         self.steps += 1
         self.last_model = model_key
         self.last_batch = [s.mount for s in batch]
@@ -444,26 +443,23 @@ class Engine:
                            station.mount, message)
         station.next_item()
 
-    def _watch_silence(self, model: MusicModel, station: Station, silent: bool, frames: int) -> None:
+    def _watch_silence(self, model: MusicModel, record: _Record, silent: bool, frames: int) -> None:
         """MusicGen continuations can fade into silence and stay there: after ``silence_seconds`` of it, skip
         the silent audio still queued and let the next chunk start from a fresh context."""
+        station = record.station
         station.silent_frames = station.silent_frames + frames if silent else 0
         if station.silent_frames < self.config.silence_seconds * model.frame_rate:
             return
         seconds = station.silent_frames / model.frame_rate
         dropped = station.restart_context()
-        record = self._records.get(station.key)
-        if record is not None:
-            record.tail = None
+        record.tail = None
         logger.warning("%s: %.0f s of near-silence from the generator; skipped %.1f s and starting from a "
                        "fresh context", station.mount, seconds, dropped)
 
     def _join(self, model: MusicModel, record: _Record, pcm: np.ndarray, overlap: int) -> np.ndarray:
         """The new chunk's audio joined to the station's held tail (a crossfade over the decoded overlap); the
         chunk's own end is held back as the next tail."""
-        tail = record.tail
-        if tail is not None and tail.shape[1:] != pcm.shape[1:]:
-            tail = None  # the station's layout changed under it: start its joins afresh
+        tail = record.tail  # in the station's channel layout, like ``pcm`` (fit_channels)
         spf = model.samples_per_frame
         body_start = overlap * spf
         reserve = int(self.config.crossfade_ms / 1000 * model.sample_rate)

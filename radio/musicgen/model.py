@@ -381,8 +381,7 @@ class MusicgenModel:
             return (attn.k_proj(states).view(n, S, heads, -1).transpose(1, 2),
                     attn.v_proj(states).view(n, S, heads, -1).transpose(1, 2))
 
-        slots = SlotDecoder(parts, shape, self.pad_id, self._prefill, self.conditioning, cross_kv,
-                            pattern=self.pattern)
+        slots = SlotDecoder(parts, shape, self.pad_id, self._prefill, self.conditioning, cross_kv, self.pattern)
         slots.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
         return slots
 

@@ -71,10 +71,10 @@ class SlotDecoder:
     PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
 
     def __init__(self, parts: DecoderParts, shape: SlotShape, pad: int, prefill: Callable, conditioning: Callable,
-                 cross_kv: Callable, max_slots: int | None = None, graphs: bool | None = None,
-                 pattern: DelayPattern | None = None) -> None:
+                 cross_kv: Callable, pattern: DelayPattern, max_slots: int | None = None,
+                 graphs: bool | None = None) -> None:
         self.parts = parts
-        self.pattern = pattern or DelayPattern(shape.codebooks)
+        self.pattern = pattern
         self.pad = pad
         self.shape = shape
         self._prefill = prefill  # (rows, contexts, requests, use_cfg) -> (kv per layer, P, offsets)

@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import MAX_REQUEST_CHARS, MAX_REQUEST_NAME_CHARS, RequestsConfig, text_problem
+from ..config import MAX_REQUEST_CHARS, MAX_REQUEST_NAME_CHARS, MAX_TITLE_CHARS, RequestsConfig, text_problem
 from ..config.requests import normalize
 from ..errors import RequestRefused
 
@@ -37,10 +37,10 @@ class Request:
 
     @property
     def title(self) -> str:
-        """The title listeners see while it plays (the title rules: one line, at most 200 characters)."""
+        """The title listeners see while it plays (the title rules: one line, at most MAX_TITLE_CHARS)."""
         head = f"Requested by {self.name}: " if self.name else "Requested: "
         text = head + self.prompt
-        return text if len(text) <= 200 else text[:199] + "\u2026"
+        return text if len(text) <= MAX_TITLE_CHARS else text[:MAX_TITLE_CHARS - 1] + "\u2026"
 
     def public(self) -> dict[str, object]:
         return {"id": self.id, "prompt": self.prompt, "name": self.name}

@@ -210,17 +210,21 @@ class Station:
         """About how many seconds until the request at ``position`` (1: next) starts at the listener: the audio
         queued ahead, the rest of the item generating now, the programme owed, the requests ahead."""
         cfg = self.requests.config
-        item = self.playlist.current
-        remaining = max(0.0, item.duration - self.frames_in_item / self.frame_rate)
-        first = max(remaining, self.programme_owed if self.requesting is None else remaining + self.programme_owed)
+        remaining = self._item_remaining()
+        # During a request the programme owed starts after it; otherwise it is paid off by the item generating.
+        first = remaining + self.programme_owed if self.requesting is not None else max(remaining,
+                                                                                          self.programme_owed)
         return self.buffered_seconds + first + (position - 1) * cfg.duration / cfg.share
+
+    def _item_remaining(self) -> float:
+        """Seconds the item generating now has left to generate."""
+        return max(0.0, self.playlist.current.duration - self.frames_in_item / self.frame_rate)
 
     def _next_title(self) -> str:
         """What follows the item generating now: a waiting request when the programme has had its share by then,
         else the playlist's next item."""
         waiting = self.requests.waiting()
-        remaining = self.playlist.current.duration - self.frames_in_item / self.frame_rate
-        if waiting and self.requesting is None and self.programme_owed <= max(0.0, remaining):
+        if waiting and self.requesting is None and self.programme_owed <= self._item_remaining():
             return waiting[0].title
         return (self._next_playlist.current if self._next_playlist else self.playlist.next).title
 
