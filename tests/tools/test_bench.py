@@ -67,7 +67,9 @@ def test_bench_audience_spends_model_time_on_the_listened_stations_only(tiny_mod
     """The audience scenario: a real daemon with a real listener on one of three stations."""
     from radio.tools.bench import bench_audience
 
-    r = bench_audience(str(tiny_model_dir), stations=3, listened=1, seconds=3.0, progress=lambda m: None)
+    # The window must outlast a full buffer's slack: a listened station steps when it falls below its 12 s
+    # target and may hold up to ~20 s (target + a ride-along chunk + its own chunk), so 3 s could see no step.
+    r = bench_audience(str(tiny_model_dir), stations=3, listened=1, seconds=10.0, progress=lambda m: None)
     assert r["realtime_per_listened_station"] > 0 and r["realtime_per_idle_station"] == 0, r
     assert r["wake_seconds"] is not None and r["wake_seconds"] > 0, r
     assert r["first_fresh_bytes_seconds"] is not None and r["first_fresh_bytes_seconds"] > 0, r
