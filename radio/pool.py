@@ -85,9 +85,30 @@ Loader = Callable[[ModelSpec], MusicModel]
 Estimator = Callable[[ModelSpec], "int | None"]
 
 
+@dataclass
+class _Loaded:
+    """A loaded model and the memory it took."""
+
+    model: MusicModel
+    nbytes: int
+
+
+@dataclass
+class _Assignment:
+    """A station's models: the one it plays from (None: filler covers while the new one loads), the one being
+    loaded for it, the old one unloaded to make room for that (brought back if the load fails), and why its last
+    change failed."""
+
+    current: ModelSpec | None
+    wanted: ModelSpec | None = None
+    restore: ModelSpec | None = None
+    error: str | None = None
+
+
 class ModelPool:
-    """Owns the loaded models and which station plays from which; tells the engine through its public
-    methods. ``load`` blocks (startup, new stations); ``change`` returns at once and loads in the background."""
+    """Owns the loaded models and which station plays from which (one assignment per station); tells the
+    engine through its public methods. ``load`` blocks (startup, new stations); ``change`` returns at once and
+    loads in the background."""
 
     def __init__(self, engine: Engine, loader: Loader, budget: int | None = None,
                  estimate: Estimator | None = None) -> None:
@@ -99,12 +120,8 @@ class ModelPool:
         self.loads = 0
         self.unloads = 0
         self._lock = threading.RLock()
-        self._models: dict[ModelSpec, MusicModel] = {}
-        self._bytes: dict[ModelSpec, int] = {}
-        self._current: dict[str, ModelSpec | None] = {}  # station -> its model (None: on filler while loading)
-        self._wanted: dict[str, ModelSpec] = {}  # station -> the model being loaded for it
-        self._restore: dict[str, ModelSpec] = {}  # station -> its old model, unloaded to make room for the new
-        self._errors: dict[str, str] = {}  # station -> why its last model change failed
+        self._models: dict[ModelSpec, _Loaded] = {}
+        self._stations: dict[str, _Assignment] = {}
         self._loading: ModelSpec | None = None
         self._jobs: queue.Queue[ModelSpec | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -114,7 +131,7 @@ class ModelPool:
         """The model for ``spec``, loaded now if it is not yet (blocking). Raises ModelError."""
         with self._lock:
             if spec in self._models:
-                return self._models[spec]
+                return self._models[spec].model
             need = self.estimate(spec)
             used = self.used_bytes()
             if self.budget is not None and need is not None and used + need > self.budget:
@@ -133,12 +150,12 @@ class ModelPool:
         if self.sample_rate is not None and model.sample_rate != self.sample_rate:
             raise ModelError(f"model {spec} makes {model.sample_rate} Hz audio, but this daemon's stations run at "
                              f"{self.sample_rate} Hz; use a model with the same audio codec")
+        loaded = _Loaded(model, int(model.memory_bytes()))
         with self._lock:
             self.sample_rate = self.sample_rate or model.sample_rate
-            self._models[spec] = model
-            self._bytes[spec] = int(model.memory_bytes())
+            self._models[spec] = loaded
         self.engine.add_model(spec.key, model)
-        logger.info("model %s ready (%s)", spec, mb(self._bytes[spec]))
+        logger.info("model %s ready (%s)", spec, mb(loaded.nbytes))
         return model
 
     # -- stations --------------------------------------------------------------------------------------------
@@ -147,14 +164,13 @@ class ModelPool:
         with self._lock:
             if spec not in self._models:
                 raise ModelError(f"model {spec} is not loaded")
-            self._current[station.key] = spec
+            self._stations[station.key] = _Assignment(spec)
         self.engine.add_station(station, spec.key)
 
     def remove_station(self, key: str) -> None:
         self.engine.remove_station(key)
         with self._lock:
-            for table in (self._current, self._wanted, self._restore, self._errors):
-                table.pop(key, None)  # type: ignore[attr-defined]
+            self._stations.pop(key, None)
             self._collect()
 
     def change(self, key: str, spec: ModelSpec) -> str:
@@ -162,24 +178,24 @@ class ModelPool:
         plays on from its old model meanwhile), ``loading-on-filler`` (the old model was unloaded to make
         room; filler covers) or ``unchanged``. Raises ModelError, changing nothing, when it cannot fit."""
         with self._lock:
-            if key not in self._current:
+            a = self._stations.get(key)
+            if a is None:
                 raise ModelError(f"{key}: no such station")
-            current = self._current[key]
-            self._errors.pop(key, None)
+            current = a.current
+            a.error = None
             if spec == current:
-                if self._wanted.pop(key, None) is not None:
-                    self._restore.pop(key, None)
+                if a.wanted is not None:
+                    a.wanted = a.restore = None
                     self._collect()
                 return "unchanged"
             if spec in self._models:
-                self._wanted.pop(key, None)
-                self._restore.pop(key, None)
+                a.wanted = a.restore = None
                 self._switch(key, spec)
                 return "switched"
             mode = self._room_for(key, spec, current)
-            self._wanted[key] = spec
+            a.wanted = spec
             if mode == "loading-on-filler" and current is not None:
-                self._restore[key] = current
+                a.restore = current
                 self._switch(key, None)  # the old model goes now; filler covers until the new one is in
             self._start_worker()
             self._jobs.put(spec)
@@ -187,13 +203,17 @@ class ModelPool:
                         "filler covers" if mode == "loading-on-filler" else f"{current} plays meanwhile")
             return mode
 
+    def _wanted(self) -> set[ModelSpec]:
+        return {a.wanted for a in self._stations.values() if a.wanted is not None}
+
     def _room_for(self, key: str, spec: ModelSpec, current: ModelSpec | None) -> str:
         need = self.estimate(spec)
         used = self.used_bytes()
         if self.budget is None or need is None or used + need <= self.budget:
             return "loading"
-        others = {s for k, s in self._current.items() if k != key} | set(self._wanted.values())
-        freeable = self._bytes.get(current, 0) if current is not None and current not in others else 0
+        others = {a.current for k, a in self._stations.items() if k != key} | self._wanted()
+        loaded = self._models.get(current) if current is not None and current not in others else None
+        freeable = loaded.nbytes if loaded is not None else 0
         if used - freeable + need <= self.budget:
             return "loading-on-filler"
         raise ModelError(f"{key}: model {spec} needs about {mb(need)}; the memory budget is {mb(self.budget)} with "
@@ -201,7 +221,7 @@ class ModelPool:
                          "Raise memory_budget, or move other stations off their models first")
 
     def _switch(self, key: str, spec: ModelSpec | None) -> None:
-        self._current[key] = spec
+        self._stations[key].current = spec
         self.engine.set_station_model(key, spec.key if spec is not None else None)
         if spec is not None:
             logger.info("%s: now playing from model %s", key, spec)
@@ -209,12 +229,12 @@ class ModelPool:
 
     def _collect(self) -> None:
         """Unload every model that no station plays from or waits for."""
-        in_use = {s for s in self._current.values() if s is not None} | set(self._wanted.values())
+        in_use = {a.current for a in self._stations.values() if a.current is not None} | self._wanted()
         for spec in [s for s in self._models if s not in in_use]:
-            model = self._models.pop(spec)
-            freed = self._bytes.pop(spec, 0)
+            loaded = self._models.pop(spec)
             self.engine.remove_model(spec.key)
-            del model
+            freed = loaded.nbytes
+            del loaded
             self.unloads += 1
             logger.info("model %s unloaded: no station uses it (%s returned)", spec, mb(freed))
         gc.collect()
@@ -234,7 +254,7 @@ class ModelPool:
             if spec is None:
                 return
             with self._lock:
-                if spec not in self._wanted.values():
+                if spec not in self._wanted():
                     continue  # changed again meanwhile
                 loaded = self._models.get(spec)
             error = None
@@ -250,17 +270,18 @@ class ModelPool:
 
     def _finish(self, spec: ModelSpec, error: str | None) -> None:
         with self._lock:
-            for key in [k for k, w in self._wanted.items() if w == spec]:
-                del self._wanted[key]
-                old = self._restore.pop(key, None)
+            for key, a in self._stations.items():
+                if a.wanted != spec:
+                    continue
+                old, a.wanted, a.restore = a.restore, None, None
                 if error is None:
                     self._switch(key, spec)
                     continue
-                self._errors[key] = error
-                keeps = old or self._current.get(key)
+                a.error = error
+                keeps = old or a.current
                 logger.error("%s: model %s could not be loaded: %s; the station keeps %s", key, spec, error, keeps)
                 if old is not None:  # it made room for the new one: bring it back, filler covers meanwhile
-                    self._wanted[key] = old
+                    a.wanted = old
                     self._jobs.put(old)
             self._collect()
 
@@ -272,7 +293,7 @@ class ModelPool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._wanted and self._loading is None:
+                if not self._wanted() and self._loading is None:
                     return True
             time.sleep(0.05)
         return False
@@ -280,30 +301,29 @@ class ModelPool:
     # -- status ----------------------------------------------------------------------------------------------
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(self._bytes.values())
+            return sum(loaded.nbytes for loaded in self._models.values())
 
     def station_status(self, key: str) -> dict[str, object]:
         with self._lock:
-            current = self._current.get(key)
-            wanted = self._wanted.get(key)
-            return {"model": current.name if current else None,  # None: on filler until model_loading is in
-                    "model_dtype": current.dtype if current else None,
-                    "model_loading": wanted.name if wanted else None,
-                    "model_error": self._errors.get(key)}
+            a = self._stations.get(key) or _Assignment(None)
+            return {"model": a.current.name if a.current else None,  # None: on filler until model_loading is in
+                    "model_dtype": a.current.dtype if a.current else None,
+                    "model_loading": a.wanted.name if a.wanted else None,
+                    "model_error": a.error}
 
     def status(self) -> dict[str, object]:
         with self._lock:
             users: dict[ModelSpec, list[str]] = {}
-            for k, s in self._current.items():
-                if s is not None:
-                    users.setdefault(s, []).append(k)
+            for k, a in self._stations.items():
+                if a.current is not None:
+                    users.setdefault(a.current, []).append(k)
             return {
-                "models": [{"name": s.name, "dtype": s.dtype, "memory_bytes": self._bytes.get(s, 0),
-                            "stations": sorted(users.get(s, [])), **self._describe(m)}
-                           for s, m in self._models.items()],
+                "models": [{"name": s.name, "dtype": s.dtype, "memory_bytes": loaded.nbytes,
+                            "stations": sorted(users.get(s, [])), **self._describe(loaded.model)}
+                           for s, loaded in self._models.items()],
                 "loading": self._loading.key if self._loading else None,
                 "memory_budget_bytes": self.budget,
-                "memory_used_bytes": sum(self._bytes.values()),
+                "memory_used_bytes": self.used_bytes(),
                 "loads": self.loads,
                 "unloads": self.unloads,
             }
@@ -317,4 +337,4 @@ class ModelPool:
 
     def models(self) -> dict[ModelSpec, MusicModel]:
         with self._lock:
-            return dict(self._models)
+            return {spec: loaded.model for spec, loaded in self._models.items()}

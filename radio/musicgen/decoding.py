@@ -1,11 +1,12 @@
-"""The persistent batched decode state behind ``MusicgenModel.continue_batch``.
+"""The dynamic KV layout: the rows and chunk-sized buffers :class:`.dynamic.DynamicDecoder` steps over.
 
 Every station is a *row*. A row keeps its self-attention KV cache alive across chunks, so a steady-state
 chunk costs exactly one decoder step per new frame: no re-prefill of the context, no repeated steps.
 
 Layout. All rows share one KV buffer per layer, shape ``(physical_rows, heads, capacity, head_dim)``,
 preallocated so a step writes in place (transformers' DynamicCache concatenates, copying the whole cache
-every step). Rows are right-aligned: row i's tokens occupy columns ``[offset[i], length)``; columns before
+every step), sized to the chunk: a step's attention reads the whole buffer (a slice of a longer one is not
+contiguous, and CPU matmuls copy such an operand on every call), so few columns past the rows' tokens are read. Rows are right-aligned: row i's tokens occupy columns ``[offset[i], length)``; columns before
 ``offset[i]`` are masked padding. Position ids are per row (column - offset), so a row always sees its
 own BOS at position 0, whatever its neighbours do. With classifier-free guidance, physical row ``i + B`` is
 the unconditional twin of row ``i``.
@@ -32,62 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from .pattern import DelayPattern
 
 logger = logging.getLogger(__name__)
-
-
-class BufferLayer(DynamicLayer):
-    """A self-attention cache layer over a preallocated buffer: ``update`` writes in place.
-
-    Attention is given the WHOLE buffer, not a slice of its first ``length`` columns: a slice of a longer
-    buffer is not contiguous, and CPU matmuls (bf16 above all) copy such an operand on every call, which made
-    the copy of the entire KV cache the biggest cost of a decode step. The columns past ``length`` are zeros
-    (finite) and masked out (``get_mask_sizes`` reports the full width; the causal mask hides the future).
-    The decode loop sizes the buffer to the chunk (``DecodeState.fit``), so few such columns are attended.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        super().__init__()
-        self.buf_k = keys
-        self.buf_v = values
-        self.length = length
-        self.is_initialized = True
-        self.dtype, self.device = keys.dtype, keys.device
-
-    @property  # type: ignore[override]
-    def keys(self) -> torch.Tensor:
-        return self.buf_k
-
-    @keys.setter
-    def keys(self, value: torch.Tensor) -> None:  # DynamicLayer.__init__ assigns; the buffer is the truth
-        pass
-
-    @property  # type: ignore[override]
-    def values(self) -> torch.Tensor:
-        return self.buf_v
-
-    @values.setter
-    def values(self, value: torch.Tensor) -> None:
-        pass
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.buf_k.shape[2]:
-            raise RuntimeError(f"KV buffer full ({self.buf_k.shape[2]} columns)")
-        self.buf_k[:, :, self.length:end] = key_states
-        self.buf_v[:, :, self.length:end] = value_states
-        self.length = end
-        return self.buf_k, self.buf_v
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.buf_k.shape[2], 0
 
 
 @dataclass
@@ -353,12 +302,3 @@ class DecodeState:
         room not yet written are not resident."""
         held = [_storage(t) for t in (*self.k_bufs, *self.v_bufs)] + self.spare
         return sum(t.numel() * t.element_size() for t in held) + sum(p.nbytes() for p in self.parked.values())
-
-    def cache(self) -> EncoderDecoderCache:
-        """A transformers cache over our buffers; the cross-attention half is recomputed on its first use."""
-        self_attn = DynamicCache()
-        self_attn.layers = [BufferLayer(k, v, self.length) for k, v in zip(self.k_bufs, self.v_bufs)]
-        return EncoderDecoderCache(self_attn, DynamicCache())
-
-    def sync_length(self, cache: EncoderDecoderCache) -> None:
-        self.length = cache.self_attention_cache.layers[0].get_seq_length()  # type: ignore[union-attr]

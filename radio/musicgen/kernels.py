@@ -175,7 +175,14 @@ class QuantLinear(nn.Module):
         return bits == 8 or (linear.in_features % INT4_GROUPS[-1] == 0 and linear.out_features % 16 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat, rows = padded_rows(x.to(torch.bfloat16), self.in_features)
+        # A decode step calls this ~200 times: the fewest ops around the kernel (no copies where the input is
+        # already a contiguous bf16 block of a bucket's rows, the bias added in place).
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
+        rows = flat.shape[0]
+        if rows > EXACT_ROWS or not flat.is_contiguous():
+            flat, rows = padded_rows(flat, self.in_features)
         if self.bits == 8 and flat.shape[0] > DEQUANTIZE_ROWS:
             # Many rows (a prefill): the GEMM is arithmetic-bound, where the weight-only kernel is slow; a dense
             # copy of the weight for this call costs less than the rows save.
@@ -185,8 +192,11 @@ class QuantLinear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales)
         if self.bias is not None:
-            y = y + self.bias
-        return y[:rows].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y.add_(self.bias)
+        if y.shape[0] != rows:
+            y = y[:rows]
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         group = f" (groups of {self.group})" if self.bits == 4 else ""

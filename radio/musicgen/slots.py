@@ -30,10 +30,12 @@ from .pattern import DelayPattern
 from .plan import plan_chunk
 from ..errors import ModelError, SlotsFull
 from . import fused
-from .step import DecoderParts, SlotTensors, decode_step, finish_step
+from .step import DecoderParts, SlotTensors, cross_kv, decode_step, finish_step
 
 if TYPE_CHECKING:
-    from .model import ContinuationRequest
+    from .prefill import Prefill
+    from .text import TextConditioning
+    from .types import ContinuationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +72,14 @@ class SlotDecoder:
 
     PREFILL_GROUP = 16  # stations per prefill pass: a mass start's transient attention memory stays bounded
 
-    def __init__(self, parts: DecoderParts, shape: SlotShape, pad: int, prefill: Callable, conditioning: Callable,
-                 cross_kv: Callable, pattern: DelayPattern, max_slots: int | None = None,
-                 graphs: bool | None = None) -> None:
+    def __init__(self, parts: DecoderParts, shape: SlotShape, prefill: "Prefill", text: "TextConditioning",
+                 pattern: DelayPattern, max_slots: int | None = None, graphs: bool | None = None) -> None:
         self.parts = parts
         self.pattern = pattern
-        self.pad = pad
+        self.pad = prefill.pad
         self.shape = shape
-        self._prefill = prefill  # (rows, contexts, requests, use_cfg) -> (kv per layer, P, offsets)
-        self._conditioning = conditioning  # request -> (tokens, D) text states
-        self._cross_kv = cross_kv  # (layer, states (n, S, D)) -> (keys, values) each (n, H, S, d)
+        self.prefill = prefill
+        self.text = text
         self.cuda = shape.device.startswith("cuda")
         self.graphs_enabled = self.cuda if graphs is None else graphs
         # How the step computes its layers (see decode_step): on CUDA our fused kernels where they run, else
@@ -125,6 +125,10 @@ class SlotDecoder:
 
     def bytes_per_slot(self) -> int:
         return self.shape.slot_bytes(self.text_tokens)
+
+    def bytes_per_station(self, stations: int) -> int:
+        """What one station's decode state costs: its slot."""
+        return self.bytes_per_slot()
 
     # -- allocation -----------------------------------------------------------------------------------------
     def _allocate(self, capacity: int, text_tokens: int, max_steps: int) -> None:
@@ -309,7 +313,7 @@ class SlotDecoder:
             contexts.append(ctx)
             rows.append(row)
             self.rows[key] = row
-        kv, P, offsets = self._prefill(rows, contexts, requests, True)
+        kv, P, offsets = self.prefill(rows, contexts, requests, True)
         B = len(rows)
         dev = self.shape.device
         if kv is not None:
@@ -334,7 +338,7 @@ class SlotDecoder:
 
     def _write_prompts(self, requests: Sequence, slots: list[int]) -> None:
         """The prompts' cross-attention keys and values into their slots (every chunk: a blend moves them)."""
-        states = [self._conditioning(r) for r in requests]
+        states = [self.text.conditioning(r) for r in requests]
         S = max(s.shape[0] for s in states)
         if S > self.text_tokens:
             grown = self.text_tokens
@@ -352,7 +356,7 @@ class SlotDecoder:
         index = torch.tensor(slots, dtype=torch.long, device=dev)
         with torch.inference_mode():
             for layer in range(self.shape.layers):
-                keys, values = self._cross_kv(layer, enc)
+                keys, values = cross_kv(self.parts, layer, enc)
                 st.xk[layer].index_copy_(0, index, keys.to(self.shape.dtype))
                 st.xv[layer].index_copy_(0, index, values.to(self.shape.dtype))
         st.xbias.index_copy_(0, index, bias)

@@ -28,7 +28,7 @@ long as the slots, so on CUDA it is captured once per batch bucket as a CUDA gra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -109,24 +109,116 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, kernels
 def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "eager") -> torch.Tensor:
     """Steps 1-2 of :func:`decode_step`: the embeddings of slots ``[0, n)``'s next columns through the decoder
     layers and the final norm (each layer's new key/value written into the slot): (2n, D)."""
-    K = len(parts.embed)
     W = st.k[0].shape[3]
     act = st.active[:n]
-    tok = st.next_col[:n]
     length = st.length[:n]
-
-    x = parts.embed[0](tok[:, 0])
-    for k in range(1, K):
-        x = x + parts.embed[k](tok[:, k])
-    x = x + parts.positions[length.clamp(max=parts.positions.shape[0] - 1)].to(x.dtype)
+    x = embed(parts, st.next_col[:n], length)
     h = x[:, None, :].expand(n, 2, x.shape[-1]).reshape(2 * n, x.shape[-1])
 
     if kernels == "fused":
         # Each row's live columns with the new one; 0 for a slot sitting out: it reads and writes nothing.
         return _fused_layers(parts, st, n, h, torch.where(act, length + 1, 0).repeat_interleave(2))
     # Where each row writes its new key/value: its next column, or the scratch column W-1 when it sits out.
-    pos = torch.where(act, length, torch.full_like(length, W - 1))
-    return _layers(parts, st, n, h, pos.repeat_interleave(2), sdpa=kernels == "sdpa")
+    pos2 = torch.where(act, length, torch.full_like(length, W - 1)).repeat_interleave(2)
+    H, d = parts.num_heads, parts.head_dim
+    rows = torch.arange(2 * n, device=pos2.device)
+    cols = torch.arange(W, device=pos2.device)
+    dtype = st.k[0].dtype
+    self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
+    sdpa = kernels == "sdpa"
+
+    def write(i: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc = st.k[i][:n].view(2 * n, H, W, d)
+        vc = st.v[i][:n].view(2 * n, H, W, d)
+        kc[rows, :, pos2] = k_new
+        vc[rows, :, pos2] = v_new
+        return kc, vc
+
+    def cross(i: int, y: torch.Tensor) -> torch.Tensor:  # slot s: rows 2s (conditional), 2s+1 (unconditional)
+        c = _cross(parts, st.xk[i][:n], st.xv[i][:n], i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa)
+        return torch.stack([c, parts.uncond_cross[i].expand(n, H * d)], dim=1).reshape(2 * n, H * d)
+
+    return run_layers(parts, h, write, self_bias, cross, sdpa)
+
+
+def embed(parts: DecoderParts, tok: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Step 1: the sum of the K codebooks' embeddings of each row's column ``tok`` (rows, K), plus the sinusoidal
+    embedding of the row's own position (rows,): (rows, D)."""
+    x = parts.embed[0](tok[:, 0])
+    for k in range(1, len(parts.embed)):
+        x = x + parts.embed[k](tok[:, k])
+    return x + parts.positions[positions.clamp(min=0, max=parts.positions.shape[0] - 1)].to(x.dtype)
+
+
+def logits_of(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
+    """The K language-model heads over the final hidden states h (rows, D): float logits (rows, K, V)."""
+    rows = h.shape[0]
+    if parts.heads_w is not None:
+        return torch.nn.functional.linear(h, parts.heads_w).float().view(rows, len(parts.heads), -1)
+    return torch.stack([head(h) for head in parts.heads], dim=1).float()
+
+
+def cross_kv(parts: DecoderParts, layer: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's cross-attention keys and values in ``layer``: states (n, S, D) -> each (n, H, S, d)."""
+    attn = parts.layers[layer].encoder_attn
+    n, S, _ = states.shape
+    return (attn.k_proj(states).view(n, S, parts.num_heads, -1).transpose(1, 2),
+            attn.v_proj(states).view(n, S, parts.num_heads, -1).transpose(1, 2))
+
+
+@dataclass
+class RowCross:
+    """The dynamic layout's prompts for one chunk: per layer the conditional rows' cross-attention keys and
+    values (B, H, S, d), and their mask as an additive bias (B, 1, 1, S)."""
+
+    xk: list[torch.Tensor]
+    xv: list[torch.Tensor]
+    bias: torch.Tensor
+
+    @classmethod
+    def of(cls, parts: DecoderParts, states: torch.Tensor, mask: torch.Tensor) -> "RowCross":
+        """From the rows' text states (B, S, D) and mask (B, S) (1 = a prompt token)."""
+        with torch.inference_mode():
+            pairs = [cross_kv(parts, i, states) for i in range(len(parts.layers))]
+        bias = torch.where(mask.bool(), 0.0, torch.finfo(states.dtype).min).to(states.dtype)[:, None, None, :]
+        return cls([k for k, _ in pairs], [v for _, v in pairs], bias)
+
+
+def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]], tok: torch.Tensor,
+               offsets: torch.Tensor, length: int, prompts: RowCross, cfg: bool) -> torch.Tensor:
+    """One decode step of the dynamic layout (``decoding.DecodeState``): B rows, each feeding its next column
+    ``tok`` (B, K), left-padded by ``offsets`` (B,), over per-layer buffers (physical rows, H, capacity, d) that
+    hold ``length`` columns; with guidance (``cfg``) physical row B + i is row i's unconditional twin. Each
+    layer's new key/value is written at column ``length``, and attention reads the whole buffer (a slice would
+    not be contiguous, which costs a CPU matmul a copy of its operand) with the columns outside
+    ``[offset, length]`` masked. Returns the float logits (physical rows, K, V).
+
+    The same layers as the slot path's step (:func:`run_layers`), so the two are one decode step over two KV
+    layouts."""
+    B = tok.shape[0]
+    mult = 2 if cfg else 1
+    phys_offsets = offsets.repeat(mult)
+    x = embed(parts, tok, length - offsets)
+    h = x.repeat(mult, 1)
+    capacity = kv[0][0].shape[2]
+    dtype = kv[0][0].dtype
+    cols = torch.arange(capacity, device=tok.device)
+    live = (cols[None, :] >= phys_offsets[:, None]) & (cols[None, :] <= length)
+    self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    D = parts.num_heads * parts.head_dim
+
+    def write(i: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = kv[i]
+        kc[:, :, length] = k_new
+        vc[:, :, length] = v_new
+        return kc, vc
+
+    def cross(i: int, y: torch.Tensor) -> torch.Tensor:  # rows [0, B) conditional, [B, 2B) unconditional
+        c = _cross(parts, prompts.xk[i], prompts.xv[i], i, y[:B], prompts.bias, sdpa=False)
+        return torch.cat([c, parts.uncond_cross[i].expand(B, D)]) if cfg else c
+
+    return logits_of(parts, run_layers(parts, h, write, self_bias, cross, sdpa=False))
 
 
 def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torch.Tensor) -> None:
@@ -136,10 +228,7 @@ def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torc
     K = len(parts.embed)
     act = st.active[:n]
     tok = st.next_col[:n]
-    if parts.heads_w is not None:
-        logits = torch.nn.functional.linear(h, parts.heads_w).float().view(n, 2, K, -1)
-    else:
-        logits = torch.stack([head(h) for head in parts.heads], dim=1).float().view(n, 2, K, -1)
+    logits = logits_of(parts, h).view(n, 2, K, -1)
     logits = guide(logits[:, 0], logits[:, 1], st.guidance[:n])
     col = sample(logits, st.temperature[:n], st.top_k[:n], st.noise[:n], kmax)
     warm = st.warm[:n]
@@ -153,35 +242,26 @@ def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torc
     st.t += 1
 
 
-def _layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor, pos2: torch.Tensor,
-            sdpa: bool) -> torch.Tensor:
-    """The decoder layers and the final norm with PyTorch's ops: h (2n, D) -> (2n, D)."""
+def run_layers(parts: DecoderParts, h: torch.Tensor, write: Callable[[int, torch.Tensor, torch.Tensor], Any],
+               self_bias: torch.Tensor, cross: Callable[[int, torch.Tensor], torch.Tensor], sdpa: bool) -> torch.Tensor:
+    """Step 2, the decoder layers and the final norm with PyTorch's ops (transformers' eager math, op for op):
+    h (rows, D) -> (rows, D), one new token per row. The KV layout comes in as two functions: ``write(i, k, v)``
+    puts layer i's new keys and values (rows, H, d) into the cache and returns the cache (rows, H, columns, d)
+    that attention reads with ``self_bias`` (rows, 1, 1, columns) added; ``cross(i, y)`` is layer i's
+    cross-attention output (rows, D) for the normed states y (rows, D)."""
     H, d = parts.num_heads, parts.head_dim
-    D = H * d
-    W = st.k[0].shape[3]
-    dtype = st.k[0].dtype
-    rows = torch.arange(2 * n, device=pos2.device)
-    cols = torch.arange(W, device=pos2.device)
-    self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
-    cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
-    h = h[:, None, :]  # (2n, 1, D): one token per row
+    rows = h.shape[0]
+    h = h[:, None, :]  # (rows, 1, D): one token per row
     for i, layer in enumerate(parts.layers):
         attn = layer.self_attn
         residual = h
-        y = layer.self_attn_layer_norm(h)
-        kc = st.k[i][:n].view(2 * n, H, W, d)
-        vc = st.v[i][:n].view(2 * n, H, W, d)
-        q, k_new, v_new = _self_qkv(parts, i, y)
-        kc[rows, :, pos2] = k_new
-        vc[rows, :, pos2] = v_new
+        q, k_new, v_new = _self_qkv(parts, i, layer.self_attn_layer_norm(h)[:, 0])
+        kc, vc = write(i, k_new, v_new)
         a = _attend(q[:, :, None, :], kc, vc, self_bias, attn.scaling, sdpa)
-        h = residual + attn.out_proj(a.reshape(2 * n, 1, D))
+        h = residual + attn.out_proj(a.reshape(rows, 1, H * d))
 
         residual = h
-        y = layer.encoder_attn_layer_norm(h).view(n, 2, D)[:, 0]
-        c = _cross(parts, st, n, i, y, cross_bias, sdpa=sdpa)
-        both = torch.stack([c, parts.uncond_cross[i].expand(n, D)], dim=1)  # (n, 2, D)
-        h = residual + both.reshape(2 * n, 1, D)
+        h = residual + cross(i, layer.encoder_attn_layer_norm(h)[:, 0])[:, None, :]
 
         residual = h
         y = layer.final_layer_norm(h)
@@ -190,7 +270,7 @@ def _layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor, pos2:
 
 
 def _fused_layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """:func:`_layers` with :mod:`.fused`'s kernels: per layer, the attention (which writes the new key/value)
+    """:func:`run_layers` with :mod:`.fused`'s kernels: per layer, the attention (which writes the new key/value)
     and three add+norm kernels in place of two index writes, three adds, three norms and a stack. ``live``
     (2n,): each row's columns with the new one, 0 for rows of slots sitting out: they read and write nothing
     (a batch of 200 in the bucket of 208 would otherwise read 8 whole windows a layer for nothing)."""
@@ -206,7 +286,7 @@ def _fused_layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor,
         a = decode_attention(q, st.k[i][:n].view(2 * n, H, W, d), st.v[i][:n].view(2 * n, H, W, d), k_new, v_new,
                              live, attn.scaling)
         h, y = add_norm(h, attn.out_proj(a.reshape(2 * n, H * d)), layer.encoder_attn_layer_norm)
-        c = _cross(parts, st, n, i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa=True)
+        c = _cross(parts, st.xk[i][:n], st.xv[i][:n], i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa=True)
         h, y = add_norm(h, c, layer.final_layer_norm, uncond=parts.uncond_cross[i])
         following = layers[i + 1].self_attn_layer_norm if i + 1 < len(layers) else parts.final_norm
         h, y = add_norm(h, layer.fc2(layer.activation_fn(layer.fc1(y))), following)
@@ -224,13 +304,15 @@ def _self_qkv(parts: DecoderParts, i: int, y: torch.Tensor) -> tuple[torch.Tenso
     return attn.q_proj(y).view(rows, H, d), attn.k_proj(y).view(rows, H, d), attn.v_proj(y).view(rows, H, d)
 
 
-def _cross(parts: DecoderParts, st: SlotTensors, n: int, i: int, y: torch.Tensor, bias: torch.Tensor,
+def _cross(parts: DecoderParts, xk: torch.Tensor, xv: torch.Tensor, i: int, y: torch.Tensor, bias: torch.Tensor,
            sdpa: bool) -> torch.Tensor:
-    """Cross-attention of the conditional rows over their slot's prompt: y (n, D) -> (n, D)."""
+    """Layer i's cross-attention of the conditional rows over their prompts' keys and values xk, xv
+    (n, H, S, d): y (n, D) -> (n, D)."""
     H, d = parts.num_heads, parts.head_dim
+    n = y.shape[0]
     cross = parts.layers[i].encoder_attn
     q = cross.q_proj(y).view(n, H, 1, d)
-    a = _attend(q, st.xk[i][:n], st.xv[i][:n], bias, cross.scaling, sdpa)
+    a = _attend(q, xk, xv, bias, cross.scaling, sdpa)
     return cross.out_proj(a.reshape(n, H * d))
 
 

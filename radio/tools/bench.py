@@ -26,7 +26,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -209,9 +210,57 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
     cache). ``bare=True``: a preallocated cache written in place, nothing but the forward itself: the floor of a
     step of this batch on this machine, whatever an engine does around it."""
     import torch
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
-    from ..musicgen.decoding import BufferLayer
+    class BufferLayer(DynamicLayer):
+        """A self-attention cache layer over a preallocated buffer: ``update`` writes in place.
+
+        Attention is given the WHOLE buffer, not a slice of its first ``length`` columns: a slice of a longer
+        buffer is not contiguous, and CPU matmuls (bf16 above all) copy such an operand on every call, which made
+        the copy of the entire KV cache the biggest cost of a decode step. The columns past ``length`` are zeros
+        (finite) and masked out (``get_mask_sizes`` reports the full width; the causal mask hides the future).
+        The decode loop sizes the buffer to the chunk (``DecodeState.fit``), so few such columns are attended.
+        """
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+            super().__init__()
+            self.buf_k = keys
+            self.buf_v = values
+            self.length = length
+            self.is_initialized = True
+            self.dtype, self.device = keys.dtype, keys.device
+
+        @property  # type: ignore[override]
+        def keys(self) -> torch.Tensor:
+            return self.buf_k
+
+        @keys.setter
+        def keys(self, value: torch.Tensor) -> None:  # DynamicLayer.__init__ assigns; the buffer is the truth
+            pass
+
+        @property  # type: ignore[override]
+        def values(self) -> torch.Tensor:
+            return self.buf_v
+
+        @values.setter
+        def values(self, value: torch.Tensor) -> None:
+            pass
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            n = key_states.shape[-2]
+            end = self.length + n
+            if end > self.buf_k.shape[2]:
+                raise RuntimeError(f"KV buffer full ({self.buf_k.shape[2]} columns)")
+            self.buf_k[:, :, self.length:end] = key_states
+            self.buf_v[:, :, self.length:end] = value_states
+            self.length = end
+            return self.buf_k, self.buf_v
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.buf_k.shape[2], 0
 
     rows = 2 * mounts
     K = model.num_codebooks
@@ -250,6 +299,27 @@ def raw_decode_step(model: MusicgenModel, mounts: int, context: int, repeats: in
         return (time.monotonic() - t0) / repeats
 
 
+@contextmanager
+def resets_held(model: MusicgenModel) -> Iterator[None]:
+    """Window resets held off while steady chunks are measured (a reset's cost is measured on its own and charged
+    at the rate the engine meets it): the window as long as the positions allow, no resets ahead of need."""
+    path = model.decode_path
+    window = model.window_frames
+    model.window_frames = model.max_positions - 8
+    path.spread_resets = False
+    try:
+        yield
+    finally:
+        model.window_frames = window
+        path.spread_resets = True
+
+
+def reset_slot_limit(model: MusicgenModel) -> None:
+    """After an out-of-memory probe, let the slots grow again to what free memory allows."""
+    if model.slots is not None:
+        model.slots.max_slots = model.slots.slots_that_fit()
+
+
 def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, first_frames: int,
                progress: Callable[[str], None], context_seconds: float = 10.0) -> Result:
     """Our engine's steady state, with window resets counted at their long-run rate.
@@ -285,9 +355,8 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
 
     keys = list(ctx)
     # Hold resets off while the steady chunks are measured (a reset's cost is measured and charged below).
-    model.hold_resets(True)
     _device_peak_mb(model, reset=True)
-    try:
+    with resets_held(model):
         with RssSampler() as rss:
             progress(f"ours x{mounts} ({_dtype_name(model)}): warm-up (prefill of {start_frames} frames per mount)")
             step(keys, frames)  # prefill + warm-up (a CUDA graph is captured here for this batch's bucket)
@@ -325,8 +394,6 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
             step(keys + ["m99"], first_frames)  # the join (the others' caches come back from parking)
             model.forget("m99")
             del ctx["m99"]
-    finally:
-        model.hold_resets(False)
     charged = wall + chunks * resets_per_chunk * reset
     stepping = (wall - parts["encodec"] - parts["prefill"]) / chunks
     breakdown = {"steps": stepping}
@@ -690,7 +757,7 @@ def find_capacity(model: MusicgenModel, measured: list[Result], run: Callable[[i
             r = run(n)
         except Exception as exc:  # noqa: BLE001 - out of slots or memory: the bound is below n
             logger.info("capacity: %d mounts failed: %s", n, exc)
-            model.reset_slot_limit()
+            reset_slot_limit(model)
             hi = n
             break
         results.append(r)
@@ -706,7 +773,7 @@ def find_capacity(model: MusicgenModel, measured: list[Result], run: Callable[[i
             good = r.realtime_per_mount >= 1.0
         except Exception as exc:  # noqa: BLE001
             logger.info("capacity: %d mounts failed: %s", n, exc)
-            model.reset_slot_limit()
+            reset_slot_limit(model)
             good = False
         lo, hi = (n, hi) if good else (lo, n)
     return lo
