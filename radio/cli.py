@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure quantized weights (int8, int4 or those in --weights) against dense bf16 ones")
     bench.add_argument("--weights", default="auto",
                        help="decoder weights for our engine, e.g. bfloat16,int8,int4 (default auto)")
+    bench.add_argument("--kv", default="auto",
+                       help="KV cache of our dynamic path, e.g. full,8bit (default auto = full); with --quality, "
+                            "8bit is also measured against full")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
     bench.add_argument("--context-seconds", type=float, default=10.0,
                        help="engine context kept per station; the window is 3x this (default 10 -> 30 s)")
@@ -243,7 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
                            weights_list=tuple(w.strip() for w in args.weights.split(",") if w.strip()),
-                           quality=args.quality,
+                           quality=args.quality, kv_list=tuple(k.strip() for k in args.kv.split(",") if k.strip()),
                            scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
                            context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:

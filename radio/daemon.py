@@ -13,20 +13,21 @@ import signal
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable
 
-from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations, station_files
+from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations
+from .config.watch import StationFiles
 from .engine import Engine
 from .station.idents import load_idents
 from .errors import ModelError, RadioError
 from .control.api import ApiServer
+from .control.commands import Commands
 from .output.audience import Audience
 from .output.local import LocalIcecast, find_icecast_xml, free_port, port_is_free
-from .musicgen.model import MusicModel, MusicgenModel, estimate_model_bytes, model_source
+from .musicgen.model import MusicModel, MusicgenModel, estimate_model_bytes
 from .output.mount import Mount
 from .native import bound_kernel_caches, trim, tune_allocator
-from .pool import ModelPool, ModelSpec, resolve_budget
+from .pool import ModelPool, ModelSpec, model_spec, resolve_budget
 from .station.station import Station
 
 logger = logging.getLogger(__name__)
@@ -38,12 +39,7 @@ def load_model(cfg: DaemonConfig) -> MusicModel:
     """The real loader; the daemon calls it with ``cfg.model``/``cfg.dtype`` set to the model wanted."""
     return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                          window_seconds=cfg.engine.window_seconds, decoder=cfg.engine.decoder,
-                         weights=cfg.engine.weights)
-
-
-def model_spec(cfg: DaemonConfig, sc: StationConfig) -> ModelSpec:
-    """A station's model: its own ``model:``/``dtype:``/``weights:``, else the daemon's."""
-    return ModelSpec(sc.model or cfg.model, sc.dtype or cfg.dtype, sc.weights or cfg.engine.weights)
+                         weights=cfg.engine.weights, kv=cfg.engine.kv)
 
 
 class _Stopping(Exception):
@@ -71,7 +67,8 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._stop_or_reload = threading.Event()
-        self._files: dict[str, tuple[int, int]] = {}
+        self.commands = Commands(self)  # the API's commands to stations
+        self.files = StationFiles(config.stations_dir)  # the stations directory as last read
         self._failed: dict[str, StationConfig] = {}  # stations whose model could not be loaded, as last tried
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -118,7 +115,7 @@ class Daemon:
             logger.info("listen: %s%s  (%s)", base, m.mount, m.station.config.name)
         if self.config.api.enabled:
             try:
-                self.api = ApiServer(self.config.api, self)
+                self.api = ApiServer(self.config.api, self.commands)
             except OSError as exc:
                 raise RadioError(f"control API cannot listen on {self.config.api.host}:{self.config.api.port}: "
                                  f"{exc.strerror}; use --api HOST:PORT or --no-api") from exc
@@ -194,12 +191,6 @@ class Daemon:
         return station
 
     # -- live edits -------------------------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, tuple[int, int]]:
-        try:
-            return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in station_files(self.config.stations_dir)}
-        except OSError:
-            return {}
-
     def reload(self) -> None:
         """Re-read the stations directory and apply it file by file.
 
@@ -208,14 +199,14 @@ class Daemon:
         station, a removed file stops one. An invalid file is logged with file:line and its running version
         keeps playing.
         """
-        self._files = self._snapshot()
+        self.files.mark()
         stations, problems = load_stations([self.config.stations_dir])
         bad = {line.split(":", 1)[0] for line in problems}
         for line in problems:
             running = line.split(":", 1)[0] in self.stations
             logger.error("%s (%s)", line, "the running version keeps playing" if running else "not started")
         wanted = {sc.key: sc for sc in stations}
-        self.remove_stations([key for key in self.stations if key not in self._files and key not in bad])
+        self.remove_stations([key for key in self.stations if key not in self.files and key not in bad])
         for key in list(self.stations):
             if self._stop.is_set():
                 return
@@ -335,7 +326,7 @@ class Daemon:
             except _Stopping:
                 logger.info("stop requested during start-up")
                 return
-            self._files = self._snapshot()
+            self.files.mark()
             next_status = time.monotonic() + status_every
             while not self._stop.is_set():
                 self._stop_or_reload.wait(watch_every)
@@ -346,7 +337,7 @@ class Daemon:
                     self._reload.clear()
                     logger.info("SIGHUP: reloading %s", self.config.stations_dir)
                     self.reload()
-                elif self._snapshot() != self._files:
+                elif self.files.changed():
                     self.reload()
                 if time.monotonic() >= next_status:
                     trim()  # give freed heap pages back: a daemon runs for weeks
@@ -376,103 +367,11 @@ class Daemon:
                 stations.append({"name": st.config.name, "mount": st.mount, "id": st.mount.lstrip("/"),
                                  "error": f"status unavailable: {type(exc).__name__}"})
         engine = self.engine.status() if self.engine else {}
-        if engine:
-            engine["batch_size"] = len(engine.get("last_batch", []))
         if self.audience is not None:
             engine["listeners_source"] = self.audience.source
             engine["listeners_error"] = self.audience.last_error
         return {"uptime_seconds": round(time.monotonic() - self.started, 1), "engine": engine,
                 "models": self.pool.status() if self.pool else {}, "stations": stations}
-
-    def _station(self, station_id: str) -> Station | None:
-        mount = "/" + station_id.strip("/")
-        return next((st for st in self.stations.values() if st.mount == mount), None)
-
-    def _station_status(self, station: Station) -> dict[str, object]:
-        return next(s for s in self.status()["stations"] if s["mount"] == station.mount)
-
-    def set_prompt(self, station_id: str, prompt: str, title: str | None, duration: float | None,
-                   blend: float) -> dict[str, object] | None:
-        station = self._station(station_id)
-        if station is None:
-            return None
-        label = title or prompt[:80]
-        return self._command(station, f"prompt {label!r}",
-                             lambda st: st.play_now(prompt, title, duration, blend))
-
-    def set_model(self, station_id: str, model: str, dtype: str | None) -> dict[str, object] | None:
-        """Move a station to another model (control API). Loads in the background; raises ModelError when
-        the model cannot be used at all (no such directory, does not fit the memory budget)."""
-        station = self._station(station_id)
-        if station is None or self.pool is None:
-            return None
-        source = model_source(model)  # a missing or config-less directory is refused here, at once
-        if Path(source).is_dir():
-            model = str(Path(source).resolve())
-        current = model_spec(self.config, station.config)
-        spec = ModelSpec(model, dtype or current.dtype, current.weights)
-        result = self.pool.change(station.key, spec)
-        return {**self._station_status(station), "change": result}
-
-    # -- listener requests (public: no token; each station's queue bounds itself) -------------------------------
-    def _requesting(self, station_id: str) -> Station | None:
-        station = self._station(station_id)
-        return station if station is not None and station.requests.enabled else None
-
-    def request(self, station_id: str, prompt: object, name: object, client: str) -> dict[str, object] | None:
-        """Queue a listener's request (raises RequestRefused); None when the station takes none."""
-        station = self._requesting(station_id)
-        if station is None:
-            return None
-        request, position = station.requests.submit(prompt, name, client)
-        logger.info("%s: request queued at %d: %r", station.mount, position, request.prompt[:80])
-        return {"request": {**request.public(), "position": position,
-                            "plays_in_seconds": round(station.request_wait(position))},
-                "queue": self.requests(station_id)}
-
-    def requests(self, station_id: str) -> dict[str, object] | None:
-        station = self._requesting(station_id)
-        if station is None:
-            return None
-        cfg = station.requests.config
-        waiting = [{**r.public(), "position": i, "plays_in_seconds": round(station.request_wait(i))}
-                   for i, r in enumerate(station.requests.waiting(), 1)]
-        playing = station.requesting.public() if station.requesting is not None else None
-        return {"mount": station.mount, "playing": playing, "waiting": waiting,
-                "limits": {"every_seconds": cfg.every, "queue": cfg.queue, "duration_seconds": cfg.duration,
-                           "share": cfg.share}}
-
-    def remove_request(self, station_id: str, request_id: str) -> dict[str, object] | None:
-        """The operator takes a request out of the queue; None when there is no such station or request."""
-        station = self._requesting(station_id)
-        if station is None or station.requests.remove(request_id) is None:
-            return None
-        logger.info("%s: request %s removed by the operator", station.mount, request_id)
-        return self.requests(station_id)
-
-    def skip(self, station_id: str) -> dict[str, object] | None:
-        station = self._station(station_id)
-        if station is None:
-            return None
-        return self._command(station, "skip", lambda st: st.skip())
-
-    COMMAND_WAIT = 0.08  # an API call answers within 100 ms: applied, or accepted as pending (the engine applies
-    # changes between steps, and a step takes seconds on a slow CPU)
-
-    def _command(self, station: Station, what: str, action: Callable[[Station], object]) -> dict[str, object]:
-        """Hand a change to the engine thread and answer at once: with the station's status once it is applied,
-        or (when a step is running) with the change shown as pending and about when it applies."""
-        if self.engine is None:
-            raise RadioError("daemon not started")
-        command = self.engine.post(station.key, what, action)
-        command.wait(self.COMMAND_WAIT)
-        if command.error is not None and command.done.is_set():
-            raise RadioError(f"{station.mount}: {what} failed: {command.error}")
-        status = self._station_status(station)
-        if not command.done.is_set():
-            status["accepted"] = {"pending": what, "applies_in_seconds": round(self.engine.step_remaining(), 2),
-                                  "applies": "when the model's running step ends (the station's next chunk)"}
-        return status
 
     def log_status(self) -> None:
         for st in self.stations.values():

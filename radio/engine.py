@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .station.dsp import equal_power_crossfade
 from .errors import ConditioningError, SlotsFull
 from .logs import Throttle
+from .status import Record, exported
 from .musicgen.model import ContinuationRequest, MusicModel
 from .station.station import Station
 
@@ -79,6 +80,30 @@ class _Record:
     retry_at: float = 0.0  # not picked before this time (no decode slot free, a prompt the model refused)
     heard: float = float("-inf")  # when it last had a listener: the linger runs from there
 
+
+
+@dataclass
+class EngineStatus(Record):
+    """What the engine says of itself in ``/status``."""
+
+    steps: int = exported("radio_engine_steps", "Batched generation steps", counter=True)
+    failures: int = exported("radio_engine_failures", "Batched steps that failed", counter=True)
+    batch_size: int = exported("radio_engine_batch_size", "Stations in the last batched step")
+    last_step_seconds: float = exported("radio_engine_step_seconds", "Wall time of the last batched step")
+    realtime_factor: float = exported("radio_engine_realtime_factor", "Audio seconds generated per wall second")
+    needed_factor: float = exported("radio_engine_needed_factor", "Audio seconds per second the stations on air "
+                                    "need")
+    keeping_up: bool = exported("radio_engine_keeping_up", "1 while the engine makes what its stations need")
+    stations_on_air: int = exported("radio_engine_stations_on_air", "Stations on air")
+    stations_generating: int = exported("radio_engine_stations_generating", "Stations the engine generates for "
+                                        "(someone listens, or within the linger, or always)")
+    stations_idle: int = exported("radio_engine_stations_idle", "Stations on air that nobody listens to")
+    listeners_known: bool = exported("radio_engine_listeners_known", "1 while Icecast's listener counts can be "
+                                     "read (0: every station generates)")
+    capacity_stations: int = exported("radio_engine_capacity_stations", "Stations the last steps' speed could "
+                                      "keep in real time")
+    last_batch: list[str] = field(default_factory=list)
+    last_model: str | None = None
 
 class Engine:
     """Schedules generation for all stations over one or more models (keyed by name)."""
@@ -568,21 +593,14 @@ class Engine:
                 self._wake.clear()
 
     def status(self) -> dict[str, Any]:
+        """The engine's :class:`EngineStatus`, as JSON."""
         on_air = self.on_air()
         generating = self.generating()
-        return {
-            "steps": self.steps,
-            "failures": self.failures,
-            "last_batch": self.last_batch,
-            "last_model": self.last_model,
-            "last_step_seconds": round(self.last_step_seconds, 3),
-            "realtime_factor": round(self.realtime_factor, 3),
-            "stations_on_air": on_air,
-            "stations_generating": generating,
-            "stations_idle": on_air - generating,
-            "listeners_known": self._listeners is not None,
-            "needed_factor": float(generating),
-            "capacity_stations": int(self.realtime_factor),
-            "keeping_up": self.keeping_up,
-        }
+        return EngineStatus(
+            steps=self.steps, failures=self.failures, batch_size=len(self.last_batch),
+            last_step_seconds=round(self.last_step_seconds, 3), realtime_factor=round(self.realtime_factor, 3),
+            needed_factor=float(generating), keeping_up=self.keeping_up, stations_on_air=on_air,
+            stations_generating=generating, stations_idle=on_air - generating,
+            listeners_known=self._listeners is not None, capacity_stations=int(self.realtime_factor),
+            last_batch=list(self.last_batch), last_model=self.last_model).to_dict()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import parse_size
+from .config import DaemonConfig, StationConfig, parse_size
 from .engine import Engine
 from .errors import ModelError
 from .musicgen.model import MusicModel
@@ -79,6 +79,11 @@ class ModelSpec:
 
     def __str__(self) -> str:
         return self.key
+
+
+def model_spec(cfg: DaemonConfig, sc: StationConfig) -> ModelSpec:
+    """A station's model: its own ``model:``/``dtype:``/``weights:``, else the daemon's."""
+    return ModelSpec(sc.model or cfg.model, sc.dtype or cfg.dtype, sc.weights or cfg.engine.weights)
 
 
 Loader = Callable[[ModelSpec], MusicModel]

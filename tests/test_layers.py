@@ -8,7 +8,7 @@ from pathlib import Path
 import radio
 
 ROOT = Path(radio.__file__).parent
-LAYERS = [{"errors", "logs", "native"}, {"config"}, {"musicgen"}, {"station"}, {"engine", "pool"}, {"output"}, {"control"},
+LAYERS = [{"errors", "logs", "native", "status"}, {"config"}, {"musicgen"}, {"station"}, {"engine", "pool"}, {"output"}, {"control"},
           {"daemon", "cli"}]
 TOOLS = "tools"  # beside the layers: may use any of them, and only the CLI may use it (lazily, for its commands)
 

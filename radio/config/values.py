@@ -11,6 +11,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODERS = ("auto", "static", "dynamic")
 GENERATE = ("listened", "always")  # engine.generate: which stations the model serves
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # how the decoder's linear weights are held
+KV_FORMATS = ("auto", "full", "8bit")  # how the dynamic path's KV cache is held
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class EngineConfig:
     decoder: str = "auto"  # decode path: auto (static slots + CUDA graphs on CUDA, dynamic on CPU), static, dynamic
     generate: str = "listened"  # listened: only stations with listeners (and `always: true` ones); always: every one
     weights: str = "auto"  # decoder weights: auto (int8 on a bf16 CPU, else dense), float32, bfloat16, int8, int4
+    kv: str = "auto"  # KV cache of the dynamic (CPU) path: auto (= full, the decoder's dtype), full, 8bit (half)
     linger: float = 60.0  # a station keeps generating this long after its last listener left (zapping)
 
 

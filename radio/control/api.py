@@ -22,7 +22,11 @@ from typing import Any, Protocol
 
 from ..config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_TITLE_CHARS, ApiConfig,
                      duration_value, text_problem)
+from ..engine import EngineStatus
 from ..errors import ModelError, RadioError, RequestRefused
+from ..output.mount import MountStatus
+from ..station.station import StationStatus
+from ..status import Metric, exported_fields
 
 logger = logging.getLogger(__name__)
 
@@ -77,36 +81,30 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+def _family(metric: Metric, labels: list[str]) -> Any:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    return (CounterMetricFamily if metric.counter else GaugeMetricFamily)(metric.name, metric.doc, labels=labels)
+
+
 def _metrics(status: dict[str, Any]) -> bytes:
+    """Prometheus text from a ``/status`` snapshot: the fields the status records declare exported
+    (:mod:`radio.status`), the request counters and the models' figures."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class Snapshot:
         def collect(self):  # noqa: ANN202 - prometheus_client protocol
             stations = status.get("stations", [])
-            per_station = [
-                (GaugeMetricFamily, "radio_station_buffered_seconds", "Audio buffered ahead of real time",
-                 "buffered_seconds"),
-                (CounterMetricFamily, "radio_station_generated_seconds", "Audio generated", "generated_seconds"),
-                (CounterMetricFamily, "radio_station_filled_seconds", "Audio filled while the generator was behind",
-                 "filled_seconds"),
-                (CounterMetricFamily, "radio_station_underruns", "Times the generator fell behind", "underruns"),
-                (CounterMetricFamily, "radio_station_reconnects", "Icecast reconnects", "reconnects"),
-                (CounterMetricFamily, "radio_station_encoder_restarts", "ffmpeg restarts", "encoder_restarts"),
-                (GaugeMetricFamily, "radio_station_listeners", "Listeners on the mount (from Icecast)", "listeners"),
-                (GaugeMetricFamily, "radio_station_connected", "1 while connected to Icecast", "connected"),
-                (GaugeMetricFamily, "radio_station_idle", "1 while nobody listens: no generation, the mount loops "
-                 "the station's own audio", "idle"),
-                (CounterMetricFamily, "radio_station_idle_spells", "Times the mount went idle", "idle_spells"),
-                (CounterMetricFamily, "radio_station_errors", "Times generation set the station aside", "errors"),
-                (CounterMetricFamily, "radio_station_feeder_failures", "Feeder failures survived (encoder "
-                 "restarted)", "feeder_failures"),
-            ]
-            for kind, name, doc, key in per_station:
-                family = kind(name, doc, labels=["mount"])
+            # Every exported field of the records a station's status is made of (the station's, its mount's), and
+            # the listener count the daemon adds from Icecast.
+            per_station = [*exported_fields(StationStatus), *exported_fields(MountStatus),
+                           ("listeners", Metric("radio_station_listeners", "Listeners on the mount (from Icecast)"))]
+            for key, metric in per_station:
+                family = _family(metric, ["mount"])
                 for st in stations:
                     value = st.get(key)
-                    if isinstance(value, (int, float)):
+                    if isinstance(value, (int, float)):  # bools too; None (unknown) is left out
                         family.add_metric([str(st.get("mount", "?"))], float(value))
                 yield family
             queued = GaugeMetricFamily("radio_station_requests_queued", "Listener requests waiting", labels=["mount"])
@@ -124,27 +122,10 @@ def _metrics(status: dict[str, Any]) -> bytes:
                         refused.add_metric([mount, str(reason)], float(n))
             yield from (queued, played, refused)
             engine = status.get("engine", {})
-            for name, doc, key in (("radio_engine_batch_size", "Stations in the last batched step", "batch_size"),
-                                   ("radio_engine_step_seconds", "Wall time of the last batched step",
-                                    "last_step_seconds"),
-                                   ("radio_engine_realtime_factor", "Audio seconds generated per wall second",
-                                    "realtime_factor"),
-                                   ("radio_engine_needed_factor", "Audio seconds per second the stations on air "
-                                    "need", "needed_factor"),
-                                   ("radio_engine_keeping_up", "1 while the engine makes what its stations need",
-                                    "keeping_up"),
-                                   ("radio_engine_stations_generating", "Stations the engine generates for (someone "
-                                    "listens, or within the linger, or always)", "stations_generating"),
-                                   ("radio_engine_stations_idle", "Stations on air that nobody listens to",
-                                    "stations_idle"),
-                                   ("radio_engine_listeners_known", "1 while Icecast's listener counts can be read "
-                                    "(0: every station generates)", "listeners_known")):
-                g = GaugeMetricFamily(name, doc)
-                g.add_metric([], float(engine.get(key, 0) or 0))
-                yield g
-            steps = CounterMetricFamily("radio_engine_steps", "Batched generation steps")
-            steps.add_metric([], float(engine.get("steps", 0)))
-            yield steps
+            for key, metric in exported_fields(EngineStatus):
+                family = _family(metric, [])
+                family.add_metric([], float(engine.get(key, 0) or 0))
+                yield family
             models = status.get("models", {})
             for name, doc, key in (
                     ("radio_model_memory_bytes", "Memory held by a loaded model", "memory_bytes"),

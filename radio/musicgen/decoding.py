@@ -6,7 +6,8 @@ chunk costs exactly one decoder step per new frame: no re-prefill of the context
 Layout. All rows share one KV buffer per layer, shape ``(physical_rows, heads, capacity, head_dim)``,
 preallocated so a step writes in place (transformers' DynamicCache concatenates, copying the whole cache
 every step), sized to the chunk: a step's attention reads the whole buffer (a slice of a longer one is not
-contiguous, and CPU matmuls copy such an operand on every call), so few columns past the rows' tokens are read. Rows are right-aligned: row i's tokens occupy columns ``[offset[i], length)``; columns before
+contiguous, and CPU matmuls copy such an operand on every call), so few columns past the rows' tokens are read.
+Rows are right-aligned: row i's tokens occupy columns ``[offset[i], length)``; columns before
 ``offset[i]`` are masked padding. Position ids are per row (column - offset), so a row always sees its
 own BOS at position 0, whatever its neighbours do. With classifier-free guidance, physical row ``i + B`` is
 the unconditional twin of row ``i``.
@@ -82,6 +83,22 @@ def fresh_row(key: str, context: np.ndarray, window: int, steps: int, pad: int,
 
 
 MAX_PARKED = 64
+KV8_SCALE_BYTES = 4  # an 8-bit key or value row ends with its float32 scale, as 4 int8 bytes
+
+
+def kv8_pack(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values (..., d) as 8 bits: each row of d numbers (one token of one head) scaled by its own absolute
+    maximum to int8, its float32 scale stored in the 4 bytes after it: (..., d + 4) int8. One tensor, so the
+    buffers' copies (assemble, park) move values and scales together."""
+    scale = (x.abs().amax(-1, keepdim=True).float() / 127.0).clamp(min=1e-12)
+    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def kv8_unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 numbers (..., d) and float32 scales (..., 1) of :func:`kv8_pack`'s rows (views, no copies)."""
+    d = packed.shape[-1] - KV8_SCALE_BYTES
+    return packed[..., :d], packed[..., d:].view(torch.float32)
 
 
 def _storage(t: torch.Tensor) -> torch.Tensor:
@@ -109,10 +126,14 @@ class DecodeState:
     """Rows, their shared KV buffers, and the bookkeeping to add, drop, park and reset rows."""
 
     def __init__(self, num_layers: int, heads: int, head_dim: int, num_codebooks: int, pad: int, dtype: torch.dtype,
-                 device: str) -> None:
+                 device: str, kv8: bool = False) -> None:
         self.num_layers = num_layers
         self.heads = heads
-        self.head_dim = head_dim
+        self.kv8 = kv8  # the buffers hold kv8_pack()ed keys and values: int8, head_dim + KV8_SCALE_BYTES columns
+        self.head_dim = head_dim + (KV8_SCALE_BYTES if kv8 else 0)
+        if kv8:
+            dtype = torch.int8
+        self.scratch: dict[str, torch.Tensor] = {}  # an 8-bit cache's upcast buffers (step._attend8)
         self.K = num_codebooks
         self.pad = pad
         self.dtype = dtype

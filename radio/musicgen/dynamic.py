@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .decoding import DecodeState, fresh_row
+from .decoding import DecodeState, fresh_row, kv8_pack
 from .pattern import DelayPattern
 from .plan import ChunkPlan, plan_chunk
 from .prefill import Prefill
@@ -85,6 +85,8 @@ class DynamicDecoder:
             t0 = time.monotonic()
             kv, length, offsets = self.prefill([row for row, _ in fresh], [ctx for _, ctx in fresh],
                                                [requests[i] for i in plan.fresh], use_cfg)
+            if kv is not None and state.kv8:
+                kv = [(kv8_pack(k), kv8_pack(v)) for k, v in kv]
             self.last_prefill_seconds = time.monotonic() - t0
             state.assemble(keep_idx, [row for row, _ in fresh], kv, length, offsets, use_cfg, steps)
         else:
@@ -149,7 +151,7 @@ class DynamicDecoder:
         with torch.inference_mode():
             for j in range(steps):
                 logits = row_logits(self.parts, kv, torch.from_numpy(next_cols).to(dev), offsets, state.length,
-                                    prompts, use_cfg)
+                                    prompts, use_cfg, state.scratch)
                 state.length += 1
                 logits = guide(logits[:B], logits[B:] if use_cfg else None, guidance)
                 noise = torch.rand(logits.shape, generator=self.generator, device=logits.device)
@@ -162,3 +164,35 @@ class DynamicDecoder:
                 out[:, :, j] = sampled
                 next_cols = sampled
         return out
+
+    def teacher_forced_logits(self, request: ContinuationRequest, codes: np.ndarray) -> torch.Tensor:
+        """The conditional rows' logits (steps, K, V) of the decode steps that feed ``codes`` (K, n), the frames
+        after ``request.context``, one step at a time on this path's KV format: what ``radio bench --quality``
+        and the tests hold an 8-bit cache to against the full one. Uses its own buffers; the rows are untouched."""
+        pad, K = self.prefill.pad, self.pattern.num_codebooks
+        context = np.asarray(request.context, dtype=np.int64)
+        T, n = context.shape[1], codes.shape[1]
+        row, ctx = fresh_row("\0quality", context, T + n + K + 1, n, pad, self.pattern)
+        kv, P, _ = self.prefill([row], [ctx], [request], True)
+        if kv is None:
+            raise ValueError("teacher-forced logits need a context of at least one frame")
+        both = np.concatenate([context, codes], axis=1)
+        columns = torch.from_numpy(self.pattern.columns(both, T + n, pad)).to(self.device)  # (K, T + n)
+        state = self.state
+        bufs = []
+        for pair in kv:
+            held = []
+            for new in pair:
+                buf = torch.zeros((2, state.heads, P + n, state.head_dim), dtype=state.dtype, device=self.device)
+                buf[:, :, :P] = kv8_pack(new) if state.kv8 else new.to(state.dtype)
+                held.append(buf)
+            bufs.append((held[0], held[1]))
+        enc, mask = self.text.batch([request], False)
+        prompts = RowCross.of(self.parts, enc, mask)
+        offsets = torch.zeros(1, dtype=torch.long, device=self.device)
+        out = []
+        with torch.inference_mode():
+            for j in range(n):
+                logits = row_logits(self.parts, bufs, columns[:, T + j][None], offsets, P + j, prompts, True, {})
+                out.append(logits[0])
+        return torch.stack(out)

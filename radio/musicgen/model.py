@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 
-from ..config import DECODERS, DEFAULT_MODEL, DTYPES
+from ..config import DECODERS, DEFAULT_MODEL, DTYPES, KV_FORMATS
 from ..errors import ConditioningError, ModelError
 
 from .pattern import DelayPattern
@@ -119,6 +119,19 @@ def resolve_weights(weights: str, device: str, dtype: Any) -> str:
     return "dense"
 
 
+def resolve_kv(kv: str, decoder: str) -> str:
+    """The KV cache's format: ``full`` (the decoder's dtype) or ``8bit`` (the dynamic path's: int8 with a float32
+    scale per token and head, half the memory; attention upcasts it to float32). ``auto`` is full: on the CPUs
+    measured, the upcast costs about what the halved reads save (see the README's CPU notes), so 8bit is the
+    choice for memory (many stations on one CPU machine), not for speed."""
+    if kv not in KV_FORMATS:
+        raise ModelError(f"unknown kv {kv!r}: use one of {', '.join(KV_FORMATS)}")
+    if kv == "8bit" and decoder != "dynamic":
+        raise ModelError("an 8bit KV cache is built for the dynamic decode path (CPU); use kv: auto or full with "
+                         f"the {decoder} path")
+    return "full" if kv == "auto" else kv
+
+
 def model_source(name: str) -> str:
     """A local checkpoint directory (checked) or a hub id, as ``from_pretrained`` will be given it."""
     local = Path(name).expanduser()
@@ -169,7 +182,7 @@ class MusicgenModel:
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
                  window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto",
-                 weights: str = "auto") -> None:
+                 weights: str = "auto", kv: str = "auto") -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -230,17 +243,10 @@ class MusicgenModel:
         self.state_bytes = 0  # decode state held after the last chunk (describe(): read without the lock)
         # Frames a row may hold before it is reset: MusicGen was trained on 30 s windows.
         self.window_frames = min(window_frames or int(window_seconds * self.frame_rate), self.max_positions - 8)
-        from .decoding import DecodeState  # torch-heavy: imported only when a real model is used
-
-        dcfg = model.config.decoder
-        self._state = DecodeState(num_layers=dcfg.num_hidden_layers, heads=dcfg.num_attention_heads,
-                                  head_dim=dcfg.hidden_size // dcfg.num_attention_heads, num_codebooks=self.num_codebooks,
-                                  pad=self.pad_id, dtype=self.dtype, device=self.device)
         if self.dtype != torch.float32 and not self._outputs_finite():
             logger.warning("model %s gives non-finite outputs in %s; falling back to float32", name,
                            str(self.dtype).replace("torch.", ""))
             self._set_decoder_dtype(torch.float32)
-            self._state.dtype = torch.float32
             self.weights = "dense"
             self.text.set_dtype(torch.float32)
         # Last: packing fixes the decoder's dtype. Every caller (our loop, generate) then uses the packed layers.
@@ -254,6 +260,7 @@ class MusicgenModel:
             self.weights = str(self.dtype).replace("torch.", "")
             self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
+        self.kv = resolve_kv(kv, self.decoder)
         self._decoder: SlotDecoder | DynamicDecoder = self._make_decoder(seed)
         logger.info("decode path: %s%s", self.decoder,
                     f" ({self.slots.kernels} kernels)" if self.slots is not None else "")
@@ -280,8 +287,12 @@ class MusicgenModel:
                               window=self.window_frames + self.num_codebooks, dtype=self.dtype, device=self.device)
             decoder = SlotDecoder(parts, shape, prefill, self.text, self.pattern)
         else:
-            decoder = DynamicDecoder(parts, prefill, self.text, self._state, self.pattern, self.vocab_size,
-                                     self.device)
+            from .decoding import DecodeState
+
+            state = DecodeState(num_layers=dcfg.num_hidden_layers, heads=heads, head_dim=dcfg.hidden_size // heads,
+                                num_codebooks=self.num_codebooks, pad=self.pad_id, dtype=self.dtype,
+                                device=self.device, kv8=self.kv == "8bit")
+            decoder = DynamicDecoder(parts, prefill, self.text, state, self.pattern, self.vocab_size, self.device)
         decoder.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         return decoder
 
@@ -382,7 +393,11 @@ class MusicgenModel:
     @property
     def dynamic_state(self) -> "DecodeState":
         """The dynamic path's rows and KV buffers (live and parked)."""
-        return self._state
+        from .dynamic import DynamicDecoder
+
+        if not isinstance(self._decoder, DynamicDecoder):
+            raise ModelError("the static decode path has no dynamic state")
+        return self._decoder.state
 
     @property
     def slots(self) -> "SlotDecoder | None":
@@ -399,7 +414,8 @@ class MusicgenModel:
         slots = self.slots
         kernels = ((f"{self.weights}-weight-only" if self.weights in ("int8", "int4") else "onednn-packed")
                    if self.packed else "stock")
-        return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "channels": self.channels,
+        return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "kv": self.kv,
+                "channels": self.channels,
                 "kernels": slots.kernels if slots is not None else kernels,
                 "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,
                 "slots_used": sum(k is not None for k in list(slots.keys)) if slots is not None else None,

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .decoding import kv8_pack, kv8_unpack
 from .fused import add_norm, decode_attention
 from .sampling import guide, sample
 
@@ -186,13 +187,15 @@ class RowCross:
 
 
 def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]], tok: torch.Tensor,
-               offsets: torch.Tensor, length: int, prompts: RowCross, cfg: bool) -> torch.Tensor:
+               offsets: torch.Tensor, length: int, prompts: RowCross, cfg: bool,
+               scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One decode step of the dynamic layout (``decoding.DecodeState``): B rows, each feeding its next column
     ``tok`` (B, K), left-padded by ``offsets`` (B,), over per-layer buffers (physical rows, H, capacity, d) that
     hold ``length`` columns; with guidance (``cfg``) physical row B + i is row i's unconditional twin. Each
     layer's new key/value is written at column ``length``, and attention reads the whole buffer (a slice would
     not be contiguous, which costs a CPU matmul a copy of its operand) with the columns outside
-    ``[offset, length]`` masked. Returns the float logits (physical rows, K, V).
+    ``[offset, length]`` masked. Returns the float logits (physical rows, K, V). An 8-bit cache (int8 buffers of
+    ``decoding.kv8_pack``ed rows) is read by :func:`_attend8`, with ``scratch`` its upcast buffers.
 
     The same layers as the slot path's step (:func:`run_layers`), so the two are one decode step over two KV
     layouts."""
@@ -202,7 +205,7 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
     x = embed(parts, tok, length - offsets)
     h = x.repeat(mult, 1)
     capacity = kv[0][0].shape[2]
-    dtype = kv[0][0].dtype
+    dtype = h.dtype
     cols = torch.arange(capacity, device=tok.device)
     live = (cols[None, :] >= phys_offsets[:, None]) & (cols[None, :] <= length)
     self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
@@ -210,6 +213,8 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
 
     def write(i: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = kv[i]
+        if kc.dtype == torch.int8:  # an 8-bit cache (decoding.kv8_pack): attention reads it with _attend8
+            k_new, v_new = kv8_pack(k_new), kv8_pack(v_new)
         kc[:, :, length] = k_new
         vc[:, :, length] = v_new
         return kc, vc
@@ -218,7 +223,11 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
         c = _cross(parts, prompts.xk[i], prompts.xv[i], i, y[:B], prompts.bias, sdpa=False)
         return torch.cat([c, parts.uncond_cross[i].expand(B, D)]) if cfg else c
 
-    return logits_of(parts, run_layers(parts, h, write, self_bias, cross, sdpa=False))
+    attend = None
+    if kv[0][0].dtype == torch.int8:
+        kept = scratch if scratch is not None else {}
+        attend = lambda q, k, v, bias, scaling, sdpa: _attend8(q, k, v, bias, scaling, kept)  # noqa: E731
+    return logits_of(parts, run_layers(parts, h, write, self_bias, cross, sdpa=False, attend=attend))
 
 
 def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torch.Tensor) -> None:
@@ -243,12 +252,14 @@ def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torc
 
 
 def run_layers(parts: DecoderParts, h: torch.Tensor, write: Callable[[int, torch.Tensor, torch.Tensor], Any],
-               self_bias: torch.Tensor, cross: Callable[[int, torch.Tensor], torch.Tensor], sdpa: bool) -> torch.Tensor:
+               self_bias: torch.Tensor, cross: Callable[[int, torch.Tensor], torch.Tensor], sdpa: bool,
+               attend: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Step 2, the decoder layers and the final norm with PyTorch's ops (transformers' eager math, op for op):
     h (rows, D) -> (rows, D), one new token per row. The KV layout comes in as two functions: ``write(i, k, v)``
     puts layer i's new keys and values (rows, H, d) into the cache and returns the cache (rows, H, columns, d)
     that attention reads with ``self_bias`` (rows, 1, 1, columns) added; ``cross(i, y)`` is layer i's
-    cross-attention output (rows, D) for the normed states y (rows, D)."""
+    cross-attention output (rows, D) for the normed states y (rows, D). ``attend``: the self-attention's kernel
+    where the cache needs its own (an 8-bit one), else :func:`_attend`."""
     H, d = parts.num_heads, parts.head_dim
     rows = h.shape[0]
     h = h[:, None, :]  # (rows, 1, D): one token per row
@@ -257,7 +268,7 @@ def run_layers(parts: DecoderParts, h: torch.Tensor, write: Callable[[int, torch
         residual = h
         q, k_new, v_new = _self_qkv(parts, i, layer.self_attn_layer_norm(h)[:, 0])
         kc, vc = write(i, k_new, v_new)
-        a = _attend(q[:, :, None, :], kc, vc, self_bias, attn.scaling, sdpa)
+        a = (attend or _attend)(q[:, :, None, :], kc, vc, self_bias, attn.scaling, sdpa)
         h = residual + attn.out_proj(a.reshape(rows, 1, H * d))
 
         residual = h
@@ -323,3 +334,27 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
     w = torch.matmul(q, k.transpose(2, 3)) * scaling + bias  # transformers' eager attention, op for op
     return torch.matmul(torch.softmax(w, dim=-1), v)
+
+
+def _attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float,
+             scratch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`_attend` over an 8-bit cache (``decoding.kv8_pack``): the int8 numbers upcast to float32 (on a CPU
+    its float32 matmuls of one query run as fast as its bf16 ones, and the cache is half the bytes to read), each
+    token's key scale applied to its score and its value scale folded into its attention weight. The upcasts go
+    into ``scratch`` buffers kept from call to call: fresh ones of this size are new pages every time."""
+    kq, ks = kv8_unpack(k)
+    vq, vs = kv8_unpack(v)
+    kf, vf = _scratch(scratch, "k", kq.shape), _scratch(scratch, "v", vq.shape)
+    kf.copy_(kq)
+    vf.copy_(vq)
+    w = torch.matmul(q.float(), kf.transpose(2, 3)) * (ks.transpose(2, 3) * scaling) + bias.float()
+    p = torch.softmax(w, dim=-1) * vs.transpose(2, 3)
+    return torch.matmul(p, vf).to(q.dtype)
+
+
+def _scratch(scratch: dict[str, torch.Tensor], name: str, shape: torch.Size) -> torch.Tensor:
+    t = scratch.get(name)
+    if t is None or t.shape != shape:
+        t = scratch[name] = torch.empty(shape, dtype=torch.float32)
+    return t
+

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from ..errors import EncoderError
 from .encoder import TITLES_IN_STREAM, Encoder, IdleLoop, encode_loop
 from .icecast import IcecastOutput
 from ..logs import Throttle
+from ..status import Record, exported
 from ..station.station import Station
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,21 @@ _throttle = Throttle(logger)
 # stations go idle together when a daemon starts.
 _LOOP_ENCODES = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
 
+
+
+@dataclass
+class MountStatus(Record):
+    """What a station's mount (encoder, Icecast connection, feeder) says of itself in ``/status``."""
+
+    connected: bool = exported("radio_station_connected", "1 while connected to Icecast")
+    reconnects: int = exported("radio_station_reconnects", "Icecast reconnects", counter=True)
+    encoder_restarts: int = exported("radio_station_encoder_restarts", "ffmpeg restarts", counter=True)
+    bytes_sent: int = exported("radio_station_bytes_sent", "Encoded bytes sent to Icecast", counter=True)
+    feeder_failures: int = exported("radio_station_feeder_failures", "Feeder failures survived (encoder "
+                                    "restarted)", counter=True)
+    media_seconds: float = exported("radio_station_media_seconds", "Audio sent to Icecast", counter=True)
+    idle_spells: int = exported("radio_station_idle_spells", "Times the mount went idle", counter=True)
+    last_error: str | None = None
 
 class Mount:
     """Feeds one station to one Icecast mount."""
@@ -208,14 +225,9 @@ class Mount:
             self.output.set_title(title)
 
     def status(self) -> dict[str, object]:
+        """The mount's :class:`MountStatus`, as JSON."""
         s = self.output.stats
-        return {
-            "connected": s.connected,
-            "reconnects": s.reconnects,
-            "encoder_restarts": self.encoder.restarts,
-            "bytes_sent": s.bytes_sent,
-            "last_error": self.last_error or s.last_error,
-            "feeder_failures": self.failures,
-            "media_seconds": round(self.media_seconds, 1),
-            "idle_spells": self.idle_spells,
-        }
+        return MountStatus(connected=s.connected, reconnects=s.reconnects, encoder_restarts=self.encoder.restarts,
+                           bytes_sent=s.bytes_sent, last_error=self.last_error or s.last_error,
+                           feeder_failures=self.failures, media_seconds=round(self.media_seconds, 1),
+                           idle_spells=self.idle_spells).to_dict()

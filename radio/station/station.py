@@ -11,13 +11,14 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import EngineConfig, PlaylistItem, RequestsConfig, StationConfig
 from .dsp import Ring, equal_power_crossfade, rms
 from ..logs import Throttle
+from ..status import Record, exported
 from .playlist import Playlist
 from .requests import Request, RequestQueue
 
@@ -36,6 +37,33 @@ class _Segment:
     pos: int = 0
     silent: bool = False
 
+
+
+@dataclass
+class StationStatus(Record):
+    """What a station says of itself in ``/status`` (the mount and the daemon add theirs)."""
+
+    name: str
+    mount: str
+    format: str
+    bitrate: int
+    channels: int
+    now_playing: str | None
+    generating: str
+    next: str
+    buffered_seconds: float = exported("radio_station_buffered_seconds", "Audio buffered ahead of real time")
+    generated_seconds: float = exported("radio_station_generated_seconds", "Audio generated", counter=True)
+    filled_seconds: float = exported("radio_station_filled_seconds", "Audio filled while the generator was behind",
+                                     counter=True)
+    underruns: int = exported("radio_station_underruns", "Times the generator fell behind", counter=True)
+    silence_skips: int = exported("radio_station_silence_skips", "Generated silences skipped", counter=True)
+    filling: bool = exported("radio_station_filling", "1 while filler covers for the generator")
+    idle: bool = exported("radio_station_idle", "1 while nobody listens: no generation, the mount loops the "
+                          "station's own audio")
+    errors: int = exported("radio_station_errors", "Times generation set the station aside", counter=True)
+    requests: dict[str, object] = field(default_factory=dict)  # RequestQueue.status(); /metrics: requests_*
+    error: str | None = None
+    last_generation_error: str | None = None
 
 class Station:
     """Runtime state of one station. ``config`` is replaced only by ``apply_config`` (live edits)."""
@@ -484,27 +512,18 @@ class Station:
                     "dropped": self.dropped_samples}
 
     def status(self) -> dict[str, object]:
+        """The station's :class:`StationStatus`, as JSON."""
+        return self.record().to_dict()
+
+    def record(self) -> "StationStatus":
         with self._lock:
             buffered = self._queued / self.sample_rate
             filling = self._filler is not None
-        return {
-            "name": self.config.name,
-            "mount": self.mount,
-            "format": self.config.format,
-            "bitrate": self.config.bitrate,
-            "channels": self.channels,
-            "now_playing": self.now_playing,
-            "generating": self.playlist.current.title,
-            "next": self._next_title(),
-            "buffered_seconds": round(buffered, 3),
-            "generated_seconds": round(self.generated_samples / self.sample_rate, 3),
-            "filled_seconds": round(self.filled_samples / self.sample_rate, 3),
-            "underruns": self.underruns,
-            "silence_skips": self.silence_skips,
-            "filling": filling,
-            "idle": self.idle,
-            "error": self.error,
-            "last_generation_error": self.last_error,
-            "errors": self.errors,
-            "requests": self.requests.status(),
-        }
+        return StationStatus(
+            name=self.config.name, mount=self.mount, format=self.config.format, bitrate=self.config.bitrate,
+            channels=self.channels, now_playing=self.now_playing, generating=self.playlist.current.title,
+            next=self._next_title(), buffered_seconds=round(buffered, 3),
+            generated_seconds=round(self.generated_samples / self.sample_rate, 3),
+            filled_seconds=round(self.filled_samples / self.sample_rate, 3), underruns=self.underruns,
+            silence_skips=self.silence_skips, filling=filling, idle=self.idle, error=self.error,
+            last_generation_error=self.last_error, errors=self.errors, requests=self.requests.status())

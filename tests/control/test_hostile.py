@@ -150,9 +150,9 @@ def test_what_one_station_brings_degrades_that_station_alone(three) -> None:
     """Validation is the front door; behind it, a prompt the tokenizer refuses or a title the encoder and
     Icecast cannot carry (put in past the API, as a bug might) must still not stall or break anyone else."""
     daemon, base, icecast = three
-    daemon.set_prompt("a.mp3", "bad \udfff prompt", "Bad one", None, 0.0)
-    daemon.set_prompt("c.opus", "ok prompt", "bad \ud800 title\x00", None, 0.0)
-    daemon.set_prompt("b.ogg", "ok prompt", "bad \udc80 title", None, 0.0)
+    daemon.commands.set_prompt("a.mp3", "bad \udfff prompt", "Bad one", None, 0.0)
+    daemon.commands.set_prompt("c.opus", "ok prompt", "bad \ud800 title\x00", None, 0.0)
+    daemon.commands.set_prompt("b.ogg", "ok prompt", "bad \udc80 title", None, 0.0)
     wait_for(lambda: next(s for s in call(base, "/status")[1]["stations"] if s["mount"] == "/a.mp3")["errors"] >= 1,
              30, message="the bad prompt set aside")
     code, status = call(base, "/status")

@@ -181,3 +181,46 @@ def test_a_quantized_layer_agrees_with_its_dense_one_for_few_rows_and_many(bits:
             want, got = dense(x), layer(x)
         assert got.dtype == x.dtype and got.shape == want.shape
         assert float((got - want).norm() / want.norm()) < bound, rows
+
+
+def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tiny_model_dir: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kv: 8bit`` on the dynamic path: teacher-forced over the full cache's own greedy codes, the logits stay
+    within a bound of the full cache's and agree on the top code; the cache takes about half the memory; a
+    wrong scale (x2) breaks the bound; the static path refuses it."""
+    from radio.errors import ModelError
+    import radio.musicgen.dynamic as dynamic_module
+    import radio.musicgen.step as step_module
+    from radio.musicgen.decoding import KV8_SCALE_BYTES, kv8_pack
+
+    greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
+    full = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic")
+    kv8 = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", kv="8bit")
+    assert (full.describe()["kv"], kv8.describe()["kv"]) == ("full", "8bit")
+    context = np.random.default_rng(4).integers(0, full.vocab_size, (full.num_codebooks, 30))
+    request = ContinuationRequest(context, "jazz piano at night", greedy, key="a")
+    codes = full.continue_batch([request], 24)[0].codes[:, :24]
+    kv8.continue_batch([request], 24)
+    assert kv8.dynamic_state.k_bufs[0].dtype == torch.int8
+    assert kv8.decode_state_bytes() < 0.7 * full.decode_state_bytes()
+
+    def error_and_top1() -> tuple[float, float]:
+        want = full.decode_path.teacher_forced_logits(request, codes)
+        got = kv8.decode_path.teacher_forced_logits(request, codes)
+        return (float((got - want).norm() / want.norm()),
+                float((got.argmax(-1) == want.argmax(-1)).float().mean()))
+
+    error, top1 = error_and_top1()
+    assert error < 0.01 and top1 > 0.9, (error, top1)  # measured: 0.0014 and 1.0
+
+    def wrong_scale(x: torch.Tensor) -> torch.Tensor:
+        packed = kv8_pack(x)
+        packed[..., -KV8_SCALE_BYTES:].view(torch.float32).mul_(2.0)
+        return packed
+
+    for module in (dynamic_module, step_module):
+        monkeypatch.setattr(module, "kv8_pack", wrong_scale)
+    broken, _ = error_and_top1()
+    assert broken > 0.01, broken  # measured: 0.027
+    with pytest.raises(ModelError, match="dynamic decode path"):
+        MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="static", kv="8bit")

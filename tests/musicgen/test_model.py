@@ -232,7 +232,8 @@ def test_a_station_that_sits_a_chunk_out_keeps_its_cache(tiny_model_dir: Path, d
         assert set(m.dynamic_state.parked) == {"a", "b"} and m.dynamic_state.row_keys() == ["c"]
     back = chunk("abc", 7)
     assert not back["a"].fresh and not back["b"].fresh and not back["c"].fresh
-    assert not m.dynamic_state.parked
+    if decoder == "dynamic":
+        assert not m.dynamic_state.parked
     # Same codes as one uninterrupted greedy run of each station alone.
     for k, frames in (("a", 13), ("b", 13), ("c", 18)):
         alone = m.continue_batch([ContinuationRequest(start[k], f"prompt {k}", GREEDY)], frames)[0].codes
@@ -243,8 +244,10 @@ def test_a_station_that_sits_a_chunk_out_keeps_its_cache(tiny_model_dir: Path, d
     assert chunk("ab", 3)["b"].fresh
     chunk("a", 3)
     m.forget("b")
-    assert "b" not in m.dynamic_state.parked and m.memory_bytes() > 0
-    if decoder == "static":
+    assert m.memory_bytes() > 0
+    if decoder == "dynamic":
+        assert "b" not in m.dynamic_state.parked
+    else:
         assert "b" not in m.slots.keys
 
 
