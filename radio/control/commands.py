@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
+from ..config import DaemonConfig
+from ..engine import Engine
 from ..errors import RadioError
 from ..musicgen.model import model_source
-from ..pool import ModelSpec, model_spec
+from ..pool import ModelPool, ModelSpec, model_spec
 from ..station.station import Station
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
-
 logger = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What the commands need of the daemon that owns the stations."""
+
+    config: DaemonConfig
+    stations: dict[str, Station]
+    pool: ModelPool | None
+    engine: Engine | None
+
+    def status(self) -> dict[str, Any]: ...
+
+    def request_reload(self, *_: object) -> None: ...
 
 
 class Commands:
     """What the API may ask of the daemon (``api.Controller``)."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Host) -> None:
         self.daemon = daemon
 
     def status(self) -> dict[str, Any]:
