@@ -91,8 +91,14 @@ def kv8_pack(x: torch.Tensor) -> torch.Tensor:
     maximum to int8, its float32 scale stored in the 4 bytes after it: (..., d + 4) int8. One tensor, so the
     buffers' copies (assemble, park) move values and scales together."""
     scale = (x.abs().amax(-1, keepdim=True).float() / 127.0).clamp(min=1e-12)
-    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    q = torch.floor(x.float() / scale + 0.5).clamp(-127, 127).to(torch.int8)  # half up, as the Triton kernel
     return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def kv8_dequantize(packed: torch.Tensor) -> torch.Tensor:
+    """:func:`kv8_pack`'s rows back as float32 (..., d)."""
+    numbers, scales = kv8_unpack(packed)
+    return numbers.float() * scales
 
 
 def kv8_unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .decoding import KV8_SCALE_BYTES, kv8_dequantize, kv8_pack
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 64  # columns per iteration
@@ -72,8 +74,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: t
     leading columns of each row to attend to, the last of them the step's new key/value, which is written into
     the cache at column ``live - 1`` as it is read; 0 for a row that sits the step out (nothing read or written,
     zeros out). Returns (rows, H, d) in q's dtype. Fixed shapes, no host synchronisation: safe inside a captured
-    CUDA graph."""
+    CUDA graph. An int8 cache (rows, H, W, d + 4) holds ``decoding.kv8_pack``ed rows: the new key/value are
+    quantized as they are written, the columns dequantized as they are read."""
     rows, H, W, D = k.shape
+    kv8 = k.dtype == torch.int8
+    if kv8:
+        D -= KV8_SCALE_BYTES
     splits = splits_for(rows, H)
     out = torch.empty((rows, H, D), dtype=q.dtype, device=q.device)
     if splits > 1:
@@ -88,7 +94,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: t
     kernels.split_kernel[(rows * H, splits)](q, k, v, k_new, v_new, live, acc, m, l_sum, out, scale,
                                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                                              k_new.stride(0), k_new.stride(1),
-                                             H=H, D=D, SPLITS=splits, BLOCK_N=BLOCK)
+                                             H=H, D=D, SPLITS=splits, BLOCK_N=BLOCK, KV8=kv8)
     if splits > 1:
         kernels.combine_kernel[(rows * H,)](acc, m, l_sum, out, D=D, SPLITS=splits)
     return out
@@ -101,12 +107,14 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: torch.Te
     on = live > 0
     rows = torch.arange(k.shape[0], device=k.device)[on]
     pos = live.long()[on] - 1
-    k[rows, :, pos] = k_new[on].to(k.dtype)
-    v[rows, :, pos] = v_new[on].to(v.dtype)
+    kv8 = k.dtype == torch.int8
+    k[rows, :, pos] = kv8_pack(k_new[on]) if kv8 else k_new[on].to(k.dtype)
+    v[rows, :, pos] = kv8_pack(v_new[on]) if kv8 else v_new[on].to(v.dtype)
+    kf, vf = (kv8_dequantize(k), kv8_dequantize(v)) if kv8 else (k.float(), v.float())
     cols = torch.arange(k.shape[2], device=k.device)
     bias = torch.where(cols[None, :] < live[:, None].clamp(min=1).long(), 0.0, float("-inf"))[:, None, None, :]
-    w = torch.matmul(q[:, :, None].float(), k.float().transpose(2, 3)) * scale + bias
-    out = torch.matmul(torch.softmax(w, dim=-1), v.float())[:, :, 0]
+    w = torch.matmul(q[:, :, None].float(), kf.transpose(2, 3)) * scale + bias
+    out = torch.matmul(torch.softmax(w, dim=-1), vf)[:, :, 0]
     return torch.where(on[:, None, None], out, 0.0).to(q.dtype)
 
 
@@ -142,16 +150,17 @@ def _pow2(n: int) -> int:
 _checked: dict[Any, bool] = {}
 
 
-def available(device: str, dtype: torch.dtype, heads: int, head_dim: int) -> bool:
+def available(device: str, dtype: torch.dtype, heads: int, head_dim: int, kv8: bool = False) -> bool:
     """Whether the fused kernels may be used on this device for this shape: triton importable, a CUDA device (or
-    the interpreter), and both kernels agreeing with PyTorch on a probe (probed once, cached)."""
-    key = (device, dtype, heads, head_dim)
+    the interpreter), and both kernels agreeing with PyTorch on a probe (probed once, cached); ``kv8``: over an
+    8-bit cache."""
+    key = (device, dtype, heads, head_dim, kv8)
     if key in _checked:
         return _checked[key]
     ok = False
     if (device.startswith("cuda") or interpreted()) and _kernels() is not None and head_dim == _pow2(head_dim):
         try:
-            ok = _probe(device, dtype, heads, head_dim)
+            ok = _probe(device, dtype, heads, head_dim, kv8)
             if not ok:
                 logger.warning("the fused decode kernels disagree with PyTorch's here; not using them")
         except Exception as exc:  # noqa: BLE001 - any failure to compile or run: keep PyTorch's kernels
@@ -160,7 +169,7 @@ def available(device: str, dtype: torch.dtype, heads: int, head_dim: int) -> boo
     return ok
 
 
-def _probe(device: str, dtype: torch.dtype, heads: int, head_dim: int) -> bool:
+def _probe(device: str, dtype: torch.dtype, heads: int, head_dim: int, kv8: bool = False) -> bool:
     g = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -168,6 +177,8 @@ def _probe(device: str, dtype: torch.dtype, heads: int, head_dim: int) -> bool:
 
     rows, W = 4, 150
     k, v = randn(rows, heads, W, head_dim), randn(rows, heads, W, head_dim)
+    if kv8:
+        k, v = kv8_pack(k), kv8_pack(v)
     q, k_new, v_new = randn(rows, heads, head_dim), randn(rows, heads, head_dim), randn(rows, heads, head_dim)
     live = torch.tensor([1, 0, 70, W], device=device, dtype=torch.int32)  # 0: a slot sitting the step out
     k_want, v_want = k.clone(), v.clone()

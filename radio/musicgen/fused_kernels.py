@@ -8,11 +8,14 @@ import triton.language as tl
 @triton.jit
 def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, l_ptr, out_ptr, scale,
                  s_qr, s_qh, s_kr, s_kh, s_kw, s_nr, s_nh,
-                 H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+                 H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 KV8: tl.constexpr):
     """One (row, head, split): attention of the row's query over its share of the live columns. The last live
     column is the step's new key/value, read from ``kn``/``vn`` (never from the cache, so no program reads what
     another writes) and stored into the cache by split 0. A row with no live columns (a slot sitting the step
-    out) reads and writes nothing; its output is zeros."""
+    out) reads and writes nothing; its output is zeros. KV8: the cache is int8, each row of D numbers followed
+    by its float32 scale in 4 bytes (``decoding.kv8_pack``); the new key/value are quantized as they are
+    stored, and every column is dequantized as it is read."""
     rh = tl.program_id(0)  # row * H + head
     split = tl.program_id(1)
     r = rh // H
@@ -27,11 +30,22 @@ def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, 
     k_new = tl.load(kn_ptr + r * s_nr + h * s_nh + d)
     v_new = tl.load(vn_ptr + r * s_nr + h * s_nh + d)
     base = r * s_kr + h * s_kh
-    if (split == 0) & (n_live > 0):
-        tl.store(k_ptr + base + pos * s_kw + d, k_new.to(k_ptr.dtype.element_ty))
-        tl.store(v_ptr + base + pos * s_kw + d, v_new.to(v_ptr.dtype.element_ty))
-    k_new = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it
-    v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+    if KV8:
+        k_new, k_scale = _quantized(k_new.to(tl.float32))
+        v_new, v_scale = _quantized(v_new.to(tl.float32))
+        if (split == 0) & (n_live > 0):
+            tl.store(k_ptr + base + pos * s_kw + d, k_new.to(tl.int8))
+            tl.store(v_ptr + base + pos * s_kw + d, v_new.to(tl.int8))
+            tl.store((k_ptr + base + pos * s_kw + D).to(tl.pointer_type(tl.float32)), k_scale)
+            tl.store((v_ptr + base + pos * s_kw + D).to(tl.pointer_type(tl.float32)), v_scale)
+        k_new = k_new * k_scale  # as the cache holds it
+        v_new = v_new * v_scale
+    else:
+        if (split == 0) & (n_live > 0):
+            tl.store(k_ptr + base + pos * s_kw + d, k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + base + pos * s_kw + d, v_new.to(v_ptr.dtype.element_ty))
+        k_new = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it
+        v_new = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
     m = -float("inf")
     l_sum = 0.0
     acc = tl.zeros((D,), tl.float32)
@@ -41,13 +55,17 @@ def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, 
         cached = ok & (cols != pos)
         new = (cols == pos)[:, None]
         offs = base + cols[:, None] * s_kw + d[None, :]
-        k = tl.load(k_ptr + offs, mask=cached[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offs, mask=cached[:, None], other=0).to(tl.float32)
+        if KV8:
+            k = k * _scales(k_ptr, base, cols, s_kw, D, cached)[:, None]
         k = tl.where(new, k_new[None, :], k)
         s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        v = tl.load(v_ptr + offs, mask=cached[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=cached[:, None], other=0).to(tl.float32)
+        if KV8:
+            v = v * _scales(v_ptr, base, cols, s_kw, D, cached)[:, None]
         v = tl.where(new, v_new[None, :], v)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
@@ -58,6 +76,19 @@ def split_kernel(q_ptr, k_ptr, v_ptr, kn_ptr, vn_ptr, live_ptr, acc_ptr, m_ptr, 
         tl.store(acc_ptr + (rh * SPLITS + split) * D + d, acc)
         tl.store(m_ptr + rh * SPLITS + split, m)
         tl.store(l_ptr + rh * SPLITS + split, l_sum)
+
+
+@triton.jit
+def _quantized(x):
+    """A row of numbers as int8 values (still float32) and its float32 scale, as ``decoding.kv8_pack``."""
+    s = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, 1e-12)
+    return tl.minimum(tl.maximum(tl.floor(x / s + 0.5), -127.0), 127.0), s
+
+
+@triton.jit
+def _scales(ptr, base, cols, s_kw, D: tl.constexpr, mask):
+    """The float32 scales stored after the D int8 numbers of each of ``cols``' rows."""
+    return tl.load((ptr + base + cols * s_kw + D).to(tl.pointer_type(tl.float32)), mask=mask, other=0.0)
 
 
 @triton.jit

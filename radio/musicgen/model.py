@@ -120,15 +120,13 @@ def resolve_weights(weights: str, device: str, dtype: Any) -> str:
 
 
 def resolve_kv(kv: str, decoder: str) -> str:
-    """The KV cache's format: ``full`` (the decoder's dtype) or ``8bit`` (the dynamic path's: int8 with a float32
-    scale per token and head, half the memory; attention upcasts it to float32). ``auto`` is full: on the CPUs
-    measured, the upcast costs about what the halved reads save (see the README's CPU notes), so 8bit is the
-    choice for memory (many stations on one CPU machine), not for speed."""
+    """The KV cache's format: ``full`` (the decoder's dtype) or ``8bit`` (int8 with a float32 scale per token and
+    head: half the memory, and on the GPU path half the bytes a step's attention reads, dequantized inside the
+    fused kernel; on a CPU attention upcasts it to float32). ``auto`` is full: on the CPUs measured, the upcast
+    costs about what the halved reads save (see the README's CPU notes), and the 8-bit slots have not yet run on
+    a card; 8bit is there to choose."""
     if kv not in KV_FORMATS:
         raise ModelError(f"unknown kv {kv!r}: use one of {', '.join(KV_FORMATS)}")
-    if kv == "8bit" and decoder != "dynamic":
-        raise ModelError("an 8bit KV cache is built for the dynamic decode path (CPU); use kv: auto or full with "
-                         f"the {decoder} path")
     return "full" if kv == "auto" else kv
 
 
@@ -284,7 +282,8 @@ class MusicgenModel:
         if self.decoder == "static":
             shape = SlotShape(layers=dcfg.num_hidden_layers, heads=heads, head_dim=dcfg.hidden_size // heads,
                               codebooks=self.num_codebooks, vocab=self.vocab_size,
-                              window=self.window_frames + self.num_codebooks, dtype=self.dtype, device=self.device)
+                              window=self.window_frames + self.num_codebooks, dtype=self.dtype, device=self.device,
+                              kv8=self.kv == "8bit")
             decoder = SlotDecoder(parts, shape, prefill, self.text, self.pattern)
         else:
             from .decoding import DecodeState

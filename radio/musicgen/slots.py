@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .decoding import Row, fresh_row
+from .decoding import KV8_SCALE_BYTES, Row, fresh_row, kv8_pack
 from .pattern import DelayPattern
 from .plan import plan_chunk
 from ..errors import ModelError, SlotsFull
@@ -59,12 +59,19 @@ class SlotShape:
     window: int  # tokens a slot holds at most (its columns: window + 1 scratch column)
     dtype: torch.dtype
     device: str
+    kv8: bool = False  # the self-attention cache in 8 bits (decoding.kv8_pack): int8 numbers and a scale per row
+
+    @property
+    def kv_dim(self) -> int:
+        """The cache's last dimension: head_dim, or head_dim + 4 (the scale's bytes) in 8 bits."""
+        return self.head_dim + (KV8_SCALE_BYTES if self.kv8 else 0)
 
     def slot_bytes(self, text_tokens: int = TEXT_TOKENS) -> int:
         """Device memory of one slot: self-attention KV for two rows at the window, the prompt's cross KV."""
         size = torch.tensor([], dtype=self.dtype).element_size()
-        per_layer = 2 * 2 * self.heads * (self.window + 1) * self.head_dim + 2 * self.heads * text_tokens * self.head_dim
-        return self.layers * per_layer * size + self.codebooks * self.vocab * 4
+        kv_row = self.kv_dim if self.kv8 else self.head_dim * size  # bytes per cached token and head
+        per_layer = 2 * 2 * self.heads * (self.window + 1) * kv_row + 2 * self.heads * text_tokens * self.head_dim * size
+        return self.layers * per_layer + self.codebooks * self.vocab * 4
 
 
 class SlotDecoder:
@@ -84,8 +91,9 @@ class SlotDecoder:
         self.graphs_enabled = self.cuda if graphs is None else graphs
         # How the step computes its layers (see decode_step): on CUDA our fused kernels where they run, else
         # PyTorch's fused attention; elsewhere transformers' math op for op.
-        self.kernels = ("fused" if fused.available(shape.device, shape.dtype, shape.heads, shape.head_dim)
-                        else "sdpa") if self.cuda else "eager"
+        # (An 8-bit cache without the fused kernels runs the eager step: PyTorch's fused attention takes no int8.)
+        self.kernels = ("fused" if fused.available(shape.device, shape.dtype, shape.heads, shape.head_dim, shape.kv8)
+                        else "eager" if shape.kv8 else "sdpa") if self.cuda else "eager"
         self.keys: list[str | None] = []  # slot -> station key
         self.rows: dict[str, Row] = {}  # station key -> its row bookkeeping
         self.text_tokens = TEXT_TOKENS
@@ -141,6 +149,7 @@ class SlotDecoder:
             return torch.full(shape, fill, dtype=dtype, device=dev)
 
         old = self.st
+        kv_dtype = torch.int8 if s.kv8 else dt
         n = min(self.capacity, capacity)
         S = min(self.text_tokens, text_tokens)
         # Captured graphs point into the old tensors: drop them, and their memory pool with them (a pool whose
@@ -148,12 +157,13 @@ class SlotDecoder:
         self._graphs.clear()
         self._pool = None
 
-        def grow(tensors: list[torch.Tensor] | None, shape: tuple[int, ...], cut: Callable) -> list[torch.Tensor]:
+        def grow(tensors: list[torch.Tensor] | None, shape: tuple[int, ...], cut: Callable,
+                 dtype: torch.dtype = dt) -> list[torch.Tensor]:
             # Layer by layer, each old buffer released as soon as it is copied: growing needs one layer's worth
             # of memory on top, not a second set of slots.
             out = []
             for layer in range(s.layers):
-                t = alloc(shape)
+                t = alloc(shape, dtype)
                 if tensors is not None:
                     cut(t)[:n] = cut(tensors[layer])[:n]
                     tensors[layer] = t  # the old one is freed here
@@ -163,8 +173,8 @@ class SlotDecoder:
         whole = lambda t: t  # noqa: E731
         text = lambda t: t[:, :, :S]  # noqa: E731
         new = SlotTensors(
-            k=grow(old.k if old else None, (capacity, 2, H, W, d), whole),
-            v=grow(old.v if old else None, (capacity, 2, H, W, d), whole),
+            k=grow(old.k if old else None, (capacity, 2, H, W, s.kv_dim), whole, kv_dtype),
+            v=grow(old.v if old else None, (capacity, 2, H, W, s.kv_dim), whole, kv_dtype),
             xk=grow(old.xk if old else None, (capacity, H, text_tokens, d), text),
             xv=grow(old.xv if old else None, (capacity, H, text_tokens, d), text),
             xbias=alloc((capacity, text_tokens), fill=torch.finfo(dt).min),
@@ -316,6 +326,7 @@ class SlotDecoder:
         kv, P, offsets = self.prefill(rows, contexts, requests, True)
         B = len(rows)
         dev = self.shape.device
+        s_kv8 = self.shape.kv8
         if kv is not None:
             # One copy per layer for all fresh slots of a context length (a chunk's resets share one), both
             # halves at once: transformers' rows are [cond x B, uncond x B], a slot's are (cond, uncond).
@@ -329,7 +340,7 @@ class SlotDecoder:
                 for layer, (keys_l, values_l) in enumerate(kv):
                     for cache, new in ((st.k[layer], keys_l), (st.v[layer], values_l)):
                         both = new.view(2, B, *new.shape[1:])[:, src, :, P - T:].transpose(0, 1)
-                        cache[dst, :, :, :T] = both.to(cache.dtype)
+                        cache[dst, :, :, :T] = kv8_pack(both) if s_kv8 else both.to(cache.dtype)
         index = torch.tensor(slots, device=dev)
         st.length[index] = torch.tensor([row.context_frames for row in rows], device=dev)
         st.next_col[index] = torch.from_numpy(np.stack([row.next_column for row in rows])).to(dev)

@@ -27,7 +27,7 @@ long as the slots, so on CUDA it is captured once per batch bucket as a CUDA gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -95,6 +95,7 @@ class SlotTensors:
     noise: torch.Tensor  # (slots, K, V) float32 uniform noise in (0, 1), drawn before each step
     out: torch.Tensor  # (slots, K, max_steps) int64: the chunk's sampled columns
     t: torch.Tensor  # () int64: the step within the chunk
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # an 8-bit cache's upcasts (eager kernels)
 
 
 def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, kernels: str = "eager") -> None:
@@ -110,7 +111,7 @@ def decode_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, kernels
 def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "eager") -> torch.Tensor:
     """Steps 1-2 of :func:`decode_step`: the embeddings of slots ``[0, n)``'s next columns through the decoder
     layers and the final norm (each layer's new key/value written into the slot): (2n, D)."""
-    W = st.k[0].shape[3]
+    W, kd = st.k[0].shape[3], st.k[0].shape[4]  # kd: head_dim, or head_dim + 4 in an 8-bit cache
     act = st.active[:n]
     length = st.length[:n]
     x = embed(parts, st.next_col[:n], length)
@@ -124,14 +125,16 @@ def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "
     H, d = parts.num_heads, parts.head_dim
     rows = torch.arange(2 * n, device=pos2.device)
     cols = torch.arange(W, device=pos2.device)
-    dtype = st.k[0].dtype
+    dtype = h.dtype  # the activations' (an 8-bit cache's is int8)
     self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
     cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
     sdpa = kernels == "sdpa"
 
     def write(i: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kc = st.k[i][:n].view(2 * n, H, W, d)
-        vc = st.v[i][:n].view(2 * n, H, W, d)
+        kc = st.k[i][:n].view(2 * n, H, W, kd)
+        vc = st.v[i][:n].view(2 * n, H, W, kd)
+        if kc.dtype == torch.int8:
+            k_new, v_new = kv8_pack(k_new), kv8_pack(v_new)
         kc[rows, :, pos2] = k_new
         vc[rows, :, pos2] = v_new
         return kc, vc
@@ -140,7 +143,11 @@ def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "
         c = _cross(parts, st.xk[i][:n], st.xv[i][:n], i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa)
         return torch.stack([c, parts.uncond_cross[i].expand(n, H * d)], dim=1).reshape(2 * n, H * d)
 
-    return run_layers(parts, h, write, self_bias, cross, sdpa)
+    attend = None
+    if st.k[0].dtype == torch.int8:  # PyTorch's fused kernels take no int8 cache: our eager one (per row shape,
+        # so a captured graph's scratch is never replaced under it)
+        attend = lambda q, k, v, bias, scaling, sdpa: _attend8(q, k, v, bias, scaling, st.scratch)  # noqa: E731
+    return run_layers(parts, h, write, self_bias, cross, sdpa and attend is None, attend=attend)
 
 
 def embed(parts: DecoderParts, tok: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -294,8 +301,9 @@ def _fused_layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor,
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         q, k_new, v_new = _self_qkv(parts, i, y)
-        a = decode_attention(q, st.k[i][:n].view(2 * n, H, W, d), st.v[i][:n].view(2 * n, H, W, d), k_new, v_new,
-                             live, attn.scaling)
+        kd = st.k[i].shape[4]  # head_dim, or head_dim + 4 in an 8-bit cache
+        a = decode_attention(q, st.k[i][:n].view(2 * n, H, W, kd), st.v[i][:n].view(2 * n, H, W, kd), k_new,
+                             v_new, live, attn.scaling)
         h, y = add_norm(h, attn.out_proj(a.reshape(2 * n, H * d)), layer.encoder_attn_layer_norm)
         c = _cross(parts, st.xk[i][:n], st.xv[i][:n], i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa=True)
         h, y = add_norm(h, c, layer.final_layer_norm, uncond=parts.uncond_cross[i])
@@ -344,7 +352,7 @@ def _attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     into ``scratch`` buffers kept from call to call: fresh ones of this size are new pages every time."""
     kq, ks = kv8_unpack(k)
     vq, vs = kv8_unpack(v)
-    kf, vf = _scratch(scratch, "k", kq.shape), _scratch(scratch, "v", vq.shape)
+    kf, vf = _scratch(scratch, "k", kq.shape, k.device), _scratch(scratch, "v", vq.shape, v.device)
     kf.copy_(kq)
     vf.copy_(vq)
     w = torch.matmul(q.float(), kf.transpose(2, 3)) * (ks.transpose(2, 3) * scaling) + bias.float()
@@ -352,9 +360,12 @@ def _attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     return torch.matmul(p, vf).to(q.dtype)
 
 
-def _scratch(scratch: dict[str, torch.Tensor], name: str, shape: torch.Size) -> torch.Tensor:
-    t = scratch.get(name)
-    if t is None or t.shape != shape:
-        t = scratch[name] = torch.empty(shape, dtype=torch.float32)
+def _scratch(scratch: dict[str, torch.Tensor], name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    key = f"{name}{tuple(shape)}"  # one per shape: a graph captured for one batch size keeps its own
+    t = scratch.get(key)
+    if t is None:
+        if len(scratch) >= 16:  # the dynamic path's buffers change size every chunk: keep the last few
+            scratch.pop(next(iter(scratch)))
+        t = scratch[key] = torch.empty(shape, dtype=torch.float32, device=device)
     return t
 

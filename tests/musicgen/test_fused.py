@@ -71,3 +71,31 @@ def test_splits_fill_the_card_and_stay_a_power_of_two() -> None:
     assert fused.splits_for(2, 16) == 16 and fused.splits_for(256, 16) == 1
     assert all(s & (s - 1) == 0 and 1 <= s <= 32 for s in (fused.splits_for(r, h) for r in range(1, 300, 7)
                                                            for h in (1, 4, 16, 32)))
+
+
+@needs_triton
+@pytest.mark.parametrize(("rows", "heads", "window", "dim", "dtype"), [
+    (2, 4, 37, 16, torch.float32),
+    (6, 2, 130, 32, torch.bfloat16),
+])
+def test_attention_over_an_8bit_cache_quantizes_the_new_column_and_dequantizes_the_rest(
+        rows: int, heads: int, window: int, dim: int, dtype: torch.dtype) -> None:
+    """The int8 cache (decoding.kv8_pack's rows: numbers, then the float32 scale): the kernel writes the new
+    key/value exactly as kv8_pack would, and attends like the reference over the dequantized columns."""
+    from radio.musicgen.decoding import kv8_dequantize, kv8_pack
+
+    g = torch.Generator().manual_seed(rows + 10)
+    k, v = (kv8_pack(torch.randn(rows, heads, window, dim, generator=g)) for _ in range(2))
+    q, k_new, v_new = (torch.randn(rows, heads, dim, generator=g).to(dtype) for _ in range(3))
+    live = torch.randint(1, window + 1, (rows,), generator=g).int()
+    live[-1] = 0
+    k_want, v_want = k.clone(), v.clone()
+    want = fused.reference(q, k_want, v_want, k_new, v_new, live, dim ** -0.5)
+    got = fused.decode_attention(q, k, v, k_new, v_new, live, dim ** -0.5)
+    assert got.shape == q.shape and got.dtype == dtype and (got[-1] == 0).all()
+    assert torch.equal(k, k_want) and torch.equal(v, v_want)  # the new columns, bytes and scales alike
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    # the reference itself: attention over the dequantized cache is close to the full-precision one
+    full = fused.reference(q, kv8_dequantize(k_want), kv8_dequantize(v_want), k_new, v_new, live, dim ** -0.5)
+    torch.testing.assert_close(want.float(), full.float(), atol=0.05, rtol=0.05)

@@ -187,7 +187,7 @@ def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tin
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """``kv: 8bit`` on the dynamic path: teacher-forced over the full cache's own greedy codes, the logits stay
     within a bound of the full cache's and agree on the top code; the cache takes about half the memory; a
-    wrong scale (x2) breaks the bound; the static path refuses it."""
+    wrong scale (x2) breaks the bound."""
     from radio.errors import ModelError
     import radio.musicgen.dynamic as dynamic_module
     import radio.musicgen.step as step_module
@@ -222,5 +222,5 @@ def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tin
         monkeypatch.setattr(module, "kv8_pack", wrong_scale)
     broken, _ = error_and_top1()
     assert broken > 0.01, broken  # measured: 0.027
-    with pytest.raises(ModelError, match="dynamic decode path"):
-        MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="static", kv="8bit")
+    with pytest.raises(ModelError, match="unknown kv"):
+        MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, kv="4bit")

@@ -265,3 +265,50 @@ def test_slots_that_fit_never_count_below_the_slots_held(static: MusicgenModel,
     over = 64 << 20  # free memory 64 MB above the 2 GB margin: that much more in slots
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: ((2 << 30) + over, 80 << 30))
     assert slots.slots_that_fit() == 8 + over // slots.shape.slot_bytes()
+
+
+def test_8bit_slots_give_the_codes_of_the_8bit_dynamic_path_eagerly_and_with_the_fused_kernels(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kv: 8bit`` on the GPU path, run here: the slots' eager step, the slots with the fused kernels (under
+    Triton's interpreter) and the CPU path all hold the same 8-bit cache and give the same greedy codes across
+    chunks, a station sitting a chunk out and one joining; against the full cache most codes stay the same; a
+    slot takes about a third of the bytes (float32 here); the step still traces whole (a CUDA graph)."""
+    def model(decoder: str, kv: str) -> MusicgenModel:
+        return MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32", seed=3, decoder=decoder,
+                             fast_kernels=False, kv=kv)
+
+    kv8 = {"dynamic": model("dynamic", "8bit"), "static": model("static", "8bit")}
+    heads = kv8["static"].model.config.decoder.num_attention_heads
+    head_dim = kv8["static"].model.config.decoder.hidden_size // heads
+    if fused.available("cpu", torch.float32, heads, head_dim, kv8=True):
+        monkeypatch.setattr(fused, "TARGET_PROGRAMS", 16)  # fewer programs: the interpreter runs each in Python
+        cuda_like = kv8["fused"] = model("static", "8bit")
+        slots = cuda_like.slots
+        slots.parts = DecoderParts.of(cuda_like.model.decoder, slots.parts.positions, fuse_qkv=True)
+        slots.kernels = "fused"
+    full = model("dynamic", "full")
+    assert kv8["static"].describe()["kv"] == "8bit" and full.describe()["kv"] == "full"
+    rng = np.random.default_rng(6)
+    start = {k: rng.integers(0, full.vocab_size, (4, 7 + 3 * i)) for i, k in enumerate("abc")}
+    ctx = {name: {k: c.copy() for k, c in start.items()} for name in [*kv8, "full"]}
+    same = total = 0
+    for keys in ("ab", "abc", "bc", "abc", "abc"):
+        got = {name: m.continue_batch([ContinuationRequest(ctx[name][k], "jazz", GREEDY, key=k) for k in keys], 5)
+               for name, m in [*kv8.items(), ("full", full)]}
+        for i, k in enumerate(keys):
+            want = got["dynamic"][i].codes
+            for name in kv8:
+                np.testing.assert_array_equal(got[name][i].codes, want, err_msg=f"{name} {k}")
+            n = min(want.shape[1], got["full"][i].codes.shape[1])
+            same += int((got["full"][i].codes[:, :n] == want[:, :n]).sum())
+            total += want[:, :n].size
+            for name in ctx:
+                ctx[name][k] = np.concatenate([ctx[name][k], got[name][i].codes], axis=1)
+    assert same / total > 0.9, same / total  # measured: 1.0 (the tiny model's greedy codes over these chunks)
+    st = kv8["static"].slots.st
+    assert st.k[0].dtype == torch.int8
+    full_slot = model("static", "full").slots.bytes_per_slot()
+    assert kv8["static"].slots.bytes_per_slot() < 0.45 * full_slot
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        compiled(kv8["static"].slots.parts, st, 4, 64, "eager")
