@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from .config import MAX_STATIONS, DaemonConfig, StationConfig, load_stations
-from .config.watch import StationFiles
+from .control.watch import StationFiles
 from .engine import Engine
 from .station.idents import load_idents
 from .errors import ModelError, RadioError

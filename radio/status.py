@@ -14,11 +14,13 @@ class Metric:
     name: str  # radio_<owner>_<what>
     doc: str
     counter: bool = False  # a total that only grows (else a gauge)
+    label: str | None = None  # the field is a dict: one sample per key, under this label
 
 
-def exported(name: str, doc: str, counter: bool = False) -> Any:
-    """A status field that ``/metrics`` exports as ``name`` (a gauge, or a counter)."""
-    return field(metadata={"metric": Metric(name, doc, counter)})
+def exported(name: str, doc: str, counter: bool = False, label: str | None = None) -> Any:
+    """A status field that ``/metrics`` exports as ``name`` (a gauge, or a counter; a dict of counts with
+    ``label``: one sample per key)."""
+    return field(metadata={"metric": Metric(name, doc, counter, label)})
 
 
 def exported_fields(record: type) -> list[tuple[str, Metric]]:

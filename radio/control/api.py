@@ -25,6 +25,7 @@ from ..config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX
 from ..engine import EngineStatus
 from ..errors import ModelError, RadioError, RequestRefused
 from ..output.mount import MountStatus
+from ..station.requests import RequestsStatus
 from ..station.station import StationStatus
 from ..status import Metric, exported_fields
 
@@ -84,7 +85,19 @@ class ApiError(Exception):
 def _family(metric: Metric, labels: list[str]) -> Any:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+    labels = labels + ([metric.label] if metric.label else [])
     return (CounterMetricFamily if metric.counter else GaugeMetricFamily)(metric.name, metric.doc, labels=labels)
+
+
+def _sample(family: Any, labels: list[str], value: object, metric: Metric) -> None:
+    """A status value as samples: a number (bools too) as one; a dict of counts (``metric.label``) as one per
+    key; anything else (None: unknown) as none."""
+    if metric.label and isinstance(value, dict):
+        for key, n in value.items():
+            if isinstance(n, (int, float)):
+                family.add_metric([*labels, str(key)], float(n))
+    elif isinstance(value, (int, float)):
+        family.add_metric(labels, float(value))
 
 
 def _metrics(status: dict[str, Any]) -> bytes:
@@ -103,24 +116,15 @@ def _metrics(status: dict[str, Any]) -> bytes:
             for key, metric in per_station:
                 family = _family(metric, ["mount"])
                 for st in stations:
-                    value = st.get(key)
-                    if isinstance(value, (int, float)):  # bools too; None (unknown) is left out
-                        family.add_metric([str(st.get("mount", "?"))], float(value))
+                    _sample(family, [str(st.get("mount", "?"))], st.get(key), metric)
                 yield family
-            queued = GaugeMetricFamily("radio_station_requests_queued", "Listener requests waiting", labels=["mount"])
-            played = CounterMetricFamily("radio_station_requests_played", "Listener requests played",
-                                         labels=["mount"])
-            refused = CounterMetricFamily("radio_station_requests_refused", "Listener requests refused, by reason "
-                                          "(invalid, blocked, cooldown, queue_full)", labels=["mount", "reason"])
-            for st in stations:
-                req = st.get("requests")
-                if isinstance(req, dict) and req.get("enabled"):
-                    mount = str(st.get("mount", "?"))
-                    queued.add_metric([mount], float(req.get("queued", 0)))
-                    played.add_metric([mount], float(req.get("played", 0)))
-                    for reason, n in (req.get("refused") or {}).items():
-                        refused.add_metric([mount, str(reason)], float(n))
-            yield from (queued, played, refused)
+            for key, metric in exported_fields(RequestsStatus):  # while a station takes requests
+                family = _family(metric, ["mount"])
+                for st in stations:
+                    req = st.get("requests")
+                    if isinstance(req, dict) and req.get("enabled"):
+                        _sample(family, [str(st.get("mount", "?"))], req.get(key), metric)
+                yield family
             engine = status.get("engine", {})
             for key, metric in exported_fields(EngineStatus):
                 family = _family(metric, [])

@@ -21,6 +21,7 @@ from typing import Callable
 from ..config import MAX_REQUEST_CHARS, MAX_REQUEST_NAME_CHARS, MAX_TITLE_CHARS, RequestsConfig, text_problem
 from ..config.requests import normalize
 from ..errors import RequestRefused
+from ..status import Record, exported
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +164,21 @@ class RequestQueue:
             return list(self._queue)
 
     def status(self) -> dict[str, object]:
+        """The queue's :class:`RequestsStatus`, as JSON."""
         with self._lock:
-            return {"enabled": self.config.enabled, "queued": len(self._queue), "played": self.played,
-                    "refused": {r: self.refused[r] for r in REASONS}}
+            return RequestsStatus(enabled=self.config.enabled, queued=len(self._queue), played=self.played,
+                                  refused={r: self.refused[r] for r in REASONS}).to_dict()
+
+
+@dataclass
+class RequestsStatus(Record):
+    """A station's listener requests in ``/status`` (its ``requests``); exported while requests are enabled."""
+
+    enabled: bool
+    queued: int = exported("radio_station_requests_queued", "Listener requests waiting")
+    played: int = exported("radio_station_requests_played", "Listener requests played", counter=True)
+    refused: dict[str, int] = exported("radio_station_requests_refused", "Listener requests refused, by reason "
+                                       "(invalid, blocked, cooldown, queue_full)", counter=True, label="reason")
 
 
 def _human(seconds: float) -> str:

@@ -25,6 +25,15 @@ def test_every_exported_status_field_is_a_metric_with_its_value() -> None:
     for _, metric in engine_fields:
         assert f"{metric.name}{'_total' if metric.counter else ''} 5.0" in text, metric.name
     assert 'radio_station_listeners{mount="/a.mp3"} 2.0' in text
+    # a station's requests, while it takes them: the queue, the played and the refused by reason
+    requests = {"enabled": True, "queued": 1, "played": 2, "refused": {"cooldown": 4, "blocked": 0}}
+    text = _metrics({"stations": [station | {"requests": requests}], "engine": engine, "models": {}}).decode()
+    assert 'radio_station_requests_queued{mount="/a.mp3"} 1.0' in text
+    assert 'radio_station_requests_played_total{mount="/a.mp3"} 2.0' in text
+    assert 'radio_station_requests_refused_total{mount="/a.mp3",reason="cooldown"} 4.0' in text
+    text = _metrics({"stations": [station | {"requests": requests | {"enabled": False}}], "engine": engine,
+                     "models": {}}).decode()
+    assert "radio_station_requests_queued{" not in text
     # a value the station does not know (None) is left out, not exported as 0
     text = _metrics({"stations": [station | {"listeners": None}], "engine": engine, "models": {}}).decode()
     assert 'radio_station_listeners{mount="/a.mp3"}' not in text

@@ -3,7 +3,7 @@ and whether the directory has changed since (a file edited, added or removed).""
 
 from __future__ import annotations
 
-from .stations import station_files
+from ..config import station_files
 
 
 class StationFiles:
