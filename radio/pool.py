@@ -18,7 +18,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from .engine import Engine
 from .errors import ModelError
 from .musicgen.model import MusicModel
 from .station.station import Station
+from .status import Record, exported
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,44 @@ class _Assignment:
     restore: ModelSpec | None = None
     error: str | None = None
 
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+@dataclass
+class ModelStatus(Record):
+    """A loaded model in ``/status``: which, its stations, its memory, and how it runs (the model's own
+    ``describe()``: device, decode path, weights, KV format, kernels... shown beside these fields)."""
+
+    name: str
+    dtype: str
+    stations: list[str]
+    memory_bytes: int = exported("radio_model_memory_bytes", "Memory held by a loaded model")
+    batch_limit: int | None = exported("radio_model_batch_limit", "The most stations one batched step of a model "
+                                       "takes (on a GPU: the decode slots that fit)")
+    decode_state_bytes: int | None = exported("radio_model_decode_state_bytes", "Decode state (KV caches, slots) "
+                                              "a model held after its last step")
+    slots_used: int | None = exported("radio_model_slots_used", "Decode slots held by stations (GPU decode path)")
+    details: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        mine = super().to_dict()
+        return {**mine.pop("details"), **mine}  # type: ignore[dict-item]
+
+
+@dataclass
+class PoolStatus(Record):
+    """The models in ``/status``: every loaded one, the one loading, the memory budget and what is used."""
+
+    models: list[dict[str, object]]
+    loading: str | None
+    memory_budget_bytes: int | None = exported("radio_model_memory_budget_bytes", "Memory budget for all models "
+                                               "(0: none)")
+    memory_used_bytes: int = exported("radio_model_memory_used_bytes", "Memory held by the loaded models")
+    loads: int = exported("radio_model_loads", "Model loads (startup and live swaps)", counter=True)
+    unloads: int = exported("radio_model_unloads", "Models unloaded because no station used them", counter=True)
 
 class ModelPool:
     """Owns the loaded models and which station plays from which (one assignment per station); tells the
@@ -317,21 +356,22 @@ class ModelPool:
                     "model_error": a.error}
 
     def status(self) -> dict[str, object]:
+        """The pool's :class:`PoolStatus` (with a :class:`ModelStatus` per loaded model), as JSON."""
         with self._lock:
             users: dict[ModelSpec, list[str]] = {}
             for k, a in self._stations.items():
                 if a.current is not None:
                     users.setdefault(a.current, []).append(k)
-            return {
-                "models": [{"name": s.name, "dtype": s.dtype, "memory_bytes": loaded.nbytes,
-                            "stations": sorted(users.get(s, [])), **self._describe(loaded.model)}
-                           for s, loaded in self._models.items()],
-                "loading": self._loading.key if self._loading else None,
-                "memory_budget_bytes": self.budget,
-                "memory_used_bytes": self.used_bytes(),
-                "loads": self.loads,
-                "unloads": self.unloads,
-            }
+            models = []
+            for s, loaded in self._models.items():
+                how = self._describe(loaded.model)
+                models.append(ModelStatus(
+                    name=s.name, dtype=s.dtype, stations=sorted(users.get(s, [])), memory_bytes=loaded.nbytes,
+                    batch_limit=_int(how.get("batch_limit")), decode_state_bytes=_int(how.get("decode_state_bytes")),
+                    slots_used=_int(how.get("slots_used")), details=dict(how)).to_dict())
+            return PoolStatus(models=models, loading=self._loading.key if self._loading else None,
+                              memory_budget_bytes=self.budget, memory_used_bytes=self.used_bytes(),
+                              loads=self.loads, unloads=self.unloads).to_dict()
 
     @staticmethod
     def _describe(model: MusicModel) -> dict[str, str | int | None]:

@@ -25,6 +25,7 @@ from ..config import (DTYPES, MAX_BLEND_S, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX
 from ..engine import EngineStatus
 from ..errors import ModelError, RadioError, RequestRefused
 from ..output.mount import MountStatus
+from ..pool import ModelStatus, PoolStatus
 from ..station.requests import RequestsStatus
 from ..station.station import StationStatus
 from ..status import Metric, exported_fields
@@ -102,9 +103,10 @@ def _sample(family: Any, labels: list[str], value: object, metric: Metric) -> No
 
 def _metrics(status: dict[str, Any]) -> bytes:
     """Prometheus text from a ``/status`` snapshot: the fields the status records declare exported
-    (:mod:`radio.status`), the request counters and the models' figures."""
+    (:mod:`radio.status`: the engine's, each station's, its mount's and requests', the pool's and each model's),
+    the listener counts and the uptime."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import GaugeMetricFamily
 
     class Snapshot:
         def collect(self):  # noqa: ANN202 - prometheus_client protocol
@@ -131,25 +133,13 @@ def _metrics(status: dict[str, Any]) -> bytes:
                 family.add_metric([], float(engine.get(key, 0) or 0))
                 yield family
             models = status.get("models", {})
-            for name, doc, key in (
-                    ("radio_model_memory_bytes", "Memory held by a loaded model", "memory_bytes"),
-                    ("radio_model_batch_limit", "The most stations one batched step of a model takes (on a GPU: "
-                     "the decode slots that fit)", "batch_limit"),
-                    ("radio_model_decode_state_bytes", "Decode state (KV caches, slots) a model held after its "
-                     "last step", "decode_state_bytes"),
-                    ("radio_model_slots_used", "Decode slots held by stations (GPU decode path)", "slots_used")):
-                family = GaugeMetricFamily(name, doc, labels=["model"])
+            for key, metric in exported_fields(ModelStatus):
+                family = _family(metric, ["model"])
                 for m in models.get("models", []):
-                    if isinstance(m.get(key), (int, float)):
-                        family.add_metric([f"{m['name']} ({m['dtype']})"], float(m[key]))
+                    _sample(family, [f"{m['name']} ({m['dtype']})"], m.get(key), metric)
                 yield family
-            for name, doc, key, kind in (
-                    ("radio_model_loads", "Model loads (startup and live swaps)", "loads", CounterMetricFamily),
-                    ("radio_model_unloads", "Models unloaded because no station used them", "unloads",
-                     CounterMetricFamily),
-                    ("radio_model_memory_budget_bytes", "Memory budget for all models (0: none)",
-                     "memory_budget_bytes", GaugeMetricFamily)):
-                family = kind(name, doc)
+            for key, metric in exported_fields(PoolStatus):
+                family = _family(metric, [])
                 family.add_metric([], float(models.get(key) or 0))
                 yield family
             up = GaugeMetricFamily("radio_uptime_seconds", "Seconds since the daemon started")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from radio.control.api import _metrics
 from radio.engine import EngineStatus
 from radio.output.mount import MountStatus
+from radio.pool import ModelStatus, PoolStatus
 from radio.station.station import StationStatus
 from radio.status import exported_fields
 
@@ -37,3 +38,14 @@ def test_every_exported_status_field_is_a_metric_with_its_value() -> None:
     # a value the station does not know (None) is left out, not exported as 0
     text = _metrics({"stations": [station | {"listeners": None}], "engine": engine, "models": {}}).decode()
     assert 'radio_station_listeners{mount="/a.mp3"}' not in text
+
+
+def test_every_exported_model_and_pool_field_is_a_metric() -> None:
+    model = {key: 7 for key, _ in exported_fields(ModelStatus)} | {"name": "m", "dtype": "auto", "device": "cpu"}
+    pool = {key: 9 for key, _ in exported_fields(PoolStatus)} | {"models": [model]}
+    text = _metrics({"stations": [], "engine": {}, "models": pool}).decode()
+    for _, metric in exported_fields(ModelStatus):
+        assert f'{metric.name}{{model="m (auto)"}} 7.0' in text, metric.name
+    for _, metric in exported_fields(PoolStatus):
+        assert f"{metric.name}{'_total' if metric.counter else ''} 9.0" in text, metric.name
+
