@@ -75,11 +75,23 @@ class _Record:
 
     station: Station
     model: str | None  # the model's key (None: waiting for one; filler plays)
+    change: "ModelChange" = field(default_factory=lambda: ModelChange())  # a model change under way (the pool's)
     code_format: tuple[object, ...] | None = None  # the format of its context codes (see code_format())
     tail: np.ndarray | None = None  # the last chunk's end, held back for the crossfade into the next chunk
     retry_at: float = 0.0  # not picked before this time (no decode slot free, a prompt the model refused)
     heard: float = float("-inf")  # when it last had a listener: the linger runs from there
 
+
+
+@dataclass
+class ModelChange:
+    """A station's model change under way, kept in its record for the pool (which alone writes it, under its own
+    lock; the engine never reads it): the model being loaded for it, the old one unloaded to make room (brought
+    back if the load fails), and why the last change failed."""
+
+    wanted: Any = None  # pool.ModelSpec (the pool's value type, a layer beside this one)
+    restore: Any = None
+    error: str | None = None
 
 
 @dataclass
@@ -178,6 +190,17 @@ class Engine:
         with self._lock:
             record = self._records.get(station_key)
             return record.model if record is not None else None
+
+    def model_change(self, station_key: str) -> ModelChange | None:
+        """The station's model change record (None: no such station)."""
+        with self._lock:
+            record = self._records.get(station_key)
+            return record.change if record is not None else None
+
+    def model_assignments(self) -> dict[str, tuple[str | None, ModelChange]]:
+        """Every station's model key and model change, from their records."""
+        with self._lock:
+            return {key: (r.model, r.change) for key, r in self._records.items()}
 
     def _forget(self, model: MusicModel, station_key: str) -> None:
         """Queue a station's decode state to be dropped by the engine thread before its next step: the model

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import DaemonConfig, StationConfig, parse_size
-from .engine import Engine
+from .engine import Engine, ModelChange
 from .errors import ModelError
 from .musicgen.model import MusicModel
 from .station.station import Station
@@ -99,19 +99,6 @@ class _Loaded:
     nbytes: int
 
 
-@dataclass
-class _Assignment:
-    """A station's models: the one it plays from (None: filler covers while the new one loads), the one being
-    loaded for it, the old one unloaded to make room for that (brought back if the load fails), and why its last
-    change failed."""
-
-    current: ModelSpec | None
-    wanted: ModelSpec | None = None
-    restore: ModelSpec | None = None
-    error: str | None = None
-
-
-
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) else None
 
@@ -150,9 +137,10 @@ class PoolStatus(Record):
     unloads: int = exported("radio_model_unloads", "Models unloaded because no station used them", counter=True)
 
 class ModelPool:
-    """Owns the loaded models and which station plays from which (one assignment per station); tells the
-    engine through its public methods. ``load`` blocks (startup, new stations); ``change`` returns at once and
-    loads in the background."""
+    """Owns the loaded models: loads them (``load`` blocks: startup, new stations; ``change`` returns at once and
+    loads in the background), shares them and unloads those no station uses. Which station plays from which is
+    in the engine's record of each station (its model, and the pool's :class:`~radio.engine.ModelChange` while
+    a change is under way); the pool reads and sets it through the engine's public methods."""
 
     def __init__(self, engine: Engine, loader: Loader, budget: int | None = None,
                  estimate: Estimator | None = None) -> None:
@@ -165,7 +153,6 @@ class ModelPool:
         self.unloads = 0
         self._lock = threading.RLock()
         self._models: dict[ModelSpec, _Loaded] = {}
-        self._stations: dict[str, _Assignment] = {}
         self._loading: ModelSpec | None = None
         self._jobs: queue.Queue[ModelSpec | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -208,13 +195,11 @@ class ModelPool:
         with self._lock:
             if spec not in self._models:
                 raise ModelError(f"model {spec} is not loaded")
-            self._stations[station.key] = _Assignment(spec)
         self.engine.add_station(station, spec.key)
 
     def remove_station(self, key: str) -> None:
         self.engine.remove_station(key)
         with self._lock:
-            self._stations.pop(key, None)
             self._collect()
 
     def change(self, key: str, spec: ModelSpec) -> str:
@@ -222,10 +207,10 @@ class ModelPool:
         plays on from its old model meanwhile), ``loading-on-filler`` (the old model was unloaded to make
         room; filler covers) or ``unchanged``. Raises ModelError, changing nothing, when it cannot fit."""
         with self._lock:
-            a = self._stations.get(key)
+            a = self.engine.model_change(key)
             if a is None:
                 raise ModelError(f"{key}: no such station")
-            current = a.current
+            current = self._spec_of(self.engine.model_of(key))
             a.error = None
             if spec == current:
                 if a.wanted is not None:
@@ -248,14 +233,19 @@ class ModelPool:
             return mode
 
     def _wanted(self) -> set[ModelSpec]:
-        return {a.wanted for a in self._stations.values() if a.wanted is not None}
+        return {a.wanted for _, a in self.engine.model_assignments().values() if a.wanted is not None}
+
+    def _spec_of(self, model_key: str | None) -> ModelSpec | None:
+        """The loaded model of this key (stations play only from loaded models)."""
+        return next((s for s in self._models if s.key == model_key), None) if model_key is not None else None
 
     def _room_for(self, key: str, spec: ModelSpec, current: ModelSpec | None) -> str:
         need = self.estimate(spec)
         used = self.used_bytes()
         if self.budget is None or need is None or used + need <= self.budget:
             return "loading"
-        others = {a.current for k, a in self._stations.items() if k != key} | self._wanted()
+        others = {self._spec_of(m) for k, (m, _) in self.engine.model_assignments().items() if k != key}
+        others |= self._wanted()
         loaded = self._models.get(current) if current is not None and current not in others else None
         freeable = loaded.nbytes if loaded is not None else 0
         if used - freeable + need <= self.budget:
@@ -265,7 +255,6 @@ class ModelPool:
                          "Raise memory_budget, or move other stations off their models first")
 
     def _switch(self, key: str, spec: ModelSpec | None) -> None:
-        self._stations[key].current = spec
         self.engine.set_station_model(key, spec.key if spec is not None else None)
         if spec is not None:
             logger.info("%s: now playing from model %s", key, spec)
@@ -273,7 +262,8 @@ class ModelPool:
 
     def _collect(self) -> None:
         """Unload every model that no station plays from or waits for."""
-        in_use = {a.current for a in self._stations.values() if a.current is not None} | self._wanted()
+        playing = {m for m, _ in self.engine.model_assignments().values()}
+        in_use = {s for s in self._models if s.key in playing} | self._wanted()
         for spec in [s for s in self._models if s not in in_use]:
             loaded = self._models.pop(spec)
             self.engine.remove_model(spec.key)
@@ -314,7 +304,7 @@ class ModelPool:
 
     def _finish(self, spec: ModelSpec, error: str | None) -> None:
         with self._lock:
-            for key, a in self._stations.items():
+            for key, (model_key, a) in self.engine.model_assignments().items():
                 if a.wanted != spec:
                     continue
                 old, a.wanted, a.restore = a.restore, None, None
@@ -322,7 +312,7 @@ class ModelPool:
                     self._switch(key, spec)
                     continue
                 a.error = error
-                keeps = old or a.current
+                keeps = old or self._spec_of(model_key)
                 logger.error("%s: model %s could not be loaded: %s; the station keeps %s", key, spec, error, keeps)
                 if old is not None:  # it made room for the new one: bring it back, filler covers meanwhile
                     a.wanted = old
@@ -349,24 +339,24 @@ class ModelPool:
 
     def station_status(self, key: str) -> dict[str, object]:
         with self._lock:
-            a = self._stations.get(key) or _Assignment(None)
-            return {"model": a.current.name if a.current else None,  # None: on filler until model_loading is in
-                    "model_dtype": a.current.dtype if a.current else None,
+            current = self._spec_of(self.engine.model_of(key))
+            a = self.engine.model_change(key) or ModelChange()
+            return {"model": current.name if current else None,  # None: on filler until model_loading is in
+                    "model_dtype": current.dtype if current else None,
                     "model_loading": a.wanted.name if a.wanted else None,
                     "model_error": a.error}
 
     def status(self) -> dict[str, object]:
         """The pool's :class:`PoolStatus` (with a :class:`ModelStatus` per loaded model), as JSON."""
         with self._lock:
-            users: dict[ModelSpec, list[str]] = {}
-            for k, a in self._stations.items():
-                if a.current is not None:
-                    users.setdefault(a.current, []).append(k)
+            users: dict[str | None, list[str]] = {}
+            for k, (model_key, _) in self.engine.model_assignments().items():
+                users.setdefault(model_key, []).append(k)
             models = []
             for s, loaded in self._models.items():
                 how = self._describe(loaded.model)
                 models.append(ModelStatus(
-                    name=s.name, dtype=s.dtype, stations=sorted(users.get(s, [])), memory_bytes=loaded.nbytes,
+                    name=s.name, dtype=s.dtype, stations=sorted(users.get(s.key, [])), memory_bytes=loaded.nbytes,
                     batch_limit=_int(how.get("batch_limit")), decode_state_bytes=_int(how.get("decode_state_bytes")),
                     slots_used=_int(how.get("slots_used")), details=dict(how)).to_dict())
             return PoolStatus(models=models, loading=self._loading.key if self._loading else None,
