@@ -146,6 +146,7 @@ class DynamicDecoder:
         prompts = RowCross.of(self.parts, enc, enc_mask)
         offsets = state.offsets.to(dev)
         kv = list(zip(state.k_bufs, state.v_bufs))
+        state.scratch.clear()  # the buffers were sized for this chunk: the last chunk's upcast buffers are stale
         next_cols = np.stack([row.next_column for row in state.rows])
         out = np.empty((B, K, steps), dtype=np.int64)
         with torch.inference_mode():

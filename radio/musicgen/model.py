@@ -119,7 +119,7 @@ def resolve_weights(weights: str, device: str, dtype: Any) -> str:
     return "dense"
 
 
-def resolve_kv(kv: str, decoder: str) -> str:
+def resolve_kv(kv: str) -> str:
     """The KV cache's format: ``full`` (the decoder's dtype) or ``8bit`` (int8 with a float32 scale per token and
     head: half the memory, and on the GPU path half the bytes a step's attention reads, dequantized inside the
     fused kernel; on a CPU attention upcasts it to float32). ``auto`` is full: on the CPUs measured, the upcast
@@ -258,7 +258,7 @@ class MusicgenModel:
             self.weights = str(self.dtype).replace("torch.", "")
             self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
-        self.kv = resolve_kv(kv, self.decoder)
+        self.kv = resolve_kv(kv)
         self._decoder: SlotDecoder | DynamicDecoder = self._make_decoder(seed)
         logger.info("decode path: %s%s", self.decoder,
                     f" ({self.slots.kernels} kernels)" if self.slots is not None else "")

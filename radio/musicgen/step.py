@@ -361,11 +361,12 @@ def _attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
 
 
 def _scratch(scratch: dict[str, torch.Tensor], name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    key = f"{name}{tuple(shape)}"  # one per shape: a graph captured for one batch size keeps its own
+    """The float32 buffer ``name`` of ``shape`` in ``scratch``: one per shape, never replaced, so a graph captured
+    for one batch size keeps its own (the slots: a few buckets); the dynamic path, whose buffers change size
+    every chunk, clears its dict at each chunk."""
+    key = f"{name}{tuple(shape)}"
     t = scratch.get(key)
     if t is None:
-        if len(scratch) >= 16:  # the dynamic path's buffers change size every chunk: keep the last few
-            scratch.pop(next(iter(scratch)))
         t = scratch[key] = torch.empty(shape, dtype=torch.float32, device=device)
     return t
 
