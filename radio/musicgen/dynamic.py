@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .decoding import DecodeState, fresh_row, kv8_pack
+from .decoding import DecodeState, fresh_row
 from .pattern import DelayPattern
 from .plan import ChunkPlan, plan_chunk
 from .prefill import Prefill
@@ -85,8 +85,6 @@ class DynamicDecoder:
             t0 = time.monotonic()
             kv, length, offsets = self.prefill([row for row, _ in fresh], [ctx for _, ctx in fresh],
                                                [requests[i] for i in plan.fresh], use_cfg)
-            if kv is not None and state.kv8:
-                kv = [(kv8_pack(k), kv8_pack(v)) for k, v in kv]
             self.last_prefill_seconds = time.monotonic() - t0
             state.assemble(keep_idx, [row for row, _ in fresh], kv, length, offsets, use_cfg, steps)
         else:
@@ -185,7 +183,7 @@ class DynamicDecoder:
             held = []
             for new in pair:
                 buf = torch.zeros((2, state.heads, P + n, state.head_dim), dtype=state.dtype, device=self.device)
-                buf[:, :, :P] = kv8_pack(new) if state.kv8 else new.to(state.dtype)
+                buf[:, :, :P] = new.to(state.dtype)
                 held.append(buf)
             bufs.append((held[0], held[1]))
         enc, mask = self.text.batch([request], False)

@@ -277,7 +277,8 @@ class MusicgenModel:
         # Fused q/k/v projections where the layers are stock (CUDA); CPU layers are packed or quantized instead.
         parts = DecoderParts.of(self.model.decoder, self.positions.original.weights.to(self.dtype),
                                 fuse_qkv=self.device.startswith("cuda"))
-        prefill = Prefill(self.model.decoder, self.positions, self.text, self.pattern, self.pad_id, self.device)
+        prefill = Prefill(self.model.decoder, self.positions, self.text, self.pattern, self.pad_id, self.device,
+                          kv8=self.kv == "8bit")
         decoder: SlotDecoder | DynamicDecoder
         if self.decoder == "static":
             shape = SlotShape(layers=dcfg.num_hidden_layers, heads=heads, head_dim=dcfg.hidden_size // heads,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .decoding import kv8_pack
 from .pattern import DelayPattern
 
 if TYPE_CHECKING:
@@ -58,8 +59,9 @@ class Prefill:
     """Runs fresh rows' contexts (all but the column their first step feeds) through the decoder."""
 
     def __init__(self, causal_lm: Any, positions: RowPositions, text: "TextConditioning", pattern: DelayPattern,
-                 pad: int, device: str) -> None:
+                 pad: int, device: str, kv8: bool = False) -> None:
         self.causal_lm = causal_lm  # MusicgenForCausalLM (model.decoder)
+        self.kv8 = kv8  # hand the keys and values over kv8_pack()ed, as an 8-bit cache holds them
         self.positions = positions
         self.text = text
         self.pattern = pattern
@@ -69,7 +71,8 @@ class Prefill:
     def __call__(self, rows: list["Row"], contexts: list[np.ndarray], requests: Sequence["ContinuationRequest"],
                  use_cfg: bool) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int, list[int]]:
         """Per layer (keys, values) of the rows, (physical rows, H, P, d) right-aligned (with guidance, the
-        unconditional twins follow the conditional rows), P, and each row's left padding."""
+        unconditional twins follow the conditional rows; in an 8-bit cache's format when ``kv8``), P, and each
+        row's left padding."""
         K, pad, dev = self.pattern.num_codebooks, self.pad, self.device
         lengths = [c.shape[1] for c in contexts]
         P = max(lengths, default=0)
@@ -96,4 +99,7 @@ class Prefill:
         finally:
             self.positions.position_ids = None
         layers = output_cache(res).self_attention_cache.layers
-        return [(layer.keys, layer.values) for layer in layers], P, [int(o) for o in offsets]
+        kv = [(layer.keys, layer.values) for layer in layers]
+        if self.kv8:
+            kv = [(kv8_pack(k), kv8_pack(v)) for k, v in kv]
+        return kv, P, [int(o) for o in offsets]

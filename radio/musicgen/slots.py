@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .decoding import KV8_SCALE_BYTES, Row, fresh_row, kv8_pack
+from .decoding import KV8_SCALE_BYTES, Row, fresh_row
 from .pattern import DelayPattern
 from .plan import plan_chunk
 from ..errors import ModelError, SlotsFull
@@ -326,7 +326,6 @@ class SlotDecoder:
         kv, P, offsets = self.prefill(rows, contexts, requests, True)
         B = len(rows)
         dev = self.shape.device
-        s_kv8 = self.shape.kv8
         if kv is not None:
             # One copy per layer for all fresh slots of a context length (a chunk's resets share one), both
             # halves at once: transformers' rows are [cond x B, uncond x B], a slot's are (cond, uncond).
@@ -340,7 +339,7 @@ class SlotDecoder:
                 for layer, (keys_l, values_l) in enumerate(kv):
                     for cache, new in ((st.k[layer], keys_l), (st.v[layer], values_l)):
                         both = new.view(2, B, *new.shape[1:])[:, src, :, P - T:].transpose(0, 1)
-                        cache[dst, :, :, :T] = kv8_pack(both) if s_kv8 else both.to(cache.dtype)
+                        cache[dst, :, :, :T] = both.to(cache.dtype)
         index = torch.tensor(slots, device=dev)
         st.length[index] = torch.tensor([row.context_frames for row in rows], device=dev)
         st.next_col[index] = torch.from_numpy(np.stack([row.next_column for row in rows])).to(dev)

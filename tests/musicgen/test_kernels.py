@@ -189,7 +189,7 @@ def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tin
     within a bound of the full cache's and agree on the top code; the cache takes about half the memory; a
     wrong scale (x2) breaks the bound."""
     from radio.errors import ModelError
-    import radio.musicgen.dynamic as dynamic_module
+    import radio.musicgen.prefill as prefill_module
     import radio.musicgen.step as step_module
     from radio.musicgen.decoding import KV8_SCALE_BYTES, kv8_pack
 
@@ -218,7 +218,7 @@ def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tin
         packed[..., -KV8_SCALE_BYTES:].view(torch.float32).mul_(2.0)
         return packed
 
-    for module in (dynamic_module, step_module):
+    for module in (prefill_module, step_module):  # where prefills and steps write the cache
         monkeypatch.setattr(module, "kv8_pack", wrong_scale)
     broken, _ = error_and_top1()
     assert broken > 0.01, broken  # measured: 0.027
