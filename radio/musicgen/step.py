@@ -112,6 +112,7 @@ def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "
     """Steps 1-2 of :func:`decode_step`: the embeddings of slots ``[0, n)``'s next columns through the decoder
     layers and the final norm (each layer's new key/value written into the slot): (2n, D)."""
     W, kd = st.k[0].shape[3], st.k[0].shape[4]  # kd: head_dim, or head_dim + 4 in an 8-bit cache
+    H = parts.num_heads
     act = st.active[:n]
     length = st.length[:n]
     x = embed(parts, st.next_col[:n], length)
@@ -122,32 +123,15 @@ def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "
         return _fused_layers(parts, st, n, h, torch.where(act, length + 1, 0).repeat_interleave(2))
     # Where each row writes its new key/value: its next column, or the scratch column W-1 when it sits out.
     pos2 = torch.where(act, length, torch.full_like(length, W - 1)).repeat_interleave(2)
-    H, d = parts.num_heads, parts.head_dim
-    rows = torch.arange(2 * n, device=pos2.device)
     cols = torch.arange(W, device=pos2.device)
     dtype = h.dtype  # the activations' (an 8-bit cache's is int8)
     self_bias = torch.where(cols[None, :] <= pos2[:, None], 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
-    cross_bias = st.xbias[:n][:, None, None, :]  # (n,1,1,S)
-    sdpa = kernels == "sdpa"
+    at = WriteAt(torch.arange(2 * n, device=pos2.device), pos2, self_bias, st.xbias[:n][:, None, None, :], "paired")
 
-    def write(i: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kc = st.k[i][:n].view(2 * n, H, W, kd)
-        vc = st.v[i][:n].view(2 * n, H, W, kd)
-        if kc.dtype == torch.int8:
-            k_new, v_new = kv8_pack(k_new), kv8_pack(v_new)
-        kc[rows, :, pos2] = k_new
-        vc[rows, :, pos2] = v_new
-        return kc, vc
+    def caches(i: int) -> LayerCaches:  # slot s: rows 2s (conditional), 2s+1 (unconditional)
+        return (st.k[i][:n].view(2 * n, H, W, kd), st.v[i][:n].view(2 * n, H, W, kd), st.xk[i][:n], st.xv[i][:n])
 
-    def cross(i: int, y: torch.Tensor) -> torch.Tensor:  # slot s: rows 2s (conditional), 2s+1 (unconditional)
-        c = _cross(parts, st.xk[i][:n], st.xv[i][:n], i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa)
-        return torch.stack([c, parts.uncond_cross[i].expand(n, H * d)], dim=1).reshape(2 * n, H * d)
-
-    attend = None
-    if st.k[0].dtype == torch.int8:  # PyTorch's fused kernels take no int8 cache: our eager one (per row shape,
-        # so a captured graph's scratch is never replaced under it)
-        attend = lambda q, k, v, bias, scaling, sdpa: _attend8(q, k, v, bias, scaling, st.scratch)  # noqa: E731
-    return run_layers(parts, h, write, self_bias, cross, sdpa and attend is None, attend=attend)
+    return run_layers(parts, h, caches, at, kernels == "sdpa", scratch=st.scratch)
 
 
 def embed(parts: DecoderParts, tok: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -195,14 +179,15 @@ class RowCross:
 
 def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]], tok: torch.Tensor,
                offsets: torch.Tensor, length: int, prompts: RowCross, cfg: bool,
-               scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+               scratch: dict[str, torch.Tensor] | None = None, layer: "LayerFn | None" = None) -> torch.Tensor:
     """One decode step of the dynamic layout (``decoding.DecodeState``): B rows, each feeding its next column
     ``tok`` (B, K), left-padded by ``offsets`` (B,), over per-layer buffers (physical rows, H, capacity, d) that
     hold ``length`` columns; with guidance (``cfg``) physical row B + i is row i's unconditional twin. Each
     layer's new key/value is written at column ``length``, and attention reads the whole buffer (a slice would
     not be contiguous, which costs a CPU matmul a copy of its operand) with the columns outside
     ``[offset, length]`` masked. Returns the float logits (physical rows, K, V). An 8-bit cache (int8 buffers of
-    ``decoding.kv8_pack``ed rows) is read by :func:`_attend8`, with ``scratch`` its upcast buffers.
+    ``decoding.kv8_pack``ed rows) is read by :func:`_attend8`, with ``scratch`` its upcast buffers. ``layer``: the
+    function that runs one layer (:func:`layer_step`, or a compiled copy of it: :mod:`.compiled`).
 
     The same layers as the slot path's step (:func:`run_layers`), so the two are one decode step over two KV
     layouts."""
@@ -216,25 +201,13 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
     cols = torch.arange(capacity, device=tok.device)
     live = (cols[None, :] >= phys_offsets[:, None]) & (cols[None, :] <= length)
     self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
-    D = parts.num_heads * parts.head_dim
+    rows = torch.arange(B * mult, device=tok.device)
+    at = WriteAt(rows, torch.full_like(rows, length), self_bias, prompts.bias, "halves" if cfg else "conditional")
 
-    def write(i: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kc, vc = kv[i]
-        if kc.dtype == torch.int8:  # an 8-bit cache (decoding.kv8_pack): attention reads it with _attend8
-            k_new, v_new = kv8_pack(k_new), kv8_pack(v_new)
-        kc[:, :, length] = k_new
-        vc[:, :, length] = v_new
-        return kc, vc
+    def caches(i: int) -> LayerCaches:  # rows [0, B) conditional, [B, 2B) unconditional
+        return (kv[i][0], kv[i][1], prompts.xk[i], prompts.xv[i])
 
-    def cross(i: int, y: torch.Tensor) -> torch.Tensor:  # rows [0, B) conditional, [B, 2B) unconditional
-        c = _cross(parts, prompts.xk[i], prompts.xv[i], i, y[:B], prompts.bias, sdpa=False)
-        return torch.cat([c, parts.uncond_cross[i].expand(B, D)]) if cfg else c
-
-    attend = None
-    if kv[0][0].dtype == torch.int8:
-        kept = scratch if scratch is not None else {}
-        attend = lambda q, k, v, bias, scaling, sdpa: _attend8(q, k, v, bias, scaling, kept)  # noqa: E731
-    return logits_of(parts, run_layers(parts, h, write, self_bias, cross, sdpa=False, attend=attend))
+    return logits_of(parts, run_layers(parts, h, caches, at, sdpa=False, scratch=scratch, layer=layer))
 
 
 def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torch.Tensor) -> None:
@@ -258,33 +231,88 @@ def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torc
     st.t += 1
 
 
-def run_layers(parts: DecoderParts, h: torch.Tensor, write: Callable[[int, torch.Tensor, torch.Tensor], Any],
-               self_bias: torch.Tensor, cross: Callable[[int, torch.Tensor], torch.Tensor], sdpa: bool,
-               attend: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
-    """Step 2, the decoder layers and the final norm with PyTorch's ops (transformers' eager math, op for op):
-    h (rows, D) -> (rows, D), one new token per row. The KV layout comes in as two functions: ``write(i, k, v)``
-    puts layer i's new keys and values (rows, H, d) into the cache and returns the cache (rows, H, columns, d)
-    that attention reads with ``self_bias`` (rows, 1, 1, columns) added; ``cross(i, y)`` is layer i's
-    cross-attention output (rows, D) for the normed states y (rows, D). ``attend``: the self-attention's kernel
-    where the cache needs its own (an 8-bit one), else :func:`_attend`."""
-    H, d = parts.num_heads, parts.head_dim
-    rows = h.shape[0]
-    h = h[:, None, :]  # (rows, 1, D): one token per row
-    for i, layer in enumerate(parts.layers):
-        attn = layer.self_attn
-        residual = h
-        q, k_new, v_new = _self_qkv(parts, i, layer.self_attn_layer_norm(h)[:, 0])
-        kc, vc = write(i, k_new, v_new)
-        a = (attend or _attend)(q[:, :, None, :], kc, vc, self_bias, attn.scaling, sdpa)
-        h = residual + attn.out_proj(a.reshape(rows, 1, H * d))
+LayerCaches = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-        residual = h
-        h = residual + cross(i, layer.encoder_attn_layer_norm(h)[:, 0])[:, None, :]
 
-        residual = h
-        y = layer.final_layer_norm(h)
-        h = residual + layer.fc2(layer.activation_fn(layer.fc1(y)))
-    return parts.final_norm(h)[:, 0]
+@dataclass
+class WriteAt:
+    """Where a step's rows write their new keys and values and what they attend: row ``rows[j]`` writes at column
+    ``columns[j]`` of its layer cache, and reads it with ``self_bias`` (rows, 1, 1, columns) added; the prompts'
+    cross-attention with ``cross_bias`` (conditional rows, 1, 1, S). ``guidance``: where the conditional rows are:
+    ``paired`` (rows 2s and 2s+1: the slots), ``halves`` (the first half, the unconditional twins after them: the
+    dynamic layout with guidance) or ``conditional`` (every row, no guidance)."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    self_bias: torch.Tensor
+    cross_bias: torch.Tensor
+    guidance: str
+
+
+LayerFn = Callable[..., torch.Tensor]
+
+
+def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], LayerCaches], at: WriteAt, sdpa: bool,
+               scratch: dict[str, torch.Tensor] | None = None, layer: LayerFn | None = None) -> torch.Tensor:
+    """Step 2, the decoder layers and the final norm: h (rows, D) -> (rows, D), one new token per row. The KV
+    layout comes in as ``caches(i)``: layer i's self-attention cache (rows, H, columns, d), written at ``at``, and
+    the conditional rows' prompt keys and values (n, H, S, d). ``layer`` runs one layer (:func:`layer_step`, or a
+    compiled copy of it); an 8-bit cache is always read by :func:`layer_step` (its ``scratch`` upcasts)."""
+    eight_bit = caches(0)[0].dtype == torch.int8
+    run = layer_step if layer is None or eight_bit else layer
+    for i, module in enumerate(parts.layers):
+        kc, vc, xk, xv = caches(i)
+        extra = {"scratch": scratch if scratch is not None else {}} if eight_bit else {}
+        qkv = parts.qkv[i] if parts.qkv is not None else None
+        h = run(module, h, kc, vc, xk, xv, parts.uncond_cross[i], qkv, at.rows, at.columns, at.self_bias,
+                at.cross_bias, at.guidance, sdpa, **extra)
+    return parts.final_norm(h)
+
+
+def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+               uncond: torch.Tensor, qkv: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor,
+               self_bias: torch.Tensor,
+               cross_bias: torch.Tensor, guidance: str, sdpa: bool,
+               scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One decoder layer (a transformers ``MusicgenDecoderLayer``'s weights, its eager math op for op) for one
+    new token per row: h (rows, D) -> (rows, D). The new key/value goes into the cache kc, vc (rows, H, columns,
+    d) at ``(rows, columns)`` (:class:`WriteAt`), packed when the cache is 8-bit; ``uncond`` is the layer's
+    cross-attention output for the unconditional rows; ``qkv`` the self-attention's three projections as one weight
+    (:class:`DecoderParts`), if made. Tensors and constants only, so that one compiled copy serves every layer."""
+    attn = layer.self_attn
+    H, d = attn.num_heads, attn.head_dim
+    n_rows = h.shape[0]
+    residual = h
+    y = layer.self_attn_layer_norm(h)
+    if qkv is not None:
+        q, k_new, v_new = torch.nn.functional.linear(y, qkv).view(n_rows, 3, H * d).unbind(1)
+    else:
+        q, k_new, v_new = attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)
+    k_new, v_new = k_new.reshape(n_rows, H, d), v_new.reshape(n_rows, H, d)
+    if kc.dtype == torch.int8:
+        kc[rows, :, columns] = kv8_pack(k_new)
+        vc[rows, :, columns] = kv8_pack(v_new)
+        a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, scratch if scratch is not None else {})
+    else:
+        kc[rows, :, columns] = k_new
+        vc[rows, :, columns] = v_new
+        a = _attend(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, sdpa)
+    h = residual + attn.out_proj(a.reshape(n_rows, H * d))
+
+    residual = h
+    y = layer.encoder_attn_layer_norm(h)
+    n = n_rows // 2 if guidance != "conditional" else n_rows
+    cond = y.view(n, 2, H * d)[:, 0] if guidance == "paired" else y[:n]
+    c = _cross_attention(layer.encoder_attn, xk, xv, cond, cross_bias, sdpa)
+    if guidance == "paired":
+        c = torch.stack([c, uncond.expand(n, H * d)], dim=1).reshape(n_rows, H * d)
+    elif guidance == "halves":
+        c = torch.cat([c, uncond.expand(n, H * d)])
+    h = residual + c
+
+    residual = h
+    y = layer.final_layer_norm(h)
+    return residual + layer.fc2(layer.activation_fn(layer.fc1(y)))
 
 
 def _fused_layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -325,11 +353,16 @@ def _self_qkv(parts: DecoderParts, i: int, y: torch.Tensor) -> tuple[torch.Tenso
 
 def _cross(parts: DecoderParts, xk: torch.Tensor, xv: torch.Tensor, i: int, y: torch.Tensor, bias: torch.Tensor,
            sdpa: bool) -> torch.Tensor:
-    """Layer i's cross-attention of the conditional rows over their prompts' keys and values xk, xv
-    (n, H, S, d): y (n, D) -> (n, D)."""
-    H, d = parts.num_heads, parts.head_dim
+    """Layer i's cross-attention (:func:`_cross_attention`)."""
+    return _cross_attention(parts.layers[i].encoder_attn, xk, xv, y, bias, sdpa)
+
+
+def _cross_attention(cross: Any, xk: torch.Tensor, xv: torch.Tensor, y: torch.Tensor, bias: torch.Tensor,
+                     sdpa: bool) -> torch.Tensor:
+    """A layer's cross-attention (``cross``: its ``encoder_attn``) of the conditional rows over their prompts'
+    keys and values xk, xv (n, H, S, d): y (n, D) -> (n, D)."""
+    H, d = cross.num_heads, cross.head_dim
     n = y.shape[0]
-    cross = parts.layers[i].encoder_attn
     q = cross.q_proj(y).view(n, H, 1, d)
     a = _attend(q, xk, xv, bias, cross.scaling, sdpa)
     return cross.out_proj(a.reshape(n, H * d))
