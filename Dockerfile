@@ -25,13 +25,15 @@ CMD ["icecast2", "-c", "/etc/icecast2/icecast.xml"]
 
 FROM ${BASE} AS radio
 ARG TORCH_INDEX_URL=""
+# g++: PyTorch's compiler builds the CPU decode step's layer (engine.compile) at load; its code is cached in /cache.
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ffmpeg libshout-dev pkg-config gcc python3-venv python3-dev icecast2 \
+        ffmpeg libshout-dev pkg-config gcc g++ python3-venv python3-dev icecast2 \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     PYTHONUNBUFFERED=1
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 COPY pyproject.toml README.md icecast.xml ./

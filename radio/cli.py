@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kv", default="auto",
                        help="KV cache of our dynamic path, e.g. full,8bit (default auto = full); with --quality, "
                             "8bit is also measured against full")
+    bench.add_argument("--compile", default="auto",
+                       help="the CPU step's layer compiled, e.g. always,never to measure both (default auto)")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
     bench.add_argument("--context-seconds", type=float, default=10.0,
                        help="engine context kept per station; the window is 3x this (default 10 -> 30 s)")
@@ -247,6 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
                            weights_list=tuple(w.strip() for w in args.weights.split(",") if w.strip()),
                            quality=args.quality, kv_list=tuple(k.strip() for k in args.kv.split(",") if k.strip()),
+                           compile_list=tuple(c.strip() for c in args.compile.split(",") if c.strip()),
                            scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
                            context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:

@@ -12,6 +12,7 @@ DECODERS = ("auto", "static", "dynamic")
 GENERATE = ("listened", "always")  # engine.generate: which stations the model serves
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # how the decoder's linear weights are held
 KV_FORMATS = ("auto", "full", "8bit")  # how the dynamic path's KV cache is held
+COMPILE = ("auto", "always", "never")  # whether the CPU decode step's layer is compiled (musicgen/compiled.py)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class EngineConfig:
     generate: str = "listened"  # listened: only stations with listeners (and `always: true` ones); always: every one
     weights: str = "auto"  # decoder weights: auto (int8 on a bf16 CPU, else dense), float32, bfloat16, int8, int4
     kv: str = "auto"  # KV cache of the dynamic (CPU) path: auto (= full, the decoder's dtype), full, 8bit (half)
+    compile: str = "auto"  # the CPU step's layer compiled: auto (bf16 and quantized weights), always, never
     linger: float = 60.0  # a station keeps generating this long after its last listener left (zapping)
 
 

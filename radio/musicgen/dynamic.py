@@ -22,7 +22,7 @@ from .pattern import DelayPattern
 from .plan import ChunkPlan, plan_chunk
 from .prefill import Prefill
 from .sampling import guide, sample
-from .step import DecoderParts, RowCross, row_logits
+from .step import DecoderParts, LayerFn, RowCross, row_logits
 from .text import TextConditioning
 from .types import ANON, ContinuationRequest
 
@@ -35,8 +35,9 @@ class DynamicDecoder:
     BATCH_LIMIT = 16  # on a CPU a step's cost grows with every row: more only delay everyone's next chunk
 
     def __init__(self, parts: DecoderParts, prefill: Prefill, text: TextConditioning, state: DecodeState,
-                 pattern: DelayPattern, vocab: int, device: str) -> None:
+                 pattern: DelayPattern, vocab: int, device: str, layer: LayerFn | None = None) -> None:
         self.parts = parts
+        self.layer = layer  # one decoder layer: step.layer_step, or a compiled copy (compiled.compile_layer)
         self.prefill = prefill
         self.text = text
         self.state = state
@@ -150,7 +151,7 @@ class DynamicDecoder:
         with torch.inference_mode():
             for j in range(steps):
                 logits = row_logits(self.parts, kv, torch.from_numpy(next_cols).to(dev), offsets, state.length,
-                                    prompts, use_cfg, state.scratch)
+                                    prompts, use_cfg, state.scratch, self.layer)
                 state.length += 1
                 logits = guide(logits[:B], logits[B:] if use_cfg else None, guidance)
                 noise = torch.rand(logits.shape, generator=self.generator, device=logits.device)
@@ -192,6 +193,7 @@ class DynamicDecoder:
         out = []
         with torch.inference_mode():
             for j in range(n):
-                logits = row_logits(self.parts, bufs, columns[:, T + j][None], offsets, P + j, prompts, True, {})
+                logits = row_logits(self.parts, bufs, columns[:, T + j][None], offsets, P + j, prompts, True, {},
+                                    self.layer)
                 out.append(logits[0])
         return torch.stack(out)

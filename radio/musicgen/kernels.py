@@ -62,6 +62,19 @@ def padded_rows(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
     return flat.contiguous(), rows
 
 
+@torch.library.custom_op("radio::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear over a weight packed by ``_reorder_linear_weight``: an op of our own, so that the compiled
+    decode step (:mod:`.compiled`) calls it as it is (PyTorch's compiler would re-lower the private op and
+    expects a weight it packed itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight held in oneDNN's packed layout (inference only); rows are padded to
     :func:`row_bucket` sizes so that the shapes it compiles stay few."""
@@ -78,7 +91,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, rows = padded_rows(x, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        if torch.compiler.is_compiling():  # traced into the compiled step: our op, called as it is
+            y = packed_linear(flat, self.weight, self.bias)
+        else:  # eager: the private op directly (a custom op's dispatch costs microseconds, ~200 calls a step)
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return y[:rows].reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 
-from ..config import DECODERS, DEFAULT_MODEL, DTYPES, KV_FORMATS
+from ..config import COMPILE, DECODERS, DEFAULT_MODEL, DTYPES, KV_FORMATS
 from ..errors import ConditioningError, ModelError
 
 from .pattern import DelayPattern
@@ -119,6 +119,21 @@ def resolve_weights(weights: str, device: str, dtype: Any) -> str:
     return "dense"
 
 
+def resolve_compile(compile: str, device: str, dtype: Any, decoder: str, kv: str) -> bool:
+    """Whether to compile the decode step's layer (:mod:`.compiled`): a CPU feature of the dynamic path (CUDA
+    captures its step as a graph instead). ``auto``: where the decoder runs in bf16 (dense, int8 or int4 weights)
+    over a full cache, the CPU defaults; ``always`` also in float32 (an 8-bit cache's layers stay eager);
+    ``never``. (Not on/off: YAML reads those as booleans.) Compiling may still fail (no C++ compiler): the model
+    then keeps the eager layer."""
+    import torch
+
+    if compile not in COMPILE:
+        raise ModelError(f"unknown compile {compile!r}: use one of {', '.join(COMPILE)}")
+    if compile == "never" or device != "cpu" or decoder != "dynamic":
+        return False
+    return compile == "always" or (dtype == torch.bfloat16 and kv == "full")
+
+
 def resolve_kv(kv: str) -> str:
     """The KV cache's format: ``full`` (the decoder's dtype) or ``8bit`` (int8 with a float32 scale per token and
     head: half the memory, and on the GPU path half the bytes a step's attention reads, dequantized inside the
@@ -180,7 +195,7 @@ class MusicgenModel:
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
                  window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto",
-                 weights: str = "auto", kv: str = "auto") -> None:
+                 weights: str = "auto", kv: str = "auto", compile: str = "auto") -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -259,6 +274,7 @@ class MusicgenModel:
             self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
         self.kv = resolve_kv(kv)
+        self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv)
         self._decoder: SlotDecoder | DynamicDecoder = self._make_decoder(seed)
         logger.info("decode path: %s%s", self.decoder,
                     f" ({self.slots.kernels} kernels)" if self.slots is not None else "")
@@ -292,9 +308,22 @@ class MusicgenModel:
             state = DecodeState(num_layers=dcfg.num_hidden_layers, heads=heads, head_dim=dcfg.hidden_size // heads,
                                 num_codebooks=self.num_codebooks, pad=self.pad_id, dtype=self.dtype,
                                 device=self.device, kv8=self.kv == "8bit")
-            decoder = DynamicDecoder(parts, prefill, self.text, state, self.pattern, self.vocab_size, self.device)
+            layer = None
+            if self._compile:
+                from .compiled import compile_layer
+
+                layer = compile_layer(parts, self.dtype, self.device)
+            decoder = DynamicDecoder(parts, prefill, self.text, state, self.pattern, self.vocab_size, self.device,
+                                     layer)
         decoder.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         return decoder
+
+    @property
+    def compile(self) -> bool:
+        """Does the decode step run a compiled layer (:mod:`.compiled`; false where it was not wanted, could not
+        be compiled, or failed since)?"""
+        layer = getattr(self._decoder, "layer", None)
+        return layer is not None and getattr(layer, "failed", None) is None
 
     def memory_bytes(self) -> int:
         """Weights, buffers and the decode state's KV cache, in bytes."""
@@ -416,7 +445,8 @@ class MusicgenModel:
                    if self.packed else "stock")
         return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "kv": self.kv,
                 "channels": self.channels,
-                "kernels": slots.kernels if slots is not None else kernels,
+                "kernels": slots.kernels if slots is not None else kernels + (", compiled layers" if self.compile
+                                                                             else ""),
                 "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,
                 "slots_used": sum(k is not None for k in list(slots.keys)) if slots is not None else None,
                 "slot_bytes": slots.bytes_per_slot() if slots is not None else None}

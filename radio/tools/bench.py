@@ -68,6 +68,7 @@ class Result:
     step_anatomy: dict[str, float] | None = None  # static path: seconds per step (SlotDecoder.anatomy)
     weights: str = "dense"  # how the decoder's linear weights are held: dense (the dtype), int8, int4
     kv: str = "full"  # how the dynamic path's KV cache is held: full (the dtype) or 8bit
+    compiled: bool = False  # the CPU step's layer compiled (musicgen/compiled.py)
 
 
 class RssSampler:
@@ -408,6 +409,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     breakdown = {k: round(v, 4) for k, v in breakdown.items()}
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
                   weights=getattr(model, "weights", "dense"), kv=getattr(model, "kv", "full"),
+                  compiled=bool(getattr(model, "compile", False)),
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
 
@@ -622,18 +624,19 @@ def bench_audience(model_dir: str, stations: int, listened: int, seconds: float,
 
 
 def _dtype_name(model: MusicgenModel) -> str:
-    """The model's decoder dtype, its weights where they are quantized and its KV cache where it is 8-bit:
-    ``bfloat16+int8``, ``bfloat16+int4+kv8``."""
+    """The model's decoder dtype, its weights where they are quantized, its KV cache where it is 8-bit and
+    whether its step's layer is compiled: ``bfloat16+int8``, ``bfloat16+int4+kv8``, ``bfloat16+int4+compiled``."""
     weights = getattr(model, "weights", "dense")
     return (str(model.dtype).replace("torch.", "") + (f"+{weights}" if weights in ("int8", "int4") else "")
-            + ("+kv8" if getattr(model, "kv", "full") == "8bit" else ""))
+            + ("+kv8" if getattr(model, "kv", "full") == "8bit" else "")
+            + ("+compiled" if getattr(model, "compile", False) else ""))
 
 
 def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
               first_seconds: float = 1.0, dtypes: tuple[str, ...] = ("float32", "auto"), context_seconds: float = 10.0,
               scenarios: tuple[str, ...] = ("prototype", "generate", "ours"), capacity: bool = False,
               decoder: str = "auto", weights_list: tuple[str, ...] = ("auto",), quality: bool = False,
-              kv_list: tuple[str, ...] = ("auto",),
+              kv_list: tuple[str, ...] = ("auto",), compile_list: tuple[str, ...] = ("auto",),
               progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
@@ -660,11 +663,12 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                 if "generate" in scenarios:
                     results.append(bench_generate(stock, n, frames, progress))
             del stock
-        for weights, kv in [(w, k) for w in weights_list for k in kv_list] if "ours" in scenarios else ():
+        settings = [(w, k, c) for w in weights_list for k in kv_list for c in compile_list]
+        for weights, kv, compile in settings if "ours" in scenarios else ():
             # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds (and
             # at least context + 2 chunks, as the engine's config demands)
             m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
-                              decoder=decoder, weights=weights, kv=kv)
+                              decoder=decoder, weights=weights, kv=kv, compile=compile)
             name = _dtype_name(m)
             if name in kernels:
                 del m
@@ -696,6 +700,8 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                                progress=progress) if quality else {}
     if quality and "8bit" in kv_list:
         qualities["kv8"] = kv_quality(model_dir, progress=progress)
+    if quality and "always" in compile_list:
+        qualities["compiled"] = compile_quality(model_dir, progress=progress)
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(), "outputs": outputs,
               "weight_quality": qualities,
               "audience": audience,
@@ -752,21 +758,36 @@ def weight_quality(model_dir: str, weights: tuple[str, ...], frames: int = 300,
 
 def kv_quality(model_dir: str, frames: int = 200,
                progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
-    """How far an 8-bit KV cache moves the dynamic path's logits from the full (bf16) cache, both with dense bf16
-    weights: teacher-forced over ``frames`` frames of the full cache's own greedy continuation (guidance 3), the
-    conditional rows' logits' relative error and top-1 agreement; and the share of greedy codes that come out the
-    same when each continues the same context itself."""
-    greedy = replace(SAMPLING, temperature=0.0, top_k=1)
+    """How far an 8-bit KV cache moves the dynamic path's logits from the full (bf16) cache (both with dense bf16
+    weights and eager layers): :func:`path_quality`."""
     progress(f"quality: 8bit KV cache over {frames} frames")
-    full = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0, decoder="dynamic", kv="full")
-    kv8 = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0, decoder="dynamic", kv="8bit")
+    return path_quality(model_dir, {"kv": "full", "compile": "never"}, {"kv": "8bit", "compile": "never"}, frames)
+
+
+def compile_quality(model_dir: str, frames: int = 200,
+                    progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+    """How far the compiled layer moves the dynamic path's logits from the eager one (dense bf16 weights, full
+    cache): :func:`path_quality`."""
+    progress(f"quality: compiled layers over {frames} frames")
+    return path_quality(model_dir, {"kv": "full", "compile": "never"}, {"kv": "full", "compile": "always"}, frames)
+
+
+def path_quality(model_dir: str, reference: dict[str, Any], candidate: dict[str, Any],
+                 frames: int = 200) -> dict[str, float]:
+    """The dynamic path with the ``candidate`` settings against the ``reference`` ones (MusicgenModel keywords),
+    both with dense bf16 weights: teacher-forced over ``frames`` frames of the reference's own greedy continuation
+    (guidance 3), the conditional rows' logits' relative error and top-1 agreement; and the share of greedy codes
+    that come out the same when each continues the same context itself."""
+    greedy = replace(SAMPLING, temperature=0.0, top_k=1)
+    full = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0, decoder="dynamic", **reference)
+    other = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0, decoder="dynamic", **candidate)
     context = np.random.default_rng(0).integers(0, full.vocab_size, (full.num_codebooks, 250))
     request = ContinuationRequest(context, "warm lofi piano with soft drums", greedy, key="q")
     want_codes = full.continue_batch([request], frames)[0].codes[:, :frames]
-    got_codes = kv8.continue_batch([request], frames)[0].codes[:, :frames]
+    got_codes = other.continue_batch([request], frames)[0].codes[:, :frames]
     from ..musicgen.dynamic import DynamicDecoder
 
-    want, got = (m.decode_path.teacher_forced_logits(request, want_codes) for m in (full, kv8)
+    want, got = (m.decode_path.teacher_forced_logits(request, want_codes) for m in (full, other)
                  if isinstance(m.decode_path, DynamicDecoder))
     return {"logits_rel_error": round(float((got - want).norm() / want.norm()), 4),
             "top1_agreement": round(float((got.argmax(-1) == want.argmax(-1)).float().mean()), 4),
@@ -869,7 +890,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f" + icecast {o['icecast_cores']:.2f} = {o['total_cores']:.2f} cores "
                      f"({o['cores_per_100_mounts']:.1f} per 100 mounts; {o['filled_seconds']:.1f} s filled)")
     for w, q in report.get("weight_quality", {}).items():
-        what = "8bit KV cache vs full" if w == "kv8" else f"{w} weights vs bf16"
+        what = {"kv8": "8bit KV cache vs full", "compiled": "compiled layers vs eager"}.get(w, f"{w} weights vs bf16")
         lines.append(f"quality    {what} over {q['frames']} frames: logits error "
                      f"{q['logits_rel_error']:.4f}, top-1 agreement {q['top1_agreement']:.3f}, "
                      f"greedy codes agreement {q['greedy_code_agreement']:.3f}")

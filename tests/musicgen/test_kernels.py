@@ -135,8 +135,8 @@ def test_quantized_weights_stay_within_a_bound_of_the_dense_model(tiny_model_dir
     logits over a sequence stay within ``bound`` (relative), and a layer whose scales are wrong breaks it."""
     from radio.musicgen.kernels import QuantLinear
 
-    dense = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0)
-    quant = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0)
+    dense = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, compile="never")
+    quant = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, compile="never")
     assert quant.weights == weights and dense.weights == "bfloat16"
     assert quant.describe()["weights"] == weights and quant.describe()["kernels"] == f"{weights}-weight-only"
     layers = [m for m in quant.model.decoder.modules() if isinstance(m, QuantLinear)]
@@ -194,7 +194,7 @@ def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tin
     from radio.musicgen.decoding import KV8_SCALE_BYTES, kv8_pack
 
     greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
-    full = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic")
+    full = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", compile="never")
     kv8 = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", kv="8bit")
     assert (full.describe()["kv"], kv8.describe()["kv"]) == ("full", "8bit")
     context = np.random.default_rng(4).integers(0, full.vocab_size, (full.num_codebooks, 30))

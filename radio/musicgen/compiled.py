@@ -1,0 +1,121 @@
+"""The CPU decode step's layer compiled by PyTorch's compiler (TorchInductor), checked before it is used.
+
+On a CPU a decode step of one or two stations is a few rows through 24 layers: bound by the bytes it reads (the
+weights, each row's KV cache) and by the number of operations (about fifty per layer, a few microseconds each).
+PyTorch's eager ops read a bf16 cache for one query at about half the memory bandwidth (a matmul of one row), and
+pay each small op's dispatch. Compiled, :func:`.step.layer_step` becomes a handful of C++ loops per layer: the
+attention (both matmuls, the mask and the softmax, the new key/value's write) is one vectorised pass over the
+cache, each residual add with the following layer norm another, the weight-only or packed linear layers stay
+the kernels they are (measured on a 2-core Zen 4, small shape, int4 weights, one station at 20 s of context:
+see the README's CPU table).
+
+The layer takes only tensors and constants, so ONE compiled copy serves all the layers of a model (and every
+model of the same layout); shapes are dynamic (a cache's columns grow every step), and a new batch form (one
+station, then several) compiles once more. Compiling needs a C++ compiler: :func:`compile_layer` compiles the
+model's first layer on a probe and holds it to the eager layer; where that fails or disagrees, the model keeps
+the eager layer (and says so). Compiled code is cached on disk by PyTorch (``TORCHINDUCTOR_CACHE_DIR``,
+``/tmp/torchinductor_<user>`` by default), so a restart compiles in seconds. An error inside a compiled step
+(a recompile that fails) switches that model back to the eager layer for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..config import COMPILE
+from .step import DecoderParts, LayerFn, layer_step
+
+__all__ = ["COMPILE", "CompiledLayer", "compile_layer"]
+
+logger = logging.getLogger(__name__)
+
+RECOMPILE_LIMIT = 64  # batch forms x models x guidance layouts; past it PyTorch runs the eager layer (same math)
+PROBE_COLUMNS = 24
+PROBE_PROMPT = 6
+
+
+class CompiledLayer:
+    """:func:`.step.layer_step`, compiled; falls back to the eager layer for good if a compiled call fails."""
+
+    def __init__(self) -> None:
+        import torch._dynamo
+
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        self._compiled: LayerFn = torch.compile(layer_step, dynamic=True)
+        self.failed: str | None = None  # why it fell back, if it did
+
+    def probe(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The compiled layer without the fallback: a failure raises."""
+        return self._compiled(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure mid-run: the eager layer is the same math
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning("compiled decoder layer failed (%s); this model runs the eager layer from now on",
+                               self.failed)
+        return layer_step(*args, **kwargs)
+
+
+def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str) -> CompiledLayer | None:
+    """A compiled layer for this model, or None (with a warning saying why) where the compiler is missing, fails
+    or disagrees with the eager layer on a probe: the model's first layer over a small random cache, one station
+    and two (the two batch forms a CPU meets first, so that their compiles happen here, at load)."""
+    start = time.monotonic()
+    try:
+        layer = CompiledLayer()
+        for stations in (1, 2):
+            error = _probe(layer, parts, stations, dtype, device)
+            bound = 1e-3 if dtype == torch.float32 else 0.05
+            if not error < bound:
+                logger.warning("compiled decoder layer disagrees with the eager one (relative error %.3g over a "
+                               "probe); keeping the eager layer", error)
+                return None
+    except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported op...: the eager layer it is
+        logger.warning("cannot compile the decoder layer (%s: %s); keeping the eager layer (engine.compile: never "
+                       "says so quietly)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
+    logger.info("decoder layer compiled (%.1f s)", time.monotonic() - start)
+    return layer
+
+
+def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torch.dtype, device: str) -> float:
+    """Run the first layer both ways over the same random inputs; the relative error of the compiled output
+    and cache write against the eager ones. The inputs are made as the decode loop makes them (the KV buffers and
+    the prompts' mask outside inference mode, the step's tensors inside; the prompts' keys and values transposed),
+    so that the first real steps find these compiles and make none."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    H, d = parts.num_heads, parts.head_dim
+    D = H * d
+    rows = 2 * stations
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    kc, vc = rand(rows, H, PROBE_COLUMNS, d), rand(rows, H, PROBE_COLUMNS, d)
+    caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+    cross_bias = torch.zeros(stations, PROBE_PROMPT, dtype=dtype, device=device)[:, None, None, :]
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.inference_mode():
+        h, uncond = rand(rows, D), parts.uncond_cross[0]
+        # laid out as step.cross_kv makes them: (n, S, H, d) seen as (n, H, S, d)
+        xk, xv = (rand(stations, PROBE_PROMPT, H, d).transpose(1, 2) for _ in range(2))
+        column = PROBE_COLUMNS // 2
+        cols = torch.arange(PROBE_COLUMNS, device=device)
+        live = (cols <= column)[None, :].expand(rows, PROBE_COLUMNS)
+        self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        index = torch.arange(rows, device=device)
+        at = (index, torch.full_like(index, column), self_bias, cross_bias, "halves", False)
+        for run, (k, v) in zip((layer_step, layer.probe), caches):
+            y = run(parts.layers[0], h, k, v, xk, xv, uncond, None, *at)
+            out.append((y.float(), k[:, :, column].float()))
+    (want, want_k), (got, got_k) = out
+    return max(float((got - want).norm() / want.norm()), float((got_k - want_k).norm() / want_k.norm()))
