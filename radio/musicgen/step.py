@@ -292,7 +292,8 @@ def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     if kc.dtype == torch.int8:
         kc[rows, :, columns] = kv8_pack(k_new)
         vc[rows, :, columns] = kv8_pack(v_new)
-        a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, scratch if scratch is not None else {})
+        kept = scratch if scratch is not None else {}
+        a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, kept)
     else:
         kc[rows, :, columns] = k_new
         vc[rows, :, columns] = v_new
