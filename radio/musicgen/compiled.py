@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import COMPILE
+from .decoding import kv8_dequantize, kv8_pack
 from .step import DecoderParts, LayerFn, layer_step
 
 __all__ = ["COMPILE", "CompiledLayer", "compile_layer"]
@@ -65,7 +66,7 @@ class CompiledLayer:
         return layer_step(*args, **kwargs)
 
 
-def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str) -> CompiledLayer | None:
+def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str, kv8: bool = False) -> CompiledLayer | None:
     """A compiled layer for this model, or None (with a warning saying why) where the compiler is missing, fails
     or disagrees with the eager layer on a probe: the model's first layer over a small random cache, one station
     and two (the two batch forms a CPU meets first, so that their compiles happen here, at load)."""
@@ -73,7 +74,7 @@ def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str) -> Compi
     try:
         layer = CompiledLayer()
         for stations in (1, 2):
-            error = _probe(layer, parts, stations, dtype, device)
+            error = _probe(layer, parts, stations, dtype, device, kv8)
             bound = 1e-3 if dtype == torch.float32 else 0.05
             if not error < bound:
                 logger.warning("compiled decoder layer disagrees with the eager one (relative error %.3g over a "
@@ -87,7 +88,8 @@ def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str) -> Compi
     return layer
 
 
-def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torch.dtype, device: str) -> float:
+def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torch.dtype, device: str,
+           kv8: bool) -> float:
     """Run the first layer both ways over the same random inputs; the relative error of the compiled output
     and cache write against the eager ones. The inputs are made as the decode loop makes them (the KV buffers and
     the prompts' mask outside inference mode, the step's tensors inside; the prompts' keys and values transposed),
@@ -101,6 +103,8 @@ def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torc
         return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
 
     kc, vc = rand(rows, H, PROBE_COLUMNS, d), rand(rows, H, PROBE_COLUMNS, d)
+    if kv8:  # an 8-bit cache (decoding.kv8_pack): the compiled layer dequantizes it in its attention
+        kc, vc = kv8_pack(kc), kv8_pack(vc)
     caches = [(kc.clone(), vc.clone()) for _ in range(2)]
     cross_bias = torch.zeros(stations, PROBE_PROMPT, dtype=dtype, device=device)[:, None, None, :]
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -116,6 +120,7 @@ def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torc
         at = (index, torch.full_like(index, column), self_bias, cross_bias, "halves", False)
         for run, (k, v) in zip((layer_step, layer.probe), caches):
             y = run(parts.layers[0], h, k, v, xk, xv, uncond, None, *at)
-            out.append((y.float(), k[:, :, column].float()))
+            written = k[:, :, column]
+            out.append((y.float(), kv8_dequantize(written) if kv8 else written.float()))
     (want, want_k), (got, got_k) = out
     return max(float((got - want).norm() / want.norm()), float((got_k - want_k).norm() / want_k.norm()))

@@ -312,7 +312,7 @@ class MusicgenModel:
             if self._compile:
                 from .compiled import compile_layer
 
-                layer = compile_layer(parts, self.dtype, self.device)
+                layer = compile_layer(parts, self.dtype, self.device, kv8=self.kv == "8bit")
             decoder = DynamicDecoder(parts, prefill, self.text, state, self.pattern, self.vocab_size, self.device,
                                      layer)
         decoder.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))

@@ -257,12 +257,13 @@ def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], Lay
     """Step 2, the decoder layers and the final norm: h (rows, D) -> (rows, D), one new token per row. The KV
     layout comes in as ``caches(i)``: layer i's self-attention cache (rows, H, columns, d), written at ``at``, and
     the conditional rows' prompt keys and values (n, H, S, d). ``layer`` runs one layer (:func:`layer_step`, or a
-    compiled copy of it); an 8-bit cache is always read by :func:`layer_step` (its ``scratch`` upcasts)."""
+    compiled copy of it); the eager layer reads an 8-bit cache through ``scratch`` upcast buffers, a compiled one
+    dequantizes inside its attention loop."""
     eight_bit = caches(0)[0].dtype == torch.int8
-    run = layer_step if layer is None or eight_bit else layer
+    run = layer_step if layer is None else layer
     for i, module in enumerate(parts.layers):
         kc, vc, xk, xv = caches(i)
-        extra = {"scratch": scratch if scratch is not None else {}} if eight_bit else {}
+        extra = {"scratch": scratch if scratch is not None else {}} if eight_bit and layer is None else {}
         qkv = parts.qkv[i] if parts.qkv is not None else None
         h = run(module, h, kc, vc, xk, xv, parts.uncond_cross[i], qkv, at.rows, at.columns, at.self_bias,
                 at.cross_bias, at.guidance, sdpa, **extra)
@@ -292,8 +293,11 @@ def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     if kc.dtype == torch.int8:
         kc[rows, :, columns] = kv8_pack(k_new)
         vc[rows, :, columns] = kv8_pack(v_new)
-        kept = scratch if scratch is not None else {}
-        a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, kept)
+        if torch.compiler.is_compiling():  # the dequantization fuses into the compiled attention's loops
+            a = _attend8_fused(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling)
+        else:
+            kept = scratch if scratch is not None else {}
+            a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, kept)
     else:
         kc[rows, :, columns] = k_new
         vc[rows, :, columns] = v_new
@@ -392,6 +396,17 @@ def _attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     w = torch.matmul(q.float(), kf.transpose(2, 3)) * (ks.transpose(2, 3) * scaling) + bias.float()
     p = torch.softmax(w, dim=-1) * vs.transpose(2, 3)
     return torch.matmul(p, vf).to(q.dtype)
+
+
+def _attend8_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """:func:`_attend8` without the upcast buffers, for the compiled layer (:mod:`.compiled`): written as whole-
+    tensor math, the compiler turns it into one pass that reads each int8 column and its scale once."""
+    kq, ks = kv8_unpack(k)
+    vq, vs = kv8_unpack(v)
+    w = torch.matmul(q.float(), kq.float().transpose(2, 3)) * (ks.transpose(2, 3) * scaling) + bias.float()
+    p = torch.softmax(w, dim=-1) * vs.transpose(2, 3)
+    return torch.matmul(p, vq.float()).to(q.dtype)
 
 
 def _scratch(scratch: dict[str, torch.Tensor], name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:

@@ -23,10 +23,10 @@ def _requests(model: MusicgenModel) -> list[ContinuationRequest]:
             for i, prompt in enumerate(["jazz piano at night", "slow ambient pads"])]
 
 
-def _pair(tiny_model_dir: Path, weights: str) -> tuple[MusicgenModel, MusicgenModel]:
+def _pair(tiny_model_dir: Path, weights: str, kv: str = "full") -> tuple[MusicgenModel, MusicgenModel]:
     """The same checkpoint with the eager layer and with the compiled one (``auto`` where that compiles)."""
-    eager = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic", compile="never")
-    compiled = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic",
+    eager = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic", compile="never", kv=kv)
+    compiled = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic", kv=kv,
                              compile="auto" if weights != "float32" else "always")
     assert compiled.compile and not eager.compile, "the compiler must work where the tests run (g++ installed)"
     assert "compiled layers" in str(compiled.describe()["kernels"])
@@ -47,18 +47,22 @@ def _logits_error(eager: MusicgenModel, compiled: MusicgenModel, request: Contin
     return float((got - want).norm() / want.norm()), float((got.argmax(-1) == want.argmax(-1)).float().mean())
 
 
+@pytest.mark.parametrize("kv", ["full", "8bit"])
 def test_the_compiled_layer_is_the_eager_decoder_in_float32_and_a_lost_cache_write_shows(
-        tiny_model_dir: Path) -> None:
-    """float32 (``compile: always``): the compiled layer gives the eager decoder's greedy codes across chunks and
-    batch forms, and its logits to float32's rounding. A compiled layer whose new keys/values never reach the
-    cache (an in-place write lost: the way a compiled step can go wrong) breaks the bound."""
+        tiny_model_dir: Path, kv: str) -> None:
+    """float32 (``compile: always``), over a full cache and an 8-bit one (which the compiled layer dequantizes
+    inside its attention, the eager one through upcast buffers): the compiled layer gives the eager decoder's
+    greedy codes across chunks and batch forms, and its logits to float32's rounding. A compiled layer whose new
+    keys/values never reach the cache (an in-place write lost: the way a compiled step can go wrong) breaks the
+    bound."""
     import radio.musicgen.step as step_module
 
-    eager, compiled = _pair(tiny_model_dir, "float32")
+    eager, compiled = _pair(tiny_model_dir, "float32", kv)
     reqs = _requests(eager)
     want = _codes(eager, reqs)
     for got, expected in zip(_codes(compiled, reqs), want):
         np.testing.assert_array_equal(got, expected)
+    assert compiled.dynamic_state.k_bufs[0].dtype == (torch.int8 if kv == "8bit" else torch.float32)
     error, top1 = _logits_error(eager, compiled, reqs[0], want[0])
     assert error < 1e-4 and top1 == 1.0, (error, top1)
 
