@@ -60,7 +60,7 @@ class CompiledLayer:
             try:
                 return self._compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a compiler failure mid-run: the eager layer is the same math
-                self.failed = f"{type(exc).__name__}: {exc}"
+                self.failed = _reason(exc)
                 logger.warning("compiled decoder layer failed (%s); this model runs the eager layer from now on",
                                self.failed)
         return layer_step(*args, **kwargs)
@@ -81,11 +81,17 @@ def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str, kv8: boo
                                "probe); keeping the eager layer", error)
                 return None
     except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported op...: the eager layer it is
-        logger.warning("cannot compile the decoder layer (%s: %s); keeping the eager layer (engine.compile: never "
-                       "says so quietly)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        logger.warning("cannot compile the decoder layer (%s); keeping the eager layer (engine.compile: never "
+                       "says so quietly)", _reason(exc))
         return None
     logger.info("decoder layer compiled (%.1f s)", time.monotonic() - start)
     return layer
+
+
+def _reason(exc: Exception) -> str:
+    """An exception in one line: the compiler's messages run to pages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torch.dtype, device: str,
