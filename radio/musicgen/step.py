@@ -263,7 +263,7 @@ def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], Lay
     run = layer_step if layer is None else layer
     for i, module in enumerate(parts.layers):
         kc, vc, xk, xv = caches(i)
-        extra = {"scratch": scratch if scratch is not None else {}} if eight_bit and layer is None else {}
+        extra = {"scratch": scratch if scratch is not None else {}} if eight_bit and layer is None else {}  # eager
         qkv = parts.qkv[i] if parts.qkv is not None else None
         h = run(module, h, kc, vc, xk, xv, parts.uncond_cross[i], qkv, at.rows, at.columns, at.self_bias,
                 at.cross_bias, at.guidance, sdpa, **extra)
@@ -272,13 +272,13 @@ def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], Lay
 
 def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
                uncond: torch.Tensor, qkv: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor,
-               self_bias: torch.Tensor,
-               cross_bias: torch.Tensor, guidance: str, sdpa: bool,
+               self_bias: torch.Tensor, cross_bias: torch.Tensor, guidance: str, sdpa: bool,
                scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer (a transformers ``MusicgenDecoderLayer``'s weights, its eager math op for op) for one
     new token per row: h (rows, D) -> (rows, D). The new key/value goes into the cache kc, vc (rows, H, columns,
-    d) at ``(rows, columns)`` (:class:`WriteAt`), packed when the cache is 8-bit; ``uncond`` is the layer's
-    cross-attention output for the unconditional rows; ``qkv`` the self-attention's three projections as one weight
+    d) at ``(rows, columns)`` (:class:`WriteAt`), packed when the cache is 8-bit (read through ``scratch``
+    upcast buffers, or none when compiled: :func:`_attend8`); ``uncond`` is the layer's cross-attention output
+    for the unconditional rows; ``qkv`` the self-attention's three projections as one weight
     (:class:`DecoderParts`), if made. Tensors and constants only, so that one compiled copy serves every layer."""
     attn = layer.self_attn
     H, d = attn.num_heads, attn.head_dim
@@ -293,11 +293,7 @@ def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     if kc.dtype == torch.int8:
         kc[rows, :, columns] = kv8_pack(k_new)
         vc[rows, :, columns] = kv8_pack(v_new)
-        if torch.compiler.is_compiling():  # the dequantization fuses into the compiled attention's loops
-            a = _attend8_fused(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling)
-        else:
-            kept = scratch if scratch is not None else {}
-            a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, kept)
+        a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, scratch)
     else:
         kc[rows, :, columns] = k_new
         vc[rows, :, columns] = v_new
@@ -338,7 +334,8 @@ def _fused_layers(parts: DecoderParts, st: SlotTensors, n: int, h: torch.Tensor,
         a = decode_attention(q, st.k[i][:n].view(2 * n, H, W, kd), st.v[i][:n].view(2 * n, H, W, kd), k_new,
                              v_new, live, attn.scaling)
         h, y = add_norm(h, attn.out_proj(a.reshape(2 * n, H * d)), layer.encoder_attn_layer_norm)
-        c = _cross(parts, st.xk[i][:n], st.xv[i][:n], i, y.view(n, 2, H * d)[:, 0], cross_bias, sdpa=True)
+        c = _cross_attention(layer.encoder_attn, st.xk[i][:n], st.xv[i][:n], y.view(n, 2, H * d)[:, 0], cross_bias,
+                             sdpa=True)
         h, y = add_norm(h, c, layer.final_layer_norm, uncond=parts.uncond_cross[i])
         following = layers[i + 1].self_attn_layer_norm if i + 1 < len(layers) else parts.final_norm
         h, y = add_norm(h, layer.fc2(layer.activation_fn(layer.fc1(y))), following)
@@ -354,12 +351,6 @@ def _self_qkv(parts: DecoderParts, i: int, y: torch.Tensor) -> tuple[torch.Tenso
         return qkv[:, 0], qkv[:, 1], qkv[:, 2]
     attn = parts.layers[i].self_attn
     return attn.q_proj(y).view(rows, H, d), attn.k_proj(y).view(rows, H, d), attn.v_proj(y).view(rows, H, d)
-
-
-def _cross(parts: DecoderParts, xk: torch.Tensor, xv: torch.Tensor, i: int, y: torch.Tensor, bias: torch.Tensor,
-           sdpa: bool) -> torch.Tensor:
-    """Layer i's cross-attention (:func:`_cross_attention`)."""
-    return _cross_attention(parts.layers[i].encoder_attn, xk, xv, y, bias, sdpa)
 
 
 def _cross_attention(cross: Any, xk: torch.Tensor, xv: torch.Tensor, y: torch.Tensor, bias: torch.Tensor,
@@ -383,30 +374,24 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
 
 
 def _attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float,
-             scratch: dict[str, torch.Tensor]) -> torch.Tensor:
+             scratch: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """:func:`_attend` over an 8-bit cache (``decoding.kv8_pack``): the int8 numbers upcast to float32 (on a CPU
     its float32 matmuls of one query run as fast as its bf16 ones, and the cache is half the bytes to read), each
-    token's key scale applied to its score and its value scale folded into its attention weight. The upcasts go
-    into ``scratch`` buffers kept from call to call: fresh ones of this size are new pages every time."""
+    token's key scale applied to its score and its value scale folded into its attention weight. Eagerly the
+    upcasts go into ``scratch`` buffers kept from call to call (fresh ones of this size are new pages every time);
+    with ``scratch`` None (the compiled layer, :mod:`.compiled`) they are plain expressions, which the compiler
+    fuses into one pass that reads each int8 column and its scale once."""
     kq, ks = kv8_unpack(k)
     vq, vs = kv8_unpack(v)
-    kf, vf = _scratch(scratch, "k", kq.shape, k.device), _scratch(scratch, "v", vq.shape, v.device)
-    kf.copy_(kq)
-    vf.copy_(vq)
+    if scratch is None:
+        kf, vf = kq.float(), vq.float()
+    else:
+        kf, vf = _scratch(scratch, "k", kq.shape, k.device), _scratch(scratch, "v", vq.shape, v.device)
+        kf.copy_(kq)
+        vf.copy_(vq)
     w = torch.matmul(q.float(), kf.transpose(2, 3)) * (ks.transpose(2, 3) * scaling) + bias.float()
     p = torch.softmax(w, dim=-1) * vs.transpose(2, 3)
     return torch.matmul(p, vf).to(q.dtype)
-
-
-def _attend8_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                   scaling: float) -> torch.Tensor:
-    """:func:`_attend8` without the upcast buffers, for the compiled layer (:mod:`.compiled`): written as whole-
-    tensor math, the compiler turns it into one pass that reads each int8 column and its scale once."""
-    kq, ks = kv8_unpack(k)
-    vq, vs = kv8_unpack(v)
-    w = torch.matmul(q.float(), kq.float().transpose(2, 3)) * (ks.transpose(2, 3) * scaling) + bias.float()
-    p = torch.softmax(w, dim=-1) * vs.transpose(2, 3)
-    return torch.matmul(p, vq.float()).to(q.dtype)
 
 
 def _scratch(scratch: dict[str, torch.Tensor], name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
