@@ -228,6 +228,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _listed(text: str) -> tuple[str, ...]:
+    """A comma-separated option's values (``--weights int8,int4``), blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
     from .tools.bench import format_table, run_bench, write_json
@@ -246,11 +251,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = str(cached_test_model(args.shape))
     try:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
-                           dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
-                           weights_list=tuple(w.strip() for w in args.weights.split(",") if w.strip()),
-                           quality=args.quality, kv_list=tuple(k.strip() for k in args.kv.split(",") if k.strip()),
-                           compile_list=tuple(c.strip() for c in args.compile.split(",") if c.strip()),
-                           scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
+                           dtypes=_listed(args.dtypes), weights_list=_listed(args.weights),
+                           quality=args.quality, kv_list=_listed(args.kv), compile_list=_listed(args.compile),
+                           scenarios=_listed(args.scenarios),
                            context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:
         logger.error("%s", exc)

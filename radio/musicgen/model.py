@@ -122,8 +122,8 @@ def resolve_weights(weights: str, device: str, dtype: Any) -> str:
 def resolve_compile(compile: str, device: str, dtype: Any, decoder: str, kv: str) -> bool:
     """Whether to compile the decode step's layer (:mod:`.compiled`): a CPU feature of the dynamic path (CUDA
     captures its step as a graph instead). ``auto``: where the decoder runs in bf16 (dense, int8 or int4 weights)
-    over a full cache, the CPU defaults; ``always`` also in float32 (an 8-bit cache's layers stay eager);
-    ``never``. (Not on/off: YAML reads those as booleans.) Compiling may still fail (no C++ compiler): the model
+    over a full cache, the CPU defaults; ``always`` also in float32 and over an 8-bit cache (compiled, that
+    measured slower than the full cache); ``never``. (Not on/off: YAML reads those as booleans.) Compiling may still fail (no C++ compiler): the model
     then keeps the eager layer."""
     import torch
 
