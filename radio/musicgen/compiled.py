@@ -35,7 +35,7 @@ __all__ = ["COMPILE", "CompiledLayer", "compile_layer"]
 logger = logging.getLogger(__name__)
 
 RECOMPILE_LIMIT = 64  # batch forms x models x guidance layouts; past it PyTorch runs the eager layer (same math)
-PROBE_COLUMNS = 24
+PROBE_COLUMNS = 24  # the probe cache's width, or the next size no other input of the layer has (see _probe_sizes)
 PROBE_PROMPT = 6
 
 
@@ -94,6 +94,22 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def _probe_sizes(parts: DecoderParts) -> tuple[int, int]:
+    """The probe's cache width and prompt length: sizes that no other input of the layer has (the model's widths,
+    its layer count, the batch's rows). PyTorch's compiler assumes that inputs of equal sizes always will be
+    ("duck sizing") and compiles that in: a probe whose 24 columns met musicgen-small's 24 layers (``uncond`` is
+    a view of a (layers, width) tensor) compiled a form that the real steps failed, so the first chunk after load
+    compiled again (12 s on 2 cores)."""
+    taken = {1, 2, 4, parts.num_heads, parts.head_dim, parts.num_heads * parts.head_dim, *parts.uncond_cross.shape}
+    columns = PROBE_COLUMNS
+    while columns in taken:
+        columns += 1
+    prompt = PROBE_PROMPT
+    while prompt in taken | {columns}:
+        prompt += 1
+    return columns, prompt
+
+
 def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torch.dtype, device: str,
            kv8: bool) -> float:
     """Run the first layer both ways over the same random inputs; the relative error of the compiled output
@@ -104,23 +120,24 @@ def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torc
     H, d = parts.num_heads, parts.head_dim
     D = H * d
     rows = 2 * stations
+    columns, prompt = _probe_sizes(parts)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
 
-    kc, vc = rand(rows, H, PROBE_COLUMNS, d), rand(rows, H, PROBE_COLUMNS, d)
+    kc, vc = rand(rows, H, columns, d), rand(rows, H, columns, d)
     if kv8:  # an 8-bit cache (decoding.kv8_pack): the compiled layer dequantizes it in its attention
         kc, vc = kv8_pack(kc), kv8_pack(vc)
     caches = [(kc.clone(), vc.clone()) for _ in range(2)]
-    cross_bias = torch.zeros(stations, PROBE_PROMPT, dtype=dtype, device=device)[:, None, None, :]
+    cross_bias = torch.zeros(stations, prompt, dtype=dtype, device=device)[:, None, None, :]
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode():
         h, uncond = rand(rows, D), parts.uncond_cross[0]
         # laid out as step.cross_kv makes them: (n, S, H, d) seen as (n, H, S, d)
-        xk, xv = (rand(stations, PROBE_PROMPT, H, d).transpose(1, 2) for _ in range(2))
-        column = PROBE_COLUMNS // 2
-        cols = torch.arange(PROBE_COLUMNS, device=device)
-        live = (cols <= column)[None, :].expand(rows, PROBE_COLUMNS)
+        xk, xv = (rand(stations, prompt, H, d).transpose(1, 2) for _ in range(2))
+        column = columns // 2
+        cols = torch.arange(columns, device=device)
+        live = (cols <= column)[None, :].expand(rows, columns)
         self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
         index = torch.arange(rows, device=device)
         at = (index, torch.full_like(index, column), self_bias, cross_bias, "halves", False)

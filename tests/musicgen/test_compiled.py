@@ -3,6 +3,7 @@ and the eager layer wherever compiling fails."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -74,13 +75,18 @@ def test_the_compiled_layer_is_the_eager_decoder_in_float32_and_a_lost_cache_wri
     assert broken > 1e-3, broken
 
 
-def test_the_compiled_layer_keeps_the_bf16_decoder_s_codes(tiny_model_dir: Path) -> None:
+def test_the_compiled_layer_keeps_the_bf16_decoder_s_codes(tiny_model_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16, the CPU default (``compile: auto``): the compiled layer (which computes attention in float32 inside
     its loops) against the eager bf16 layer: teacher-forced logits within bf16's rounding, and the greedy codes
     of two stations over two chunks mostly the same; and those chunks compile nothing more (the load's probe
-    compiled both batch forms, with the decode loop's kinds of tensors)."""
+    compiled both batch forms, with the decode loop's kinds of tensors, and at sizes none of the model's own:
+    here its default cache width is set to the model's width, which the compiler would have tied to it)."""
+    import radio.musicgen.compiled as compiled_module
     from torch._dynamo.utils import counters
 
+    width = json.loads((tiny_model_dir / "config.json").read_text())["decoder"]["hidden_size"]
+    monkeypatch.setattr(compiled_module, "PROBE_COLUMNS", width)
     eager, compiled = _pair(tiny_model_dir, "bfloat16")
     reqs = _requests(eager)
     want = _codes(eager, reqs)
