@@ -147,7 +147,11 @@ def accelerate(module: nn.Module, device: str, dtype: torch.dtype) -> bool:
 # ``_weight_int4pack_mm_for_cpu``: int4 in groups, packed once by ``_convert_weight_to_int4pack_for_cpu``) take bf16
 # activations. Measured on a 2-core Zen 4 over 48 layers of 1024x4096 (out of cache), 2 rows: bf16 packed 225 us a
 # layer, int8 151 us, int4 87 us.
-DEQUANTIZE_ROWS = 64  # int8 layers called with more rows than this multiply a dense copy (prefills)
+# Layers called with more rows than this (prefills) multiply a dense copy of their weight made for the call: the
+# GEMM is arithmetic-bound there, where the weight-only kernels are slow (2-core Zen 4, a 4096x1024 layer at 1000
+# rows: int4 kernel 29-35 ms, dequantize ~3 ms + bf16 GEMM ~11 ms).
+DEQUANTIZE_ROWS = {8: 64, 4: 128}
+INT4_BLOCK = 64  # the CPU int4 packing's block of output channels (see _int4_unpack)
 INT4_GROUPS = (64, 32)  # inputs per int4 scale: 64 where the layer's width allows, else 32
 
 class QuantLinear(nn.Module):
@@ -163,6 +167,7 @@ class QuantLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.bits = bits
+        self.unpackable = bits == 8  # can dense() read the weight back (int4: a packing layout checked below)
         self.group = next((g for g in INT4_GROUPS if self.in_features % g == 0), INT4_GROUPS[-1])
         w = linear.weight.detach().float()
         with torch.no_grad():
@@ -176,11 +181,15 @@ class QuantLinear(nn.Module):
                 lo, hi = g.amin(-1), g.amax(-1)
                 scale = ((hi - lo) / 15).clamp(min=1e-12)
                 q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(self.out_features, -1), 1)
+                q = q.reshape(self.out_features, -1)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
                 # the kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale
                 sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
                 self.register_buffer("weight", packed, persistent=False)
                 self.register_buffer("scales", sz, persistent=False)
+                # The packed layout is the kernel's (and may differ by CPU): read back only where it reads as known.
+                unpacked = _int4_unpack(packed, self.out_features, self.in_features)
+                self.unpackable = unpacked is not None and torch.equal(unpacked, q.to(torch.uint8))
             else:
                 raise ValueError(f"{bits}-bit weights are not supported")
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
@@ -199,10 +208,8 @@ class QuantLinear(nn.Module):
         rows = flat.shape[0]
         if rows > EXACT_ROWS or not flat.is_contiguous():
             flat, rows = padded_rows(flat, self.in_features)
-        if self.bits == 8 and flat.shape[0] > DEQUANTIZE_ROWS:
-            # Many rows (a prefill): the GEMM is arithmetic-bound, where the weight-only kernel is slow; a dense
-            # copy of the weight for this call costs less than the rows save.
-            y = torch.nn.functional.linear(flat, self.weight.to(torch.bfloat16) * self.scales[:, None])
+        if flat.shape[0] > DEQUANTIZE_ROWS[self.bits] and self.unpackable:
+            y = torch.nn.functional.linear(flat, self.dense())  # a prefill: see DEQUANTIZE_ROWS
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         else:
@@ -214,9 +221,34 @@ class QuantLinear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def dense(self) -> torch.Tensor:
+        """The weight dequantized, (out, in) bf16: what the kernels multiply by."""
+        if self.bits == 8:
+            return self.weight.to(torch.bfloat16) * self.scales[:, None]
+        q = _int4_unpack(self.weight, self.out_features, self.in_features)
+        if q is None or not self.unpackable:  # never where forward calls it
+            raise ValueError("this int4 packing cannot be read back")
+        groups = self.in_features // self.group
+        scale = self.scales[..., 0].t().unsqueeze(-1)  # (out, groups, 1)
+        zero = self.scales[..., 1].t().unsqueeze(-1)
+        w = q.view(self.out_features, groups, self.group).to(torch.bfloat16)
+        return (w * scale).add_(zero - 8 * scale).view(self.out_features, self.in_features)
+
     def extra_repr(self) -> str:
         group = f" (groups of {self.group})" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=int{self.bits}{group}"
+
+
+def _int4_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor | None:
+    """The 4-bit codes (out, in) uint8 of ``_convert_weight_to_int4pack_for_cpu``'s packing, or None where the
+    packing is not the layout read here: blocks of 64 output channels, each input's 32 bytes holding channel
+    ``j`` in the low nibble and ``j + 32`` in the high one. (The layout is the kernel's business: callers check
+    the result against the codes they packed.)"""
+    if (packed.dtype != torch.uint8 or out_features % INT4_BLOCK or packed.numel() * 2 != out_features * in_features):
+        return None
+    v = packed.reshape(out_features // INT4_BLOCK, in_features, INT4_BLOCK // 2)
+    q = torch.stack([v & 15, v >> 4], 1)  # (blocks, nibble, in, 32)
+    return q.permute(0, 1, 3, 2).reshape(out_features, in_features)
 
 
 def quantization_works(bits: int) -> bool:

@@ -166,21 +166,28 @@ def test_quantized_weights_are_a_cpu_feature_and_auto_picks_int8_on_a_bf16_cpu()
         assert resolve_weights("auto", "cpu", torch.bfloat16) == "int8"
 
 
-@pytest.mark.parametrize("bits, bound", [(8, 0.02), (4, 0.15)])
-def test_a_quantized_layer_agrees_with_its_dense_one_for_few_rows_and_many(bits: int, bound: float) -> None:
-    from radio.musicgen.kernels import QuantLinear
+@pytest.mark.parametrize("bits, bound, outputs", [(8, 0.02, 96), (4, 0.15, 128), (4, 0.15, 96)])
+def test_a_quantized_layer_agrees_with_its_dense_one_for_few_rows_and_many(bits: int, bound: float,
+                                                                           outputs: int) -> None:
+    """Decode steps (the weight-only kernel) and a prefill (a dense copy of the weight made for the call, where
+    the packing can be read back: int8 always, int4 in blocks of 64 outputs) both stay within the quantization's
+    bound of the dense layer, and the prefill's rows are the kernel's rows to bf16's rounding."""
+    from radio.musicgen.kernels import DEQUANTIZE_ROWS, QuantLinear
 
     gen = torch.Generator().manual_seed(1)
-    dense = nn.Linear(256, 96)
+    dense = nn.Linear(256, outputs)
     with torch.no_grad():
-        dense.weight.copy_(torch.randn(96, 256, generator=gen) * 0.05)
+        dense.weight.copy_(torch.randn(outputs, 256, generator=gen) * 0.05)
     layer = QuantLinear(dense, bits)
-    for rows in (2, 7, 200):  # decode steps, and a prefill (int8: a dense copy of the weight for the call)
+    assert layer.unpackable == (bits == 8 or outputs % 64 == 0)
+    for rows in (2, 7, 200):
         x = torch.randn(rows, 256, generator=gen)
         with torch.no_grad():
             want, got = dense(x), layer(x)
+            by_kernel = torch.cat([layer(x[i:i + 2]) for i in range(0, rows, 2)])
         assert got.dtype == x.dtype and got.shape == want.shape
         assert float((got - want).norm() / want.norm()) < bound, rows
+        assert rows <= DEQUANTIZE_ROWS[bits] or float((got - by_kernel).norm() / by_kernel.norm()) < 0.01, rows
 
 
 def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tiny_model_dir: Path,
