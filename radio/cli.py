@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kv", default="auto",
                        help="KV cache of our dynamic path, e.g. full,8bit (default auto = full); with --quality, "
                             "8bit is also measured against full")
+    bench.add_argument("--codec", default="auto",
+                       help="EnCodec's dtype, e.g. float32,bfloat16 to measure both (default auto)")
     bench.add_argument("--compile", default="auto",
                        help="the CPU step's layer compiled, e.g. always,never to measure both (default auto)")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
@@ -253,6 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=_listed(args.dtypes), weights_list=_listed(args.weights),
                            quality=args.quality, kv_list=_listed(args.kv), compile_list=_listed(args.compile),
+                           codec_list=_listed(args.codec),
                            scenarios=_listed(args.scenarios),
                            context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:

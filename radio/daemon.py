@@ -39,7 +39,8 @@ def load_model(cfg: DaemonConfig) -> MusicModel:
     """The real loader; the daemon calls it with ``cfg.model``/``cfg.dtype`` set to the model wanted."""
     return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                          window_seconds=cfg.engine.window_seconds, decoder=cfg.engine.decoder,
-                         weights=cfg.engine.weights, kv=cfg.engine.kv, compile=cfg.engine.compile)
+                         weights=cfg.engine.weights, kv=cfg.engine.kv, compile=cfg.engine.compile,
+                         codec=cfg.engine.codec)
 
 
 class _Stopping(Exception):

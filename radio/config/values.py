@@ -13,6 +13,7 @@ GENERATE = ("listened", "always")  # engine.generate: which stations the model s
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # how the decoder's linear weights are held
 KV_FORMATS = ("auto", "full", "8bit")  # how the dynamic path's KV cache is held
 COMPILE = ("auto", "always", "never")  # whether the CPU decode step's layer is compiled (musicgen/compiled.py)
+CODEC = ("auto", "float32", "bfloat16")  # the dtype EnCodec turns codes into audio in (musicgen/codec.py)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class EngineConfig:
     weights: str = "auto"  # decoder weights: auto (int8 on a bf16 CPU, else dense), float32, bfloat16, int8, int4
     kv: str = "auto"  # KV cache of the dynamic (CPU) path: auto (= full, the decoder's dtype), full, 8bit (half)
     compile: str = "auto"  # the CPU step's layer compiled: auto (bf16 and quantized weights), always, never
+    codec: str = "auto"  # EnCodec's dtype: auto (bf16 where the CPU decoder runs in bf16 and a probe agrees), ...
     linger: float = 60.0  # a station keeps generating this long after its last listener left (zapping)
 
 

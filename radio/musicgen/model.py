@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 
-from ..config import COMPILE, DECODERS, DEFAULT_MODEL, DTYPES, KV_FORMATS
+from ..config import CODEC, COMPILE, DECODERS, DEFAULT_MODEL, DTYPES, KV_FORMATS
 from ..errors import ConditioningError, ModelError
 
 from .pattern import DelayPattern
@@ -123,8 +123,8 @@ def resolve_compile(compile: str, device: str, dtype: Any, decoder: str, kv: str
     """Whether to compile the decode step's layer (:mod:`.compiled`): a CPU feature of the dynamic path (CUDA
     captures its step as a graph instead). ``auto``: where the decoder runs in bf16 (dense, int8 or int4 weights)
     over a full cache, the CPU defaults; ``always`` also in float32 and over an 8-bit cache (compiled, that
-    measured slower than the full cache); ``never``. (Not on/off: YAML reads those as booleans.) Compiling may still fail (no C++ compiler): the model
-    then keeps the eager layer."""
+    measured slower than the full cache); ``never``. (Not on/off: YAML reads those as booleans.) Compiling may
+    still fail (no C++ compiler): the model then keeps the eager layer."""
     import torch
 
     if compile not in COMPILE:
@@ -195,7 +195,7 @@ class MusicgenModel:
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
                  window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto",
-                 weights: str = "auto", kv: str = "auto", compile: str = "auto") -> None:
+                 weights: str = "auto", kv: str = "auto", compile: str = "auto", codec: str = "auto") -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -275,6 +275,10 @@ class MusicgenModel:
         self.decoder = resolve_decoder(decoder, self.device)
         self.kv = resolve_kv(kv)
         self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv)
+        if codec not in CODEC:
+            raise ModelError(f"unknown codec {codec!r}: use one of {', '.join(CODEC)}")
+        # EnCodec in bf16 where the decoder runs in it on a CPU (measured there; a card's EnCodec is not)
+        self.codec.set_dtype(codec, when_auto=self.device == "cpu" and self.dtype == torch.bfloat16)
         self._decoder: SlotDecoder | DynamicDecoder = self._make_decoder(seed)
         logger.info("decode path: %s%s", self.decoder,
                     f" ({self.slots.kernels} kernels)" if self.slots is not None else "")
@@ -444,7 +448,7 @@ class MusicgenModel:
         kernels = ((f"{self.weights}-weight-only" if self.weights in ("int8", "int4") else "onednn-packed")
                    if self.packed else "stock")
         return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "kv": self.kv,
-                "channels": self.channels,
+                "channels": self.channels, "codec": self.codec.dtype,
                 "kernels": slots.kernels if slots is not None else kernels + (", compiled layers" if self.compile
                                                                              else ""),
                 "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,

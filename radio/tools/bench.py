@@ -69,6 +69,7 @@ class Result:
     weights: str = "dense"  # how the decoder's linear weights are held: dense (the dtype), int8, int4
     kv: str = "full"  # how the dynamic path's KV cache is held: full (the dtype) or 8bit
     compiled: bool = False  # the CPU step's layer compiled (musicgen/compiled.py)
+    codec: str = "float32"  # EnCodec's dtype (musicgen/codec.py)
 
 
 class RssSampler:
@@ -409,7 +410,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     breakdown = {k: round(v, 4) for k, v in breakdown.items()}
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
                   weights=getattr(model, "weights", "dense"), kv=getattr(model, "kv", "full"),
-                  compiled=bool(getattr(model, "compile", False)),
+                  compiled=bool(getattr(model, "compile", False)), codec=_codec(model),
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
 
@@ -623,13 +624,20 @@ def bench_audience(model_dir: str, stations: int, listened: int, seconds: float,
             "cores": round(daemon_cores + enc_cores + ice_cores, 3)}
 
 
+def _codec(model: MusicgenModel) -> str:
+    codec = getattr(model, "codec", None)
+    return str(getattr(codec, "dtype", "float32"))
+
+
 def _dtype_name(model: MusicgenModel) -> str:
-    """The model's decoder dtype, its weights where they are quantized, its KV cache where it is 8-bit and
-    whether its step's layer is compiled: ``bfloat16+int8``, ``bfloat16+int4+kv8``, ``bfloat16+int4+compiled``."""
+    """The model's decoder dtype, its weights where they are quantized, its KV cache where it is 8-bit, whether
+    its step's layer is compiled and whether EnCodec runs in bf16: ``bfloat16+int8``, ``bfloat16+int4+kv8``,
+    ``bfloat16+int4+compiled+encodec-bf16``."""
     weights = getattr(model, "weights", "dense")
     return (str(model.dtype).replace("torch.", "") + (f"+{weights}" if weights in ("int8", "int4") else "")
             + ("+kv8" if getattr(model, "kv", "full") == "8bit" else "")
-            + ("+compiled" if getattr(model, "compile", False) else ""))
+            + ("+compiled" if getattr(model, "compile", False) else "")
+            + ("+encodec-bf16" if _codec(model) == "bfloat16" else ""))
 
 
 def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
@@ -637,7 +645,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
               scenarios: tuple[str, ...] = ("prototype", "generate", "ours"), capacity: bool = False,
               decoder: str = "auto", weights_list: tuple[str, ...] = ("auto",), quality: bool = False,
               kv_list: tuple[str, ...] = ("auto",), compile_list: tuple[str, ...] = ("auto",),
-              progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
+              codec_list: tuple[str, ...] = ("auto",), progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
     raw_steps: dict[str, float] = {}
@@ -663,18 +671,20 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                 if "generate" in scenarios:
                     results.append(bench_generate(stock, n, frames, progress))
             del stock
-        settings = [(w, k, c) for w in weights_list for k in kv_list for c in compile_list]
-        for weights, kv, compile in settings if "ours" in scenarios else ():
+        settings = [(w, k, c, e) for w in weights_list for k in kv_list for c in compile_list for e in codec_list]
+        for weights, kv, compile, codec in settings if "ours" in scenarios else ():
             # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds (and
             # at least context + 2 chunks, as the engine's config demands)
             m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
-                              decoder=decoder, weights=weights, kv=kv, compile=compile)
+                              decoder=decoder, weights=weights, kv=kv, compile=compile, codec=codec)
             name = _dtype_name(m)
             if name in kernels:
                 del m
                 continue  # another weights setting resolved to one already measured
             kernels[name] = str(m.describe()["kernels"]) + f", {m.decoder} decoder" + (
-                f", {m.slots.kernels} kernels" if m.slots is not None else "")
+                f", {m.slots.kernels} kernels" if m.slots is not None else "") + (
+                f", EnCodec bf16 ({m.codec.snr_db:.1f} dB SNR against float32)" if m.codec.dtype == "bfloat16"
+                and m.codec.snr_db is not None else "")
             first_frames = max(1, int(first_seconds * m.frame_rate))
             cuda = str(m.device).startswith("cuda")
             for n in mounts:

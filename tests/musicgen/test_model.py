@@ -350,6 +350,37 @@ def test_out_of_device_memory_in_encodec_halves_its_group_and_decodes_everything
     assert max(sizes) <= 2  # the smaller group is kept
 
 
+def test_encodec_runs_in_bf16_where_the_cpu_decoder_does_and_a_probe_agrees(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``codec: auto``: a bf16 CPU decoder's EnCodec runs in bf16, its audio within the probe's floor of float32's
+    for the same codes; a float32 decoder's, or ``codec: float32``, stays float32; a probe under the floor keeps
+    float32 and says so."""
+    import radio.musicgen.codec as codec_module
+    from radio.musicgen.model import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no bf16 instructions: its decoder runs in float32")
+    half = MusicgenModel(str(tiny_model_dir), device="cpu", weights="bfloat16", seed=1, compile="never")
+    full = MusicgenModel(str(tiny_model_dir), device="cpu", weights="bfloat16", seed=1, compile="never",
+                         codec="float32")
+    assert (half.describe()["codec"], full.describe()["codec"]) == ("bfloat16", "float32")
+    assert half.codec.snr_db is not None and half.codec.snr_db >= codec_module.SNR_FLOOR_DB
+    assert MusicgenModel(str(tiny_model_dir), device="cpu", dtype="float32").describe()["codec"] == "float32"
+    rng = np.random.default_rng(4)
+    reqs = [ContinuationRequest(rng.integers(0, half.vocab_size, (4, 30)), "jazz", GREEDY, key="s")]
+    got, want = half.continue_batch(reqs, 20)[0], full.continue_batch(reqs, 20)[0]
+    np.testing.assert_array_equal(got.codes, want.codes)  # the decoder is the same: only EnCodec differs
+    assert got.pcm.dtype == np.float32 and got.pcm.shape == want.pcm.shape
+    signal, noise = (float(np.sum(np.square(x, dtype=np.float64))) for x in (want.pcm, got.pcm - want.pcm))
+    snr = 10 * np.log10(signal / noise)
+    assert codec_module.SNR_FLOOR_DB <= snr < 200, snr  # bf16 audio, close to float32's (not the same numbers)
+    monkeypatch.setattr(codec_module, "SNR_FLOOR_DB", float("inf"))
+    with caplog.at_level("WARNING", logger="radio.musicgen.codec"):
+        strict = MusicgenModel(str(tiny_model_dir), device="cpu", weights="bfloat16", compile="never")
+    assert strict.describe()["codec"] == "float32"
+    assert any("keeping float32" in r.getMessage() for r in caplog.records)
+
+
 def test_encodec_out_of_memory_for_a_single_station_is_a_model_error(tiny_model_dir: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from radio.errors import ModelError
