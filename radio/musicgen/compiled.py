@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
 from ..config import COMPILE
 from .decoding import kv8_dequantize, kv8_pack
-from .step import DecoderParts, LayerFn, layer_step
+from .step import DecoderParts, layer_step
 
 __all__ = ["COMPILE", "CompiledLayer", "compile_layer"]
 
@@ -40,7 +41,14 @@ PROBE_PROMPT = 6
 
 
 class CompiledLayer:
-    """:func:`.step.layer_step`, compiled; falls back to the eager layer for good if a compiled call fails."""
+    """:func:`.step.layer_step`, compiled; falls back to the eager layer for good if a compiled call fails.
+
+    Every call of a compiled function first checks its guards: that the inputs are the kinds of tensors it was
+    compiled for (dtypes, strides, how their sizes relate: about 30 tensors, the layer's weights among them).
+    On a 2-core CPU that is ~100-150 us of a layer's ~1 ms, 24 times a step. Inside :meth:`chunk` (the decode
+    loop's steps, each made of the same kinds of tensors as the one before) a batch form's code is checked on
+    its first call for each layer and called without the check after that; elsewhere (prefills, probes) every
+    call goes through the checked path, which compiles anew where an input differs."""
 
     def __init__(self) -> None:
         import torch._dynamo
@@ -48,22 +56,77 @@ class CompiledLayer:
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-        self._compiled: LayerFn = torch.compile(layer_step, dynamic=True)
+        self._compiled: Any = torch.compile(layer_step, dynamic=True, fullgraph=True)
         self.failed: str | None = None  # why it fell back, if it did
+        self._unchecked: dict[bool, Any] = {}  # batch form (one station?) -> its code, callable without the check
+        self._checked: dict[tuple[int, bool], bool] | None = None  # in chunk(): (layer, form) -> guards held
+        self.unchecked_calls = 0
 
     def probe(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The compiled layer without the fallback: a failure raises."""
         return self._compiled(*args, **kwargs)
 
+    def prepare(self, *args: Any) -> None:
+        """Compile the batch form of these arguments (a probe's, made as the decode loop makes its own) as a
+        function :meth:`chunk` may call without its guards. Where that fails, the form keeps the checked path."""
+        fn: Any = None
+        for attempt in range(2):  # the first capture may stop to restart with what it learned (as Dynamo does)
+            try:
+                fn = self._compiled.aot_compile((args, {}))
+                break
+            except Exception as exc:  # noqa: BLE001 - an older PyTorch, an input it cannot capture: checked path
+                if attempt:
+                    logger.info("decoder layer: every call checks its guards (%s)", _reason(exc))
+                    return
+        fn.disable_guard_check()  # checked by _call, once per layer and chunk
+        self._unchecked[_one_station(args)] = fn
+
+    def forms(self) -> set[int]:
+        """The station counts (1: one station; 2: several) with a form callable without the guards' check."""
+        return {1 if one else 2 for one in self._unchecked}
+
+    def drop(self, stations: int) -> None:
+        """Forget a form made by :meth:`prepare`: that batch form keeps the checked path."""
+        self._unchecked.pop(stations == 1, None)
+
+    @contextmanager
+    def chunk(self) -> Iterator[None]:
+        """A chunk's steps: each layer's first call per batch form checks the guards, its later calls skip them."""
+        self._checked = {}
+        try:
+            yield
+        finally:
+            self._checked = None
+
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.failed is None:
             try:
-                return self._compiled(*args, **kwargs)
+                return self._call(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - a compiler failure mid-run: the eager layer is the same math
                 self.failed = _reason(exc)
                 logger.warning("compiled decoder layer failed (%s); this model runs the eager layer from now on",
                                self.failed)
         return layer_step(*args, **kwargs)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        checked = self._checked
+        if checked is not None:
+            form = _one_station(args)
+            fn = self._unchecked.get(form)
+            if fn is not None:
+                key = (id(args[0]), form)
+                held = checked.get(key)
+                if held is None:
+                    held = checked[key] = bool(fn.guard_check(*args, **kwargs))
+                if held:
+                    self.unchecked_calls += 1
+                    return fn(*args, **kwargs)
+        return self._compiled(*args, **kwargs)
+
+
+def _one_station(args: tuple[Any, ...]) -> bool:
+    """The batch form of a layer call: one station or several (its prompts' keys are (stations, H, S, d))."""
+    return int(args[4].shape[0]) == 1
 
 
 def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str, kv8: bool = False) -> CompiledLayer | None:
@@ -112,10 +175,11 @@ def _probe_sizes(parts: DecoderParts) -> tuple[int, int]:
 
 def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torch.dtype, device: str,
            kv8: bool) -> float:
-    """Run the first layer both ways over the same random inputs; the relative error of the compiled output
-    and cache write against the eager ones. The inputs are made as the decode loop makes them (the KV buffers and
-    the prompts' mask outside inference mode, the step's tensors inside; the prompts' keys and values transposed),
-    so that the first real steps find these compiles and make none."""
+    """Run the first layer eagerly, compiled and (where :meth:`CompiledLayer.prepare` made it) compiled without
+    the guards' check, over the same random inputs; the largest relative error of an output or cache write
+    against the eager ones. The inputs are made as the decode loop makes them (the KV buffers and the prompts'
+    mask outside inference mode, the step's tensors inside; the prompts' keys and values transposed), so that the
+    first real steps find these compiles and make none, and pass the unchecked form's guards."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     H, d = parts.num_heads, parts.head_dim
     D = H * d
@@ -128,7 +192,7 @@ def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torc
     kc, vc = rand(rows, H, columns, d), rand(rows, H, columns, d)
     if kv8:  # an 8-bit cache (decoding.kv8_pack): the compiled layer dequantizes it in its attention
         kc, vc = kv8_pack(kc), kv8_pack(vc)
-    caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+    caches = [(kc.clone(), vc.clone()) for _ in range(3)]
     cross_bias = torch.zeros(stations, prompt, dtype=dtype, device=device)[:, None, None, :]
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode():
@@ -141,9 +205,17 @@ def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torc
         self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
         index = torch.arange(rows, device=device)
         at = (index, torch.full_like(index, column), self_bias, cross_bias, "halves", False)
-        for run, (k, v) in zip((layer_step, layer.probe), caches):
-            y = run(parts.layers[0], h, k, v, xk, xv, uncond, None, *at)
+        layer.prepare(parts.layers[0], h, caches[2][0], caches[2][1], xk, xv, uncond, None, *at)
+        runs, before = [layer_step, layer.probe], layer.unchecked_calls
+        if stations in layer.forms():
+            runs.append(layer)
+        for run, (k, v) in zip(runs, caches):
+            with layer.chunk():  # the layer itself: its unchecked form, once its guards hold for these inputs
+                y = run(parts.layers[0], h, k, v, xk, xv, uncond, None, *at)
             written = k[:, :, column]
             out.append((y.float(), kv8_dequantize(written) if kv8 else written.float()))
-    (want, want_k), (got, got_k) = out
-    return max(float((got - want).norm() / want.norm()), float((got_k - want_k).norm() / want_k.norm()))
+    if len(runs) == 3 and layer.unchecked_calls == before:
+        layer.drop(stations)  # its guards did not hold for the inputs it was made from: the checked path
+    (want, want_k), *others = out
+    return max(max(float((got - want).norm() / want.norm()), float((got_k - want_k).norm() / want_k.norm()))
+               for got, got_k in others)

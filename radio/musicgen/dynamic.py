@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -148,7 +149,8 @@ class DynamicDecoder:
         state.scratch.clear()  # the buffers were sized for this chunk: the last chunk's upcast buffers are stale
         next_cols = np.stack([row.next_column for row in state.rows])
         out = np.empty((B, K, steps), dtype=np.int64)
-        with torch.inference_mode():
+        steady = getattr(self.layer, "chunk", None)  # a compiled layer checks its guards once per chunk
+        with torch.inference_mode(), (steady() if steady is not None else nullcontext()):
             for j in range(steps):
                 logits = row_logits(self.parts, kv, torch.from_numpy(next_cols).to(dev), offsets, state.length,
                                     prompts, use_cfg, state.scratch, self.layer)

@@ -24,11 +24,14 @@ def _requests(model: MusicgenModel) -> list[ContinuationRequest]:
             for i, prompt in enumerate(["jazz piano at night", "slow ambient pads"])]
 
 
-def _pair(tiny_model_dir: Path, weights: str, kv: str = "full") -> tuple[MusicgenModel, MusicgenModel]:
-    """The same checkpoint with the eager layer and with the compiled one (``auto`` where that compiles)."""
-    eager = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic", compile="never", kv=kv)
+def _pair(tiny_model_dir: Path, weights: str, kv: str = "full",
+          packed: bool = True) -> tuple[MusicgenModel, MusicgenModel]:
+    """The same checkpoint with the eager layer and with the compiled one (``auto`` where that compiles); dense
+    weights ``packed`` for oneDNN or left stock."""
+    eager = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic", compile="never", kv=kv,
+                          fast_kernels=packed)
     compiled = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, decoder="dynamic", kv=kv,
-                             compile="auto" if weights != "float32" else "always")
+                             compile="auto" if weights != "float32" else "always", fast_kernels=packed)
     assert compiled.compile and not eager.compile, "the compiler must work where the tests run (g++ installed)"
     assert "compiled layers" in str(compiled.describe()["kernels"])
     assert "compiled" not in str(eager.describe()["kernels"])
@@ -48,21 +51,27 @@ def _logits_error(eager: MusicgenModel, compiled: MusicgenModel, request: Contin
     return float((got - want).norm() / want.norm()), float((got.argmax(-1) == want.argmax(-1)).float().mean())
 
 
-@pytest.mark.parametrize("kv", ["full", "8bit"])
+@pytest.mark.parametrize("kv, packed", [("full", False), ("full", True), ("8bit", False)])
 def test_the_compiled_layer_is_the_eager_decoder_in_float32_and_a_lost_cache_write_shows(
-        tiny_model_dir: Path, kv: str) -> None:
+        tiny_model_dir: Path, kv: str, packed: bool) -> None:
     """float32 (``compile: always``), over a full cache and an 8-bit one (which the compiled layer dequantizes
     inside its attention, the eager one through upcast buffers): the compiled layer gives the eager decoder's
     greedy codes across chunks and batch forms, and its logits to float32's rounding. A compiled layer whose new
     keys/values never reach the cache (an in-place write lost: the way a compiled step can go wrong) breaks the
-    bound."""
+    bound. The steps run the layer's forms made at load without their guards' check (where the weights are
+    plain tensors: oneDNN's packed ones cannot be captured so, and keep the checked path)."""
     import radio.musicgen.step as step_module
 
-    eager, compiled = _pair(tiny_model_dir, "float32", kv)
+    eager, compiled = _pair(tiny_model_dir, "float32", kv, packed)
     reqs = _requests(eager)
     want = _codes(eager, reqs)
     for got, expected in zip(_codes(compiled, reqs), want):
         np.testing.assert_array_equal(got, expected)
+    layer = compiled.decode_path.layer
+    if packed:
+        assert layer.forms() == set() and layer.unchecked_calls == 0
+    else:
+        assert layer.forms() == {1, 2} and layer.unchecked_calls > 0, "the steps must run the forms made at load"
     assert compiled.dynamic_state.k_bufs[0].dtype == (torch.int8 if kv == "8bit" else torch.float32)
     error, top1 = _logits_error(eager, compiled, reqs[0], want[0])
     assert error < 1e-4 and top1 == 1.0, (error, top1)
@@ -137,7 +146,14 @@ def test_a_model_keeps_the_eager_layer_where_compiling_fails_or_disagrees(tiny_m
     def breaks(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("C++ compile error")
 
+    class Unchecked:  # the forms made at load, failing the same way
+        def guard_check(self, *args: object, **kwargs: object) -> bool:
+            return True
+
+        __call__ = staticmethod(breaks)
+
     layer._compiled = breaks
+    layer._unchecked = {form: Unchecked() for form in layer._unchecked}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="radio.musicgen.compiled"):
         got = m.continue_batch(reqs, 10)[0].codes
@@ -145,6 +161,25 @@ def test_a_model_keeps_the_eager_layer_where_compiling_fails_or_disagrees(tiny_m
     assert caplog.text.count("compiled decoder layer failed") == 1
     assert "compiled" not in str(m.describe()["kernels"])
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_chunk_whose_inputs_fail_the_guards_runs_the_checked_layer(tiny_model_dir: Path) -> None:
+    """Inside a chunk a layer skips the compiled code's guards only after they held on its first call: where they
+    do not, every call of the chunk takes the checked path (which compiles what it needs), with the same codes."""
+    eager, compiled = _pair(tiny_model_dir, "float32", packed=False)
+    reqs = _requests(eager)
+    want = _codes(eager, reqs)
+    layer = compiled.decode_path.layer
+    assert layer.forms() == {1, 2}
+    before = layer.unchecked_calls  # the load's probe ran each form once
+    checks: list[bool] = []
+    for fn in layer._unchecked.values():
+        fn.guard_check = lambda *args, **kwargs: checks.append(False)  # None: the guards do not hold
+    for got, expected in zip(_codes(compiled, reqs), want):
+        np.testing.assert_array_equal(got, expected)
+    assert layer.unchecked_calls == before
+    layers = len(compiled.decode_path.parts.layers)
+    assert len(checks) == 2 * layers  # once per layer and chunk, not once per step
 
 
 def test_compile_is_a_cpu_dynamic_path_setting() -> None:
