@@ -58,8 +58,8 @@ class CompiledLayer:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         self._compiled: Any = torch.compile(layer_step, dynamic=True, fullgraph=True)
         self.failed: str | None = None  # why it fell back, if it did
-        self._unchecked: dict[bool, Any] = {}  # batch form (one station?) -> its code, callable without the check
-        self._checked: dict[tuple[int, bool], bool] | None = None  # in chunk(): (layer, form) -> guards held
+        self._unchecked: dict[int, Any] = {}  # batch form (_form) -> its code, callable without the check
+        self._checked: dict[tuple[int, int], bool] | None = None  # in chunk(): (layer, form) -> guards held
         self.unchecked_calls = 0
 
     def probe(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -79,15 +79,15 @@ class CompiledLayer:
                     logger.info("decoder layer: every call checks its guards (%s)", _reason(exc))
                     return
         fn.disable_guard_check()  # checked by _call, once per layer and chunk
-        self._unchecked[_one_station(args)] = fn
+        self._unchecked[_form(args)] = fn
 
     def forms(self) -> set[int]:
-        """The station counts (1: one station; 2: several) with a form callable without the guards' check."""
-        return {1 if one else 2 for one in self._unchecked}
+        """The batch forms (1: one station; 2: several) with code callable without the guards' check."""
+        return set(self._unchecked)
 
-    def drop(self, stations: int) -> None:
+    def drop(self, form: int) -> None:
         """Forget a form made by :meth:`prepare`: that batch form keeps the checked path."""
-        self._unchecked.pop(stations == 1, None)
+        self._unchecked.pop(form, None)
 
     @contextmanager
     def chunk(self) -> Iterator[None]:
@@ -111,7 +111,7 @@ class CompiledLayer:
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         checked = self._checked
         if checked is not None:
-            form = _one_station(args)
+            form = _form(args)
             fn = self._unchecked.get(form)
             if fn is not None:
                 key = (id(args[0]), form)
@@ -124,9 +124,10 @@ class CompiledLayer:
         return self._compiled(*args, **kwargs)
 
 
-def _one_station(args: tuple[Any, ...]) -> bool:
-    """The batch form of a layer call: one station or several (its prompts' keys are (stations, H, S, d))."""
-    return int(args[4].shape[0]) == 1
+def _form(args: tuple[Any, ...]) -> int:
+    """The batch form of a layer call: 1 (one station) or 2 (several; its prompts' keys are (stations, H, S, d)),
+    as PyTorch's compiler tells them apart (a size of 1 is compiled in, larger ones are not)."""
+    return min(int(args[4].shape[0]), 2)
 
 
 def compile_layer(parts: DecoderParts, dtype: torch.dtype, device: str, kv8: bool = False) -> CompiledLayer | None:
