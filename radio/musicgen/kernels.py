@@ -244,7 +244,7 @@ def _int4_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> t
     packing is not the layout read here: blocks of 64 output channels, each input's 32 bytes holding channel
     ``j`` in the low nibble and ``j + 32`` in the high one. (The layout is the kernel's business: callers check
     the result against the codes they packed.)"""
-    if (packed.dtype != torch.uint8 or out_features % INT4_BLOCK or packed.numel() * 2 != out_features * in_features):
+    if packed.dtype != torch.uint8 or out_features % INT4_BLOCK or packed.numel() * 2 != out_features * in_features:
         return None
     v = packed.reshape(out_features // INT4_BLOCK, in_features, INT4_BLOCK // 2)
     q = torch.stack([v & 15, v >> 4], 1)  # (blocks, nibble, in, 32)

@@ -645,7 +645,8 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
               scenarios: tuple[str, ...] = ("prototype", "generate", "ours"), capacity: bool = False,
               decoder: str = "auto", weights_list: tuple[str, ...] = ("auto",), quality: bool = False,
               kv_list: tuple[str, ...] = ("auto",), compile_list: tuple[str, ...] = ("auto",),
-              codec_list: tuple[str, ...] = ("auto",), progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
+              codec_list: tuple[str, ...] = ("auto",),
+              progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
     raw_steps: dict[str, float] = {}
