@@ -34,6 +34,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
     PYTHONUNBUFFERED=1
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 COPY pyproject.toml README.md icecast.xml ./

@@ -84,10 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", default="auto",
                        help="decoder weights for our engine, e.g. bfloat16,int8,int4 (default auto)")
     bench.add_argument("--kv", default="auto",
-                       help="KV cache of our dynamic path, e.g. full,8bit (default auto = full); with --quality, "
-                            "8bit is also measured against full")
+                       help="KV cache of our dynamic path, e.g. full,8bit (default auto: 8bit where radio's CPU "
+                            "kernels read it, else full); with --quality, 8bit is also measured against full")
     bench.add_argument("--codec", default="auto",
                        help="EnCodec's dtype, e.g. float32,bfloat16 to measure both (default auto)")
+    bench.add_argument("--kernels", default="auto",
+                       help="CPU kernels of quantized weights and an 8-bit cache, e.g. torch,auto to measure PyTorch's "
+                            "and radio's (default auto)")
     bench.add_argument("--compile", default="auto",
                        help="the CPU step's layer compiled, e.g. always,never to measure both (default auto)")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
@@ -255,7 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(model, mounts, frames=args.frames, chunks=args.chunks, proto_steps=args.proto_steps,
                            dtypes=_listed(args.dtypes), weights_list=_listed(args.weights),
                            quality=args.quality, kv_list=_listed(args.kv), compile_list=_listed(args.compile),
-                           codec_list=_listed(args.codec),
+                           codec_list=_listed(args.codec), kernels_list=_listed(args.kernels),
                            scenarios=_listed(args.scenarios),
                            context_seconds=args.context_seconds, capacity=args.capacity, decoder=args.decoder)
     except RadioError as exc:

@@ -40,7 +40,7 @@ def load_model(cfg: DaemonConfig) -> MusicModel:
     return MusicgenModel(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                          window_seconds=cfg.engine.window_seconds, decoder=cfg.engine.decoder,
                          weights=cfg.engine.weights, kv=cfg.engine.kv, compile=cfg.engine.compile,
-                         codec=cfg.engine.codec)
+                         codec=cfg.engine.codec, kernels=cfg.engine.kernels)
 
 
 class _Stopping(Exception):

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .requests import requests_section
 from .rules import _device_check, _in, _range, _size_check, _text_check
 from .values import (API_TOKEN_ENV, DECODERS, DEFAULT_MODEL, DTYPES, GENERATE, WEIGHTS, PASSWORD_ENV, ApiConfig,
-                     CODEC, COMPILE, KV_FORMATS, DaemonConfig,
+                     CODEC, COMPILE, KERNELS, KV_FORMATS, DaemonConfig,
                      EngineConfig, IcecastConfig, RequestsConfig)
 from .yamlfile import _compose, _line, _Mapping, _Problems, _section
 
@@ -84,9 +84,9 @@ def load_daemon_config(path: str | Path | None) -> DaemonConfig:
     if en is not None:
         values: dict[str, Any] = {}
         for name, f in EngineConfig.__dataclass_fields__.items():
-            if name in ("decoder", "generate", "weights", "kv", "compile", "codec"):
+            if name in ("decoder", "generate", "weights", "kv", "compile", "codec", "kernels"):
                 choices = {"decoder": DECODERS, "generate": GENERATE, "weights": WEIGHTS, "kv": KV_FORMATS,
-                           "compile": COMPILE, "codec": CODEC}[name]
+                           "compile": COMPILE, "codec": CODEC, "kernels": KERNELS}[name]
                 v = en.get(name, "str", None, check=_in(choices))
                 if v is not None:
                     values[name] = v

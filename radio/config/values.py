@@ -14,6 +14,7 @@ WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # how the decoder's l
 KV_FORMATS = ("auto", "full", "8bit")  # how the dynamic path's KV cache is held
 COMPILE = ("auto", "always", "never")  # whether the CPU decode step's layer is compiled (musicgen/compiled.py)
 CODEC = ("auto", "float32", "bfloat16")  # the dtype EnCodec turns codes into audio in (musicgen/codec.py)
+KERNELS = ("auto", "torch")  # the CPU kernels of 8/4-bit weights and an 8-bit cache (musicgen/native)
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,10 @@ class EngineConfig:
     decoder: str = "auto"  # decode path: auto (static slots + CUDA graphs on CUDA, dynamic on CPU), static, dynamic
     generate: str = "listened"  # listened: only stations with listeners (and `always: true` ones); always: every one
     weights: str = "auto"  # decoder weights: auto (int8 on a bf16 CPU, else dense), float32, bfloat16, int8, int4
-    kv: str = "auto"  # KV cache of the dynamic (CPU) path: auto (= full, the decoder's dtype), full, 8bit (half)
+    kv: str = "auto"  # KV cache of the dynamic (CPU) path: auto (8bit on a bf16 CPU with radio's kernels), full, 8bit
     compile: str = "auto"  # the CPU step's layer compiled: auto (bf16 and quantized weights), always, never
     codec: str = "auto"  # EnCodec's dtype: auto (bf16 where the CPU decoder runs in bf16 and a probe agrees), ...
+    kernels: str = "auto"  # CPU kernels: auto (radio's own where they build and check: AVX-512 VNNI), torch
     linger: float = 60.0  # a station keeps generating this long after its last listener left (zapping)
 
 

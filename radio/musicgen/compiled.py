@@ -205,7 +205,8 @@ def _probe(layer: CompiledLayer, parts: DecoderParts, stations: int, dtype: torc
         live = (cols <= column)[None, :].expand(rows, columns)
         self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
         index = torch.arange(rows, device=device)
-        at = (index, torch.full_like(index, column), self_bias, cross_bias, "halves", False)
+        at = (index, torch.full_like(index, column), self_bias, cross_bias, "halves",
+              "native" if parts.native else "eager")
         layer.prepare(parts.layers[0], h, caches[2][0], caches[2][1], xk, xv, uncond, None, *at)
         runs, before = [layer_step, layer.probe], layer.unchecked_calls
         if stations in layer.forms():

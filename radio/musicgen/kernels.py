@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import WEIGHTS
+from . import native
 
 __all__ = ["WEIGHTS", "PackedLinear", "QuantLinear", "accelerate", "quantize_linears", "quantization_works"]
 
@@ -160,36 +161,54 @@ class QuantLinear(nn.Module):
 
     weight: torch.Tensor
     scales: torch.Tensor
+    extra: torch.Tensor | None
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, bits: int) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, kernel: str = "torch") -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.bits = bits
         self.unpackable = bits == 8  # can dense() read the weight back (int4: a packing layout checked below)
         self.group = next((g for g in INT4_GROUPS if self.in_features % g == 0), INT4_GROUPS[-1])
+        # radio's own kernel (native: integer dot products) where asked and the shape suits it
+        self.kernel = ("native" if kernel == "native" and native.fits(self.out_features, self.in_features)
+                       and native.available() else "torch")
+        self.register_buffer("extra", None, persistent=False)  # native: 8-bit codes' sums, or 4-bit lows
         w = linear.weight.detach().float()
         with torch.no_grad():
             if bits == 8:
                 scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
                 q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
-                self.register_buffer("weight", q, persistent=False)
-                self.register_buffer("scales", scale.to(torch.bfloat16), persistent=False)
+                if self.kernel == "native":
+                    packed, scales, extra = native.pack8_codes(q, scale)
+                    self.register_buffer("extra", extra, persistent=False)
+                else:
+                    packed, scales = q, scale.to(torch.bfloat16)
+                self.register_buffer("weight", packed, persistent=False)
+                self.register_buffer("scales", scales, persistent=False)
             elif bits == 4:
                 g = w.reshape(self.out_features, self.in_features // self.group, self.group)
                 lo, hi = g.amin(-1), g.amax(-1)
                 scale = ((hi - lo) / 15).clamp(min=1e-12)
                 q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
                 q = q.reshape(self.out_features, -1)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-                # the kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale
-                sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-                self.register_buffer("weight", packed, persistent=False)
-                self.register_buffer("scales", sz, persistent=False)
-                # The packed layout is the kernel's (and may differ by CPU): read back only where it reads as known.
-                unpacked = _int4_unpack(packed, self.out_features, self.in_features)
-                self.unpackable = unpacked is not None and torch.equal(unpacked, q.to(torch.uint8))
+                if self.kernel == "native":
+                    packed, scales, extra = native.pack4_codes(q.to(torch.uint8), scale, lo)
+                    self.register_buffer("weight", packed, persistent=False)
+                    self.register_buffer("scales", scales, persistent=False)
+                    self.register_buffer("extra", extra, persistent=False)
+                    self.unpackable = True
+                else:
+                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+                    # the kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale
+                    sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+                    self.register_buffer("weight", packed, persistent=False)
+                    self.register_buffer("scales", sz, persistent=False)
+                    # The packed layout is the kernel's (and may differ by CPU): read back only where it reads as
+                    # known.
+                    unpacked = _int4_unpack(packed, self.out_features, self.in_features)
+                    self.unpackable = unpacked is not None and torch.equal(unpacked, q.to(torch.uint8))
             else:
                 raise ValueError(f"{bits}-bit weights are not supported")
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
@@ -203,13 +222,15 @@ class QuantLinear(nn.Module):
         # A decode step calls this ~200 times: the fewest ops around the kernel (no copies where the input is
         # already a contiguous bf16 block of a bucket's rows, the bias added in place).
         flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.bfloat16:
+        if flat.dtype != torch.bfloat16 and (self.kernel != "native" or flat.dtype != torch.float32):
             flat = flat.to(torch.bfloat16)
         rows = flat.shape[0]
         if rows > EXACT_ROWS or not flat.is_contiguous():
             flat, rows = padded_rows(flat, self.in_features)
         if flat.shape[0] > DEQUANTIZE_ROWS[self.bits] and self.unpackable:
-            y = torch.nn.functional.linear(flat, self.dense())  # a prefill: see DEQUANTIZE_ROWS
+            y = torch.nn.functional.linear(flat, self.dense().to(flat.dtype))  # a prefill: see DEQUANTIZE_ROWS
+        elif self.extra is not None:
+            y = native.linear(flat, (self.weight, self.scales, self.extra), self.out_features, self.bits, self.group)
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         else:
@@ -223,6 +244,8 @@ class QuantLinear(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """The weight dequantized, (out, in) bf16: what the kernels multiply by."""
+        if self.extra is not None:
+            return native.unpack(self.weight, self.scales, self.extra, self.out_features, self.bits)
         if self.bits == 8:
             return self.weight.to(torch.bfloat16) * self.scales[:, None]
         q = _int4_unpack(self.weight, self.out_features, self.in_features)
@@ -236,7 +259,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f" (groups of {self.group})" if self.bits == 4 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights=int{self.bits}{group}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weights=int{self.bits}{group}, "
+                f"kernel={self.kernel}")
 
 
 def _int4_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor | None:
@@ -270,13 +294,13 @@ def quantization_works(bits: int) -> bool:
         return False
 
 
-def quantize_linears(module: nn.Module, bits: int) -> int:
-    """Replace every ``nn.Linear`` under ``module`` whose shape the kernel takes by a ``QuantLinear``; returns how
-    many."""
+def quantize_linears(module: nn.Module, bits: int, kernel: str = "torch") -> int:
+    """Replace every ``nn.Linear`` under ``module`` whose shape the kernel takes by a ``QuantLinear`` (``kernel``:
+    ``native`` for radio's own where a layer's shape suits it, else ``torch``); returns how many."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and QuantLinear.fits(child, bits):
-                setattr(parent, name, QuantLinear(child, bits))
+                setattr(parent, name, QuantLinear(child, bits, kernel))
                 count += 1
     return count

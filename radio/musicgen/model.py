@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 
-from ..config import CODEC, COMPILE, DECODERS, DEFAULT_MODEL, DTYPES, KV_FORMATS
+from ..config import CODEC, COMPILE, DECODERS, DEFAULT_MODEL, DTYPES, KERNELS, KV_FORMATS
 from ..errors import ConditioningError, ModelError
 
 from .pattern import DelayPattern
@@ -119,30 +119,35 @@ def resolve_weights(weights: str, device: str, dtype: Any) -> str:
     return "dense"
 
 
-def resolve_compile(compile: str, device: str, dtype: Any, decoder: str, kv: str) -> bool:
+def resolve_compile(compile: str, device: str, dtype: Any, decoder: str, kv: str, native: bool = False) -> bool:
     """Whether to compile the decode step's layer (:mod:`.compiled`): a CPU feature of the dynamic path (CUDA
     captures its step as a graph instead). ``auto``: where the decoder runs in bf16 (dense, int8 or int4 weights)
-    over a full cache, the CPU defaults; ``always`` also in float32 and over an 8-bit cache (compiled, that
-    measured slower than the full cache); ``never``. (Not on/off: YAML reads those as booleans.) Compiling may
-    still fail (no C++ compiler): the model then keeps the eager layer."""
+    over a full cache, or over an 8-bit one that radio's kernel reads (``native``): the CPU defaults; ``always``
+    also in float32 and over an 8-bit cache without it (compiled, PyTorch's code reads that slower than a full
+    cache); ``never``. (Not on/off: YAML reads those as booleans.) Compiling may still fail (no C++ compiler):
+    the model then keeps the eager layer."""
     import torch
 
     if compile not in COMPILE:
         raise ModelError(f"unknown compile {compile!r}: use one of {', '.join(COMPILE)}")
     if compile == "never" or device != "cpu" or decoder != "dynamic":
         return False
-    return compile == "always" or (dtype == torch.bfloat16 and kv == "full")
+    return compile == "always" or (dtype == torch.bfloat16 and (kv == "full" or native))
 
 
-def resolve_kv(kv: str) -> str:
+def resolve_kv(kv: str, native: bool = False) -> str:
     """The KV cache's format: ``full`` (the decoder's dtype) or ``8bit`` (int8 with a float32 scale per token and
     head: half the memory, and on the GPU path half the bytes a step's attention reads, dequantized inside the
-    fused kernel; on a CPU attention upcasts it to float32). ``auto`` is full: on the CPUs measured, the upcast
-    costs about what the halved reads save (see the README's CPU notes), and the 8-bit slots have not yet run on
-    a card; 8bit is there to choose."""
+    fused kernel; on a CPU radio's kernel reads it as bytes, else attention upcasts it to float32). ``auto`` is
+    8bit where radio's CPU kernel reads it and the decoder runs in bf16 (``native``: the dynamic path with
+    ``kernels: auto`` on a CPU it builds for; half the bytes and twice the speed of the full cache's attention,
+    logits within ~1.5 %: see the README), else full: PyTorch's upcast costs about what the halved reads save,
+    and the 8-bit slots have not yet run on a card."""
     if kv not in KV_FORMATS:
         raise ModelError(f"unknown kv {kv!r}: use one of {', '.join(KV_FORMATS)}")
-    return "full" if kv == "auto" else kv
+    if kv == "auto":
+        return "8bit" if native else "full"
+    return kv
 
 
 def model_source(name: str) -> str:
@@ -195,7 +200,8 @@ class MusicgenModel:
     def __init__(self, name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", seed: int | None = None,
                  text_cache_size: int = 256, window_frames: int | None = None,
                  window_seconds: float = 30.0, fast_kernels: bool = True, decoder: str = "auto",
-                 weights: str = "auto", kv: str = "auto", compile: str = "auto", codec: str = "auto") -> None:
+                 weights: str = "auto", kv: str = "auto", compile: str = "auto", codec: str = "auto",
+                 kernels: str = "auto") -> None:
         import torch
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
@@ -207,6 +213,12 @@ class MusicgenModel:
         self.weights = resolve_weights(weights, self.device, self.dtype)
         if self.weights in ("int8", "int4"):
             self.dtype = torch.bfloat16  # the weight-only kernels take bf16 activations
+        if kernels not in KERNELS:
+            raise ModelError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+        # radio's own CPU kernels (.native): built and checked on first use; PyTorch's where they cannot be
+        from . import native as native_kernels
+
+        self.native = kernels == "auto" and self.device == "cpu" and native_kernels.available()
         source = model_source(name)
         logger.info("loading model %s on %s (%s)", source, self.device, str(self.dtype).replace("torch.", ""))
         try:
@@ -266,15 +278,22 @@ class MusicgenModel:
         from .kernels import accelerate, quantize_linears
 
         if self.weights in ("int8", "int4"):
-            n = quantize_linears(model.decoder, 8 if self.weights == "int8" else 4)
-            logger.info("decoder: %d linear layers with %s weights", n, self.weights)
+            n = quantize_linears(model.decoder, 8 if self.weights == "int8" else 4,
+                                 "native" if self.native else "torch")
+            logger.info("decoder: %d linear layers with %s weights (%s kernels)", n, self.weights,
+                        "radio's" if self.native else "PyTorch's")
             self.packed = n > 0
         else:
             self.weights = str(self.dtype).replace("torch.", "")
             self.packed = fast_kernels and accelerate(model.decoder, self.device, self.dtype)
         self.decoder = resolve_decoder(decoder, self.device)
-        self.kv = resolve_kv(kv)
-        self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv)
+        dcfg = model.config.decoder
+        head_size = int(dcfg.hidden_size // dcfg.num_attention_heads)
+        # radio's kernel reads an 8-bit cache on the dynamic path, for the head sizes it takes (every MusicGen's)
+        self.native_attention = self.native and self.decoder == "dynamic" and head_size in native_kernels.HEAD_SIZES
+        # auto: the 8-bit cache where the decoder runs in bf16 (the CPU defaults; float32 is a choice of exactness)
+        self.kv = resolve_kv(kv, self.native_attention and self.dtype == torch.bfloat16)
+        self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv, self.native)
         if codec not in CODEC:
             raise ModelError(f"unknown codec {codec!r}: use one of {', '.join(CODEC)}")
         # EnCodec in bf16 where the decoder runs in it on a CPU (measured there; a card's EnCodec is not)
@@ -297,6 +316,7 @@ class MusicgenModel:
         # Fused q/k/v projections where the layers are stock (CUDA); CPU layers are packed or quantized instead.
         parts = DecoderParts.of(self.model.decoder, self.positions.original.weights.to(self.dtype),
                                 fuse_qkv=self.device.startswith("cuda"))
+        parts.native = self.native_attention and self.kv == "8bit"
         prefill = Prefill(self.model.decoder, self.positions, self.text, self.pattern, self.pad_id, self.device,
                           kv8=self.kv == "8bit")
         decoder: SlotDecoder | DynamicDecoder
@@ -447,6 +467,8 @@ class MusicgenModel:
         slots = self.slots
         kernels = ((f"{self.weights}-weight-only" if self.weights in ("int8", "int4") else "onednn-packed")
                    if self.packed else "stock")
+        if self.native and (self.weights in ("int8", "int4") or self.kv == "8bit"):
+            kernels += " (radio's VNNI kernels)"
         return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "kv": self.kv,
                 "channels": self.channels, "codec": self.codec.dtype,
                 "kernels": slots.kernels if slots is not None else kernels + (", compiled layers" if self.compile

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import native
 from .decoding import kv8_pack, kv8_unpack
 from .fused import add_norm, decode_attention
 from .sampling import guide, sample
@@ -53,6 +54,7 @@ class DecoderParts:
     head_dim: int
     qkv: list[torch.Tensor] | None = None  # per layer (3D, D): q, k, v projections as one product (CUDA)
     heads_w: torch.Tensor | None = None  # (K*V, D): the K heads as one product (CUDA)
+    native: bool = False  # the dynamic path attends over an 8-bit cache with radio's CPU kernel (.native)
 
     @classmethod
     def of(cls, causal_lm: Any, positions: torch.Tensor, fuse_qkv: bool = False) -> "DecoderParts":
@@ -131,7 +133,7 @@ def hidden_states(parts: DecoderParts, st: SlotTensors, n: int, kernels: str = "
     def caches(i: int) -> LayerCaches:  # slot s: rows 2s (conditional), 2s+1 (unconditional)
         return (st.k[i][:n].view(2 * n, H, W, kd), st.v[i][:n].view(2 * n, H, W, kd), st.xk[i][:n], st.xv[i][:n])
 
-    return run_layers(parts, h, caches, at, kernels == "sdpa", scratch=st.scratch)
+    return run_layers(parts, h, caches, at, "sdpa" if kernels == "sdpa" else "eager", scratch=st.scratch)
 
 
 def embed(parts: DecoderParts, tok: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -207,7 +209,8 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
     def caches(i: int) -> LayerCaches:  # rows [0, B) conditional, [B, 2B) unconditional
         return (kv[i][0], kv[i][1], prompts.xk[i], prompts.xv[i])
 
-    return logits_of(parts, run_layers(parts, h, caches, at, sdpa=False, scratch=scratch, layer=layer))
+    return logits_of(parts, run_layers(parts, h, caches, at, "native" if parts.native else "eager", scratch=scratch,
+                                       layer=layer))
 
 
 def finish_step(parts: DecoderParts, st: SlotTensors, n: int, kmax: int, h: torch.Tensor) -> None:
@@ -252,13 +255,13 @@ class WriteAt:
 LayerFn = Callable[..., torch.Tensor]
 
 
-def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], LayerCaches], at: WriteAt, sdpa: bool,
+def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], LayerCaches], at: WriteAt, kernels: str,
                scratch: dict[str, torch.Tensor] | None = None, layer: LayerFn | None = None) -> torch.Tensor:
     """Step 2, the decoder layers and the final norm: h (rows, D) -> (rows, D), one new token per row. The KV
     layout comes in as ``caches(i)``: layer i's self-attention cache (rows, H, columns, d), written at ``at``, and
     the conditional rows' prompt keys and values (n, H, S, d). ``layer`` runs one layer (:func:`layer_step`, or a
     compiled copy of it); the eager layer reads an 8-bit cache through ``scratch`` upcast buffers, a compiled one
-    dequantizes inside its attention loop."""
+    dequantizes inside its attention loop. ``kernels``: as :func:`layer_step` takes it."""
     eight_bit = caches(0)[0].dtype == torch.int8
     run = layer_step if layer is None else layer
     for i, module in enumerate(parts.layers):
@@ -266,20 +269,23 @@ def run_layers(parts: DecoderParts, h: torch.Tensor, caches: Callable[[int], Lay
         extra = {"scratch": scratch if scratch is not None else {}} if eight_bit and layer is None else {}  # eager
         qkv = parts.qkv[i] if parts.qkv is not None else None
         h = run(module, h, kc, vc, xk, xv, parts.uncond_cross[i], qkv, at.rows, at.columns, at.self_bias,
-                at.cross_bias, at.guidance, sdpa, **extra)
+                at.cross_bias, at.guidance, kernels, **extra)
     return parts.final_norm(h)
 
 
 def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
                uncond: torch.Tensor, qkv: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor,
-               self_bias: torch.Tensor, cross_bias: torch.Tensor, guidance: str, sdpa: bool,
+               self_bias: torch.Tensor, cross_bias: torch.Tensor, guidance: str, kernels: str,
                scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer (a transformers ``MusicgenDecoderLayer``'s weights, its eager math op for op) for one
     new token per row: h (rows, D) -> (rows, D). The new key/value goes into the cache kc, vc (rows, H, columns,
     d) at ``(rows, columns)`` (:class:`WriteAt`), packed when the cache is 8-bit (read through ``scratch``
     upcast buffers, or none when compiled: :func:`_attend8`); ``uncond`` is the layer's cross-attention output
     for the unconditional rows; ``qkv`` the self-attention's three projections as one weight
-    (:class:`DecoderParts`), if made. Tensors and constants only, so that one compiled copy serves every layer."""
+    (:class:`DecoderParts`), if made. ``kernels``: ``eager`` (transformers' math), ``sdpa`` (PyTorch's fused
+    attention: CUDA) or ``native`` (an 8-bit cache read by radio's CPU kernel, :mod:`.native`; a full cache as
+    eager). Tensors and constants only, so that one compiled copy serves every layer."""
+    sdpa = kernels == "sdpa"
     attn = layer.self_attn
     H, d = attn.num_heads, attn.head_dim
     n_rows = h.shape[0]
@@ -293,7 +299,10 @@ def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     if kc.dtype == torch.int8:
         kc[rows, :, columns] = kv8_pack(k_new)
         vc[rows, :, columns] = kv8_pack(v_new)
-        a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, scratch)
+        if kernels == "native":
+            a = native.attend8(q.reshape(n_rows, H, d), kc, vc, self_bias.reshape(n_rows, -1), attn.scaling)
+        else:
+            a = _attend8(q.reshape(n_rows, H, 1, d), kc, vc, self_bias, attn.scaling, scratch)
     else:
         kc[rows, :, columns] = k_new
         vc[rows, :, columns] = v_new

@@ -70,6 +70,7 @@ class Result:
     kv: str = "full"  # how the dynamic path's KV cache is held: full (the dtype) or 8bit
     compiled: bool = False  # the CPU step's layer compiled (musicgen/compiled.py)
     codec: str = "float32"  # EnCodec's dtype (musicgen/codec.py)
+    kernels: str = "torch"  # the CPU kernels of quantized weights and an 8-bit cache: torch, or radio's (native)
 
 
 class RssSampler:
@@ -411,6 +412,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
                   weights=getattr(model, "weights", "dense"), kv=getattr(model, "kv", "full"),
                   compiled=bool(getattr(model, "compile", False)), codec=_codec(model),
+                  kernels="native" if getattr(model, "native", False) else "torch",
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
 
@@ -631,13 +633,15 @@ def _codec(model: MusicgenModel) -> str:
 
 def _dtype_name(model: MusicgenModel) -> str:
     """The model's decoder dtype, its weights where they are quantized, its KV cache where it is 8-bit, whether
-    its step's layer is compiled and whether EnCodec runs in bf16: ``bfloat16+int8``, ``bfloat16+int4+kv8``,
-    ``bfloat16+int4+compiled+encodec-bf16``."""
+    its step's layer is compiled, whether EnCodec runs in bf16 and whether radio's own CPU kernels serve the
+    quantized weights or 8-bit cache: ``bfloat16+int8``, ``bfloat16+int4+kv8``,
+    ``bfloat16+int4+kv8+compiled+encodec-bf16+native``."""
     weights = getattr(model, "weights", "dense")
+    native = getattr(model, "native", False) and (weights in ("int8", "int4") or getattr(model, "kv", "") == "8bit")
     return (str(model.dtype).replace("torch.", "") + (f"+{weights}" if weights in ("int8", "int4") else "")
             + ("+kv8" if getattr(model, "kv", "full") == "8bit" else "")
             + ("+compiled" if getattr(model, "compile", False) else "")
-            + ("+encodec-bf16" if _codec(model) == "bfloat16" else ""))
+            + ("+encodec-bf16" if _codec(model) == "bfloat16" else "") + ("+native" if native else ""))
 
 
 def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int = 3, proto_steps: int = 2,
@@ -645,7 +649,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
               scenarios: tuple[str, ...] = ("prototype", "generate", "ours"), capacity: bool = False,
               decoder: str = "auto", weights_list: tuple[str, ...] = ("auto",), quality: bool = False,
               kv_list: tuple[str, ...] = ("auto",), compile_list: tuple[str, ...] = ("auto",),
-              codec_list: tuple[str, ...] = ("auto",),
+              codec_list: tuple[str, ...] = ("auto",), kernels_list: tuple[str, ...] = ("auto",),
               progress: Callable[[str], None] = lambda m: logger.info("%s", m)) -> dict[str, Any]:
     """Run every scenario and return the report (also what ``--json`` writes)."""
     results: list[Result] = []
@@ -664,7 +668,8 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
         # step it is held to) on the model as the engine loads it, with packed linear layers where available.
         # One model in memory at a time.
         if "prototype" in scenarios or "generate" in scenarios:
-            stock = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, fast_kernels=False)
+            stock = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, fast_kernels=False, kv="full",
+                                  kernels="torch")
             for n in mounts:
                 # the prototype re-prompts with mono audio: it has no stereo loop to compare with
                 if "prototype" in scenarios and _dtype_name(stock) == "float32" and stock.channels == 1:
@@ -672,12 +677,14 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                 if "generate" in scenarios:
                     results.append(bench_generate(stock, n, frames, progress))
             del stock
-        settings = [(w, k, c, e) for w in weights_list for k in kv_list for c in compile_list for e in codec_list]
-        for weights, kv, compile, codec in settings if "ours" in scenarios else ():
+        settings = [(w, k, c, e, n) for w in weights_list for k in kv_list for c in compile_list for e in codec_list
+                    for n in kernels_list]
+        for weights, kv, compile, codec, native in settings if "ours" in scenarios else ():
             # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds (and
             # at least context + 2 chunks, as the engine's config demands)
             m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
-                              decoder=decoder, weights=weights, kv=kv, compile=compile, codec=codec)
+                              decoder=decoder, weights=weights, kv=kv, compile=compile, codec=codec,
+                              kernels=native)
             name = _dtype_name(m)
             if name in kernels:
                 del m
@@ -713,6 +720,9 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
         qualities["kv8"] = kv_quality(model_dir, progress=progress)
     if quality and "always" in compile_list:
         qualities["compiled"] = compile_quality(model_dir, progress=progress)
+    if quality and "auto" in kernels_list and "torch" in kernels_list:
+        for w in tuple(w for w in weights_list if w in ("int8", "int4")) or ("int8", "int4"):
+            qualities[f"{w}-native"] = kernels_quality(model_dir, w, progress=progress)
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(), "outputs": outputs,
               "weight_quality": qualities,
               "audience": audience,
@@ -738,7 +748,7 @@ def weight_quality(model_dir: str, weights: tuple[str, ...], frames: int = 300,
 
     greedy = replace(SAMPLING, temperature=0.0, top_k=1)
     prompt = "warm lofi piano with soft drums"
-    dense = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0)
+    dense = MusicgenModel(model_dir, device="cpu", weights="bfloat16", kv="full", seed=0)
     rng = np.random.default_rng(0)
     context = rng.integers(0, dense.vocab_size, (dense.num_codebooks, 50))
     request = [ContinuationRequest(context, prompt, greedy, key="q")]
@@ -755,7 +765,7 @@ def weight_quality(model_dir: str, weights: tuple[str, ...], frames: int = 300,
     out: dict[str, dict[str, float]] = {}
     for w in weights:
         progress(f"quality: {w} weights over {frames} frames")
-        m = MusicgenModel(model_dir, device="cpu", weights=w, seed=0)
+        m = MusicgenModel(model_dir, device="cpu", weights=w, kv="full", seed=0)
         got = logits(m)
         codes = m.continue_batch(request, frames)[0].codes
         n = min(codes.shape[1], want_codes.shape[1])
@@ -775,6 +785,16 @@ def kv_quality(model_dir: str, frames: int = 200,
     return path_quality(model_dir, {"kv": "full", "compile": "never"}, {"kv": "8bit", "compile": "never"}, frames)
 
 
+def kernels_quality(model_dir: str, weights: str, frames: int = 200,
+                    progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+    """How far radio's CPU kernels (activations rounded to int8 per row) move the dynamic path's logits from
+    PyTorch's weight-only kernels, with the same quantized ``weights`` (full cache, eager layers):
+    :func:`path_quality`."""
+    progress(f"quality: {weights} weights on radio's kernels over {frames} frames")
+    return path_quality(model_dir, {"weights": weights, "kv": "full", "compile": "never", "kernels": "torch"},
+                        {"weights": weights, "kv": "full", "compile": "never", "kernels": "auto"}, frames)
+
+
 def compile_quality(model_dir: str, frames: int = 200,
                     progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
     """How far the compiled layer moves the dynamic path's logits from the eager one (dense bf16 weights, full
@@ -785,13 +805,13 @@ def compile_quality(model_dir: str, frames: int = 200,
 
 def path_quality(model_dir: str, reference: dict[str, Any], candidate: dict[str, Any],
                  frames: int = 200) -> dict[str, float]:
-    """The dynamic path with the ``candidate`` settings against the ``reference`` ones (MusicgenModel keywords),
-    both with dense bf16 weights: teacher-forced over ``frames`` frames of the reference's own greedy continuation
+    """The dynamic path with the ``candidate`` settings against the ``reference`` ones (MusicgenModel keywords;
+    dense bf16 weights unless they say otherwise): teacher-forced over ``frames`` frames of the reference's own greedy continuation
     (guidance 3), the conditional rows' logits' relative error and top-1 agreement; and the share of greedy codes
     that come out the same when each continues the same context itself."""
     greedy = replace(SAMPLING, temperature=0.0, top_k=1)
-    full = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0, decoder="dynamic", **reference)
-    other = MusicgenModel(model_dir, device="cpu", weights="bfloat16", seed=0, decoder="dynamic", **candidate)
+    full = MusicgenModel(model_dir, device="cpu", seed=0, decoder="dynamic", **{"weights": "bfloat16", **reference})
+    other = MusicgenModel(model_dir, device="cpu", seed=0, decoder="dynamic", **{"weights": "bfloat16", **candidate})
     context = np.random.default_rng(0).integers(0, full.vocab_size, (full.num_codebooks, 250))
     request = ContinuationRequest(context, "warm lofi piano with soft drums", greedy, key="q")
     want_codes = full.continue_batch([request], frames)[0].codes[:, :frames]
@@ -879,11 +899,12 @@ def ratios(results: list[Result], raw_steps: dict[str, float], first_seconds: fl
 
 
 def format_table(report: dict[str, Any]) -> str:
+    width = max([9, *(len(r["dtype"]) for r in report["results"])])
     lines = [f"radio bench  {report['date']}  model={report['model']}",
              f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
              f"{report['machine']['torch']}",
              "",
-             f"{'scenario':<10} {'dtype':<9} {'mounts':>6} {'audio s/s':>10} {'x/mount':>8} {'ms/step':>8} "
+             f"{'scenario':<10} {'dtype':<{width}} {'mounts':>6} {'audio s/s':>10} {'x/mount':>8} {'ms/step':>8} "
              f"{'ttfa s':>7} {'reset s':>8} {'RSS MB':>8} {'MB/mount':>9} {'dev MB':>8}  time per chunk"]
     for r in report["results"]:
         ttfa = f"{r['ttfa_seconds']:.2f}" if r["ttfa_seconds"] is not None else "-"
@@ -892,7 +913,7 @@ def format_table(report: dict[str, Any]) -> str:
         state = f"{r.get('state_bytes_per_mount', 0) / 2**20:.0f}" if r.get("state_bytes_per_mount") else "-"
         dev = f"{r.get('peak_device_mb', 0):.0f}" if r.get("peak_device_mb") else "-"
         where = _where(r.get("breakdown") or {})
-        lines.append(f"{r['scenario']:<10} {r['dtype']:<9} {r['mounts']:>6} {r['audio_per_wall']:>10.3f} "
+        lines.append(f"{r['scenario']:<10} {r['dtype']:<{width}} {r['mounts']:>6} {r['audio_per_wall']:>10.3f} "
                      f"{per:>8.2f} {1000 * r['seconds_per_step']:>8.1f} {ttfa:>7} {reset:>8} "
                      f"{r['peak_rss_mb']:>8.0f} {state:>9} {dev:>8}  {where}")
     for o in report.get("outputs", []):
@@ -902,6 +923,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"({o['cores_per_100_mounts']:.1f} per 100 mounts; {o['filled_seconds']:.1f} s filled)")
     for w, q in report.get("weight_quality", {}).items():
         what = {"kv8": "8bit KV cache vs full", "compiled": "compiled layers vs eager"}.get(w, f"{w} weights vs bf16")
+        if w.endswith("-native"):
+            what = f"{w[:-7]} weights, radio's kernels vs PyTorch's"
         lines.append(f"quality    {what} over {q['frames']} frames: logits error "
                      f"{q['logits_rel_error']:.4f}, top-1 agreement {q['top1_agreement']:.3f}, "
                      f"greedy codes agreement {q['greedy_code_agreement']:.3f}")

@@ -128,19 +128,34 @@ def decoder_logits(m: MusicgenModel, ids: torch.Tensor) -> torch.Tensor:
                                .to(m.dtype)).logits.float()
 
 
+def scales_of(layer: nn.Module) -> torch.Tensor:
+    """A quantized layer's scales, as a tensor to change in place (radio's 4-bit layout holds them in the weight's
+    stream: each group's first 32 bytes, bf16)."""
+    if layer.kernel == "native" and layer.bits == 4:
+        return layer.weight[:, :, :32].view(torch.bfloat16)
+    return layer.scales
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
 @pytest.mark.parametrize("weights, bound", [("int8", 0.05), ("int4", 0.35)])
 def test_quantized_weights_stay_within_a_bound_of_the_dense_model(tiny_model_dir: Path, weights: str,
-                                                                  bound: float) -> None:
-    """Weight-only int8/int4 on the tiny model, against the same model with dense bf16 weights: the decoder's
-    logits over a sequence stay within ``bound`` (relative), and a layer whose scales are wrong breaks it."""
+                                                                  bound: float, kernels: str) -> None:
+    """Weight-only int8/int4 on the tiny model, with PyTorch's kernels and radio's own (``auto``: where this
+    CPU has them), against the same model with dense bf16 weights: the decoder's logits over a sequence stay
+    within ``bound`` (relative), and a layer whose scales are wrong breaks it."""
+    from radio.musicgen import native
     from radio.musicgen.kernels import QuantLinear
 
+    if kernels == "auto" and not native.available():
+        pytest.skip(f"radio's CPU kernels are off here: {native.why_not()}")
     dense = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, compile="never")
-    quant = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, compile="never")
+    quant = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, compile="never", kernels=kernels)
     assert quant.weights == weights and dense.weights == "bfloat16"
-    assert quant.describe()["weights"] == weights and quant.describe()["kernels"] == f"{weights}-weight-only"
+    suffix = " (radio's VNNI kernels)" if kernels == "auto" else ""
+    assert quant.describe()["weights"] == weights and quant.describe()["kernels"] == f"{weights}-weight-only{suffix}"
     layers = [m for m in quant.model.decoder.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.bits == int(weights[3:]) for m in layers)
+    assert {m.kernel for m in layers} == {"native" if kernels == "auto" else "torch"}
     ids = torch.randint(0, dense.vocab_size, (dense.num_codebooks, 40), generator=torch.Generator().manual_seed(3))
     want = decoder_logits(dense, ids)
     got = decoder_logits(quant, ids)
@@ -149,7 +164,7 @@ def test_quantized_weights_stay_within_a_bound_of_the_dense_model(tiny_model_dir
     assert error < bound and top1 > (0.9 if weights == "int8" else 0.6), (error, top1)
     with torch.no_grad():  # a wrong scale (x2) in every layer: the bound must catch it
         for m in layers:
-            m.scales.mul_(2.0)
+            scales_of(m).mul_(2.0)
     broken = float((decoder_logits(quant, ids) - want).norm() / want.norm())
     assert broken > bound, broken
 
@@ -190,20 +205,30 @@ def test_a_quantized_layer_agrees_with_its_dense_one_for_few_rows_and_many(bits:
         assert rows <= DEQUANTIZE_ROWS[bits] or float((got - by_kernel).norm() / by_kernel.norm()) < 0.01, rows
 
 
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
 def test_an_8bit_kv_cache_stays_within_a_bound_of_the_full_one_and_halves_it(tiny_model_dir: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """``kv: 8bit`` on the dynamic path: teacher-forced over the full cache's own greedy codes, the logits stay
-    within a bound of the full cache's and agree on the top code; the cache takes about half the memory; a
-    wrong scale (x2) breaks the bound."""
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             kernels: str) -> None:
+    """``kv: 8bit`` on the dynamic path, read by PyTorch's ops or radio's kernel (``auto``, where this CPU has
+    it): teacher-forced over the full cache's own greedy codes, the logits stay within a bound of the full
+    cache's and agree on the top code; the cache takes about half the memory; a wrong scale (x2) breaks the
+    bound."""
     from radio.errors import ModelError
+    from radio.musicgen import native
+
+    if kernels == "auto" and not native.available():
+        pytest.skip(f"radio's CPU kernels are off here: {native.why_not()}")
     import radio.musicgen.prefill as prefill_module
     import radio.musicgen.step as step_module
     from radio.musicgen.decoding import KV8_SCALE_BYTES, kv8_pack
 
     greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
-    full = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", compile="never")
-    kv8 = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", kv="8bit")
+    full = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", compile="never",
+                         kv="full")
+    kv8 = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, decoder="dynamic", kv="8bit",
+                        kernels=kernels)
     assert (full.describe()["kv"], kv8.describe()["kv"]) == ("full", "8bit")
+    assert kv8.decode_path.parts.native == (kernels == "auto")  # radio's kernel reads the cache, or PyTorch
     context = np.random.default_rng(4).integers(0, full.vocab_size, (full.num_codebooks, 30))
     request = ContinuationRequest(context, "jazz piano at night", greedy, key="a")
     codes = full.continue_batch([request], 24)[0].codes[:, :24]

@@ -1,0 +1,365 @@
+// radio's CPU kernels for the decode step (AVX-512 with VNNI): built at load by radio/musicgen/native/__init__.py.
+//
+// linear: y = x W^T for a few rows x and 8- or 4-bit weights, as integer dot products (vpdpbusd: 64
+//   multiply-adds an instruction). Each row of x is quantized to int8 with its own scale (absolute maximum / 127).
+//   PyTorch's weight-only kernels instead turn every weight back into a float to multiply it, which costs more
+//   instructions than reading it: on two cores they run at the speed of arithmetic, not of memory.
+//   Weights come in blocks of 16 output channels (one 512-bit register of int32 sums):
+//   - 8 bits: w[block][k / 4][channel][k % 4] int8, a float32 scale per channel, and each channel's sum of
+//     codes (the activations enter as unsigned x + 128; the sum takes the 128s back out).
+//   - 4 bits: codes 0..15 in groups of inputs with a bf16 scale and low per group and channel (weight = code *
+//     scale + low), one stream per block: per group, the 16 scales, the 16 lows, then per 8 inputs
+//     [channel][i] = code[k + i] | code[k + 4 + i] << 4 (i < 4). (Scales in arrays of their own, beside the codes,
+//     made each thread follow three streams, and the step slower.)
+// attend8: one query per row over an 8-bit KV cache (decoding.kv8_pack: each token's d int8 numbers, then its
+//   float32 scale), with an additive mask; columns the mask removes are not read.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 16;  // output channels per block
+constexpr int MAX_ROWS = 8;    // rows per pass over the weights (one accumulator per row)
+
+struct Rows {                // the activations, quantized per row
+  std::vector<int8_t> q;     // (M, K): round(x / scale), in [-127, 127]
+  std::vector<float> scale;  // (M,)
+};
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i v = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// Each row to int8 with its own scale (absolute maximum / 127), rounded to nearest. Vectorised and without
+// branches: a rounding written with a branch on the sign mispredicted on every other number (~50 us a call).
+template <typename T>
+void quantize(const T* p, int64_t M, int64_t K, Rows& r) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = p + m * K;
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      top = _mm512_max_ps(top, _mm512_and_ps(load16(row + k, mask), sign));
+    }
+    const float amax = _mm512_reduce_max_ps(top);
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(1.f / s);
+    r.scale[m] = s;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(row + k, mask), inv));  // nearest, ties to even
+      _mm_mask_storeu_epi8(r.q.data() + m * K + k, mask, _mm512_cvtsepi32_epi8(q));
+    }
+  }
+}
+
+Rows quantize_rows(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Rows r;
+  r.q.resize(M * K);
+  r.scale.resize(M);
+  // Denormal inputs (a GELU's far tail) cost the CPU a microcode assist each in float arithmetic, ~100 cycles;
+  // they round to 0 here anyway, so this thread treats them as 0 while it quantizes.
+  const unsigned int csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040);  // flush to zero, denormals are zero
+  if (x.scalar_type() == at::kFloat)
+    quantize(x.data_ptr<float>(), M, K, r);
+  else
+    quantize(x.data_ptr<c10::BFloat16>(), M, K, r);
+  _mm_setcsr(csr);
+  return r;
+}
+
+inline __m512 bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 float
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+template <typename T>
+void store16(T* out, __m512 v) {
+  alignas(64) float f[BLOCK];
+  _mm512_store_ps(f, v);
+  for (int c = 0; c < BLOCK; ++c) out[c] = static_cast<T>(f[c]);
+}
+
+template <int MR, typename T>
+void int8_block(const int8_t* w, int64_t K, const uint8_t* xu, const float* sx, const float* sw,
+                const int32_t* wsum, T* out, int64_t ldo) {
+  __m512i acc[MR];
+  const int32_t* x32[MR];
+  for (int m = 0; m < MR; ++m) {
+    acc[m] = _mm512_setzero_si512();
+    x32[m] = reinterpret_cast<const int32_t*>(xu + m * K);
+  }
+#pragma GCC unroll 4
+  for (int64_t j = 0; j < K / 4; ++j) {
+    const __m512i wv = _mm512_loadu_si512(w + j * 64);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(x32[m][j]), wv);
+  }
+  const __m512 scale = _mm512_loadu_ps(sw);
+  const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(wsum), 7);  // 128 * sum of codes
+  for (int m = 0; m < MR; ++m) {
+    const __m512 r = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], corr));
+    store16(out + m * ldo, _mm512_mul_ps(r, _mm512_mul_ps(scale, _mm512_set1_ps(sx[m]))));
+  }
+}
+
+template <int MR, typename T>
+void int4_block(const uint8_t* w, int64_t K, int64_t group, const int8_t* xq, const float* sx, const float* xsum,
+                T* out, int64_t ldo) {
+  const int64_t groups = K / group, per_group = group / 8;
+  __m512 accf[MR];
+  const int32_t* x32[MR];
+  for (int m = 0; m < MR; ++m) {
+    accf[m] = _mm512_setzero_ps();
+    x32[m] = reinterpret_cast<const int32_t*>(xq + m * K);
+  }
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lo_acc[MR], hi_acc[MR];
+    for (int m = 0; m < MR; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
+    const uint8_t* head = w + g * (per_group + 1) * 64;  // 16 scales, 16 lows
+    const uint8_t* wg = head + 64;
+    const int64_t j0 = g * per_group * 2;
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < per_group; ++j) {
+      const __m512i v = _mm512_loadu_si512(wg + j * 64);
+      const __m512i lo = _mm512_and_si512(v, nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      for (int m = 0; m < MR; ++m) {
+        lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(x32[m][j0 + 2 * j]));
+        hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(x32[m][j0 + 2 * j + 1]));
+      }
+    }
+    const __m512 sc = bf16x16(reinterpret_cast<const uint16_t*>(head));
+    const __m512 lw = bf16x16(reinterpret_cast<const uint16_t*>(head + 32));
+    for (int m = 0; m < MR; ++m) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m]));
+      accf[m] = _mm512_fmadd_ps(dot, sc, _mm512_fmadd_ps(lw, _mm512_set1_ps(xsum[m * groups + g]), accf[m]));
+    }
+  }
+  for (int m = 0; m < MR; ++m) store16(out + m * ldo, _mm512_mul_ps(accf[m], _mm512_set1_ps(sx[m])));
+}
+
+struct Weights {
+  const at::Tensor& w;
+  const at::Tensor& scales;
+  const at::Tensor& extra;
+  int64_t bits, group, K, N;
+};
+
+template <typename T, int MR>
+void linear_rows(const Weights& W, const Rows& r, int64_t m0, T* out) {
+  const int64_t K = W.K, N = W.N, NB = N / BLOCK;
+  if (W.bits == 8) {
+    std::vector<uint8_t> xu(MR * K);
+    for (int64_t i = 0; i < MR * K; ++i) xu[i] = static_cast<uint8_t>(r.q[m0 * K + i] + 128);
+    const int8_t* wp = W.w.data_ptr<int8_t>();
+    const float* sw = W.scales.data_ptr<float>();
+    const int32_t* ws = W.extra.data_ptr<int32_t>();
+    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        int8_block<MR, T>(wp + b * BLOCK * K, K, xu.data(), r.scale.data() + m0, sw + b * BLOCK, ws + b * BLOCK,
+                          out + m0 * N + b * BLOCK, N);
+    });
+  } else {
+    const int64_t groups = K / W.group;
+    std::vector<float> xsum(MR * groups);
+    for (int m = 0; m < MR; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * W.group; k < (g + 1) * W.group; ++k) sum += r.q[(m0 + m) * K + k];
+        xsum[m * groups + g] = static_cast<float>(sum);
+      }
+    const uint8_t* wp = W.w.data_ptr<uint8_t>();
+    const int64_t block_bytes = groups * (W.group / 8 + 1) * 64;
+    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        int4_block<MR, T>(wp + b * block_bytes, K, W.group, r.q.data() + m0 * K, r.scale.data() + m0,
+                          xsum.data(), out + m0 * N + b * BLOCK, N);
+    });
+  }
+}
+
+template <typename T>
+void linear_all(const Weights& W, const Rows& r, int64_t M, T* out) {
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+    switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
+      case 1: linear_rows<T, 1>(W, r, m0, out); break;
+      case 2: linear_rows<T, 2>(W, r, m0, out); break;
+      case 3: linear_rows<T, 3>(W, r, m0, out); break;
+      case 4: linear_rows<T, 4>(W, r, m0, out); break;
+      case 5: linear_rows<T, 5>(W, r, m0, out); break;
+      case 6: linear_rows<T, 6>(W, r, m0, out); break;
+      case 7: linear_rows<T, 7>(W, r, m0, out); break;
+      default: linear_rows<T, 8>(W, r, m0, out); break;
+    }
+  }
+}
+
+at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& extra,
+                  int64_t out_features, int64_t bits, int64_t group) {
+  TORCH_CHECK(x_.dim() == 2, "radio_cpu::linear: x must be a (rows, in) matrix");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16, "radio_cpu::linear: float or bf16");
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(bits == 8 || bits == 4, "radio_cpu::linear: 8 or 4 bits");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 8 == 0 && out_features % BLOCK == 0, "radio_cpu::linear: in % 8 and out % 16 must be 0");
+  TORCH_CHECK(bits == 8 || (group % 8 == 0 && K % group == 0), "radio_cpu::linear: group");
+  TORCH_CHECK(w.numel() == (bits == 8 ? K * out_features : out_features / BLOCK * (K / group) * (group / 8 + 1) * 64),
+              "radio_cpu::linear: weight size");
+  TORCH_CHECK(w.is_contiguous() && scales.is_contiguous() && extra.is_contiguous(), "radio_cpu::linear: layout");
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  const Rows r = quantize_rows(x);
+  const Weights W{w, scales, extra, bits, group, K, out_features};
+  if (x.scalar_type() == at::kBFloat16)
+    linear_all<c10::BFloat16>(W, r, M, out.data_ptr<c10::BFloat16>());
+  else
+    linear_all<float>(W, r, M, out.data_ptr<float>());
+  return out;
+}
+
+// exp(x) for x <= 0 (softmax after the maximum is taken out): 2^n * p(r), |relative error| < 2e-7.
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 int8x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// One (row, head): q (NV x 16 floats, multiplied by the scaling here) over the columns of k, v (stride int8 a
+// column: NV x 16 numbers, then the float32 scale) that the mask leaves.
+template <int NV>
+void attend_pair(const float* q, float scaling, const int8_t* k, const int8_t* v, int64_t stride, const float* bias,
+                 int64_t W, std::vector<float>& scores, std::vector<int32_t>& live, float* out) {
+  constexpr int64_t D = NV * 16;
+  __m512 qv[NV], o[NV];
+  for (int i = 0; i < NV; ++i) {
+    qv[i] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * i), _mm512_set1_ps(scaling));
+    o[i] = _mm512_setzero_ps();
+  }
+  live.clear();
+  scores.clear();
+  float top = -INFINITY;
+  for (int64_t t = 0; t < W; ++t) {
+    if (bias[t] < -6e4f) continue;  // masked (the mask holds its dtype's minimum): the softmax gives it nothing
+    const int8_t* kt = k + t * stride;
+    __m512 acc = _mm512_mul_ps(qv[0], int8x16(kt));
+    for (int i = 1; i < NV; ++i) acc = _mm512_fmadd_ps(qv[i], int8x16(kt + 16 * i), acc);
+    float scale;
+    std::memcpy(&scale, kt + D, sizeof(float));
+    const float s = _mm512_reduce_add_ps(acc) * scale + bias[t];
+    live.push_back(static_cast<int32_t>(t));
+    scores.push_back(s);
+    top = std::max(top, s);
+  }
+  const int64_t n = static_cast<int64_t>(scores.size());
+  float* p = scores.data();
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 rest = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, p + i), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(p + i, rest, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(rest, e));
+  }
+  const float inv = n ? 1.f / _mm512_reduce_add_ps(sum) : 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const int8_t* vt = v + static_cast<int64_t>(live[j]) * stride;
+    float scale;
+    std::memcpy(&scale, vt + D, sizeof(float));
+    const __m512 w = _mm512_set1_ps(p[j] * inv * scale);
+    for (int i = 0; i < NV; ++i) o[i] = _mm512_fmadd_ps(w, int8x16(vt + 16 * i), o[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(out + 16 * i, o[i]);
+}
+
+using PairFn = void (*)(const float*, float, const int8_t*, const int8_t*, int64_t, const float*, int64_t,
+                        std::vector<float>&, std::vector<int32_t>&, float*);
+
+PairFn pair_fn(int64_t d) {
+  switch (d) {
+    case 16: return attend_pair<1>;
+    case 32: return attend_pair<2>;
+    case 48: return attend_pair<3>;
+    case 64: return attend_pair<4>;
+    case 80: return attend_pair<5>;
+    case 96: return attend_pair<6>;
+    case 112: return attend_pair<7>;
+    case 128: return attend_pair<8>;
+    default: return nullptr;
+  }
+}
+
+at::Tensor attend8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                   double scaling) {
+  TORCH_CHECK(q.dim() == 3, "radio_cpu::attend8: q (rows, heads, head size)");
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), W = k.size(2);
+  const PairFn fn = pair_fn(D);
+  TORCH_CHECK(fn != nullptr, "radio_cpu::attend8: head sizes 16, 32, ... 128");
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kChar && v.sizes() == k.sizes() && v.strides() == k.strides(),
+              "radio_cpu::attend8: int8 caches (rows, heads, columns, head size + 4) alike");
+  TORCH_CHECK(k.size(0) == R && k.size(1) == H && k.size(3) == D + 4 && k.stride(3) == 1 && k.stride(2) == D + 4,
+              "radio_cpu::attend8: cache layout");
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == R && bias.size(1) == W, "radio_cpu::attend8: bias (rows, columns)");
+  const at::Tensor bf = bias.to(at::kFloat).contiguous();
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({R, H, D}, q.options().dtype(at::kFloat));
+  const float* qp = qf.data_ptr<float>();
+  const float* bp = bf.data_ptr<float>();
+  const int8_t* kp = k.data_ptr<int8_t>();
+  const int8_t* vp = v.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t s0 = k.stride(0), s1 = k.stride(1);
+  at::parallel_for(0, R * H, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> scores;
+    std::vector<int32_t> live;
+    scores.reserve(W);
+    live.reserve(W);
+    for (int64_t pair = p0; pair < p1; ++pair) {
+      const int64_t r = pair / H, h = pair % H;
+      fn(qp + pair * D, static_cast<float>(scaling), kp + r * s0 + h * s1, vp + r * s0 + h * s1, D + 4,
+         bp + r * W, W, scores, live, op + pair * D);
+    }
+  });
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(radio_cpu, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor scales, Tensor extra, int out_features, int bits, int group) -> Tensor");
+  m.def("attend8(Tensor q, Tensor k, Tensor v, Tensor bias, float scaling) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(radio_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("attend8", &attend8);
+}

@@ -1,0 +1,138 @@
+"""radio's own CPU kernels (radio/musicgen/native): built here, held to the float math they stand for, chosen by a
+model where they work and left where they do not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from radio.config import Sampling
+from radio.musicgen import native
+from radio.musicgen.decoding import kv8_pack
+from radio.musicgen.model import ContinuationRequest, MusicgenModel, resolve_kv
+from radio.musicgen.step import _attend8
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"radio's CPU kernels are off: {native.why_not()}")
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 96), (64, 256), (1024, 4096)])
+def test_the_integer_product_is_the_quantized_weights_product_to_the_rows_rounding(
+        bits: int, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """Rows of activations (1 to 11: one pass of 8 rows and a rest) times a packed weight equal the float product
+    with the weight the codes stand for, to the per-row int8 rounding of the activations (~1 %), and a packing
+    that swaps two inputs' codes, or ignores the scales, is far off."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    group = 64 if in_features % 64 == 0 else 32
+    packed, dense = native.pack8(weight) if bits == 8 else native.pack4(weight, group)
+    for rows in (1, 2, 11):
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        want = x.float() @ dense.t()
+        got = native.linear(x, packed, out_features, bits, group)
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        assert float((got.float() - want).norm() / want.norm()) < 0.02, rows
+    x = torch.randn(2, in_features, generator=gen)
+    want = x @ dense.t()
+    w, scales, extra = packed
+    if bits == 8:  # the inputs' order within a group of four, swapped
+        swapped = w.clone()
+        swapped[..., [0, 1]] = w[..., [1, 0]]
+        broken = native.linear(x, (swapped, scales, extra), out_features, bits, group)
+    else:  # the low and high nibbles (inputs i and i + 4) swapped
+        swapped = w.clone()
+        swapped[:, :, 64:] = (w[:, :, 64:] >> 4) | (w[:, :, 64:] << 4)
+        broken = native.linear(x, (swapped, scales, extra), out_features, bits, group)
+    assert float((broken - want).norm() / want.norm()) > 0.3
+
+
+@needs_native
+def test_packed_weights_read_back_as_the_weights_they_stand_for() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 128, generator=gen) * 0.05
+    for bits in (8, 4):
+        packed, dense = native.pack8(weight) if bits == 8 else native.pack4(weight, 32)
+        back = native.unpack(*packed, 64, bits).float()
+        torch.testing.assert_close(back, dense, rtol=1e-2, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("head", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_8bit_attention_equals_pytorchs_over_the_same_cache(head: int, dtype: torch.dtype) -> None:
+    """One query per row over an 8-bit cache: radio's kernel and PyTorch's ops (step._attend8) give the same
+    output over left-padded and right-masked rows, and a mask it ignored would change it."""
+    gen = torch.Generator().manual_seed(2)
+    rows, heads, columns = 4, 3, 37
+    q = torch.randn(rows, heads, 1, head, generator=gen).to(dtype)
+    k = kv8_pack(torch.randn(rows, heads, columns, head, generator=gen))
+    v = kv8_pack(torch.randn(rows, heads, columns, head, generator=gen))
+    live = torch.ones(rows, columns, dtype=torch.bool)
+    live[0, 30:] = False  # columns past the row's length
+    live[1, :9] = False  # left padding
+    live[3, :] = False
+    live[3, 5] = True  # a single live column
+    bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    want = _attend8(q, k, v, bias, 0.125, None).float()[:, :, 0]
+    got = native.attend8(q[:, :, 0], k, v, bias.reshape(rows, columns), 0.125).float()
+    assert got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    unmasked = native.attend8(q[:, :, 0], k, v, torch.zeros(rows, columns), 0.125).float()
+    assert float((unmasked - want).abs().max()) > 0.05
+
+
+def test_kernels_off_by_setting_or_environment(tiny_model_dir: Path) -> None:
+    """``kernels: torch`` keeps PyTorch's kernels and a full cache for ``kv: auto``; ``auto`` takes radio's where
+    they work (then the 8-bit cache too); ``RADIO_NATIVE_KERNELS=0`` turns them off with a reason; a bad value is
+    refused."""
+    from radio.errors import ModelError
+
+    torch_model = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never", kernels="torch")
+    assert not torch_model.native and torch_model.kv == "full"
+    assert "radio's" not in str(torch_model.describe()["kernels"])
+    auto = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+    assert auto.native == native.available()
+    assert auto.kv == ("8bit" if native.available() else "full")
+    assert resolve_kv("auto", True) == "8bit" and resolve_kv("auto", False) == "full"
+    assert resolve_kv("full", True) == "full"
+    with pytest.raises(ModelError, match="unknown kernels"):
+        MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, kernels="fast")
+    code = ("import os; os.environ['RADIO_NATIVE_KERNELS'] = '0'; from radio.musicgen import native; "
+            "print(native.available(), native.why_not())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False RADIO_NATIVE_KERNELS=0"
+
+
+@needs_native
+def test_a_model_on_radios_kernels_continues_like_one_on_pytorchs(tiny_model_dir: Path) -> None:
+    """int8 weights and an 8-bit cache, compiled layer, on radio's kernels and on PyTorch's: greedy continuations
+    of the same context agree on most codes (the activations' rounding moves a few), and the kernels' model
+    generates sampled audio as any other."""
+    greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
+    models = [MusicgenModel(str(tiny_model_dir), weights="int8", kv="8bit", seed=0, kernels=k)
+              for k in ("torch", "auto")]
+    assert [m.native for m in models] == [False, True]
+    context = np.random.default_rng(5).integers(0, models[0].vocab_size, (models[0].num_codebooks, 40))
+    request = ContinuationRequest(context, "slow strings", greedy, key="a")
+    codes = [m.continue_batch([request], 30)[0].codes for m in models]
+    assert codes[0].shape == codes[1].shape
+    assert float((codes[0] == codes[1]).mean()) > 0.6
+    sampled = models[1].continue_batch([ContinuationRequest(context, "slow strings", Sampling(), key="b")], 20)[0]
+    assert sampled.pcm.size > 0 and np.isfinite(sampled.pcm).all()
+
+
+def test_linear_layers_keep_pytorchs_kernel_where_the_shape_does_not_suit() -> None:
+    from radio.musicgen.kernels import QuantLinear
+
+    odd = QuantLinear(nn.Linear(64, 40), 8, "native")  # 40 outputs: not blocks of 16
+    assert odd.kernel == "torch" and not native.fits(40, 64) and native.fits(48, 64)
