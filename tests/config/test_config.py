@@ -192,17 +192,18 @@ def test_a_station_link_that_loops_is_reported(tmp_path: Path, capsys: pytest.Ca
 def test_audience_and_weights_settings_are_read_and_checked(tmp_path: Path) -> None:
     good = tmp_path / "radio.yaml"
     good.write_text("engine:\n  generate: always\n  linger: 2m\n  weights: int4\n  kv: 8bit\n  compile: never\n"
-                    "  codec: float32\n",
+                    "  codec: float32\n  kernels: torch\n",
                     encoding="utf-8")
     cfg = load_daemon_config(good)
     assert (cfg.engine.generate, cfg.engine.linger, cfg.engine.weights) == ("always", 120.0, "int4")
     assert cfg.engine.kv == "8bit" and load_daemon_config(None).engine.kv == "auto"
     assert cfg.engine.compile == "never" and load_daemon_config(None).engine.compile == "auto"
     assert cfg.engine.codec == "float32" and load_daemon_config(None).engine.codec == "auto"
+    assert cfg.engine.kernels == "torch" and load_daemon_config(None).engine.kernels == "auto"
     assert (load_daemon_config(None).engine.generate, load_daemon_config(None).engine.linger) == ("listened", 60.0)
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine:\n  weights: int3\n  generate: sometimes\n  linger: forever\n  kv: 4bit\n"
-                   "  compile: maybe\n  codec: float16\n", encoding="utf-8")
+                   "  compile: maybe\n  codec: float16\n  kernels: fast\n", encoding="utf-8")
     with pytest.raises(ConfigError) as err:
         load_daemon_config(bad)
     text = "\n".join(err.value.problems)
@@ -212,6 +213,7 @@ def test_audience_and_weights_settings_are_read_and_checked(tmp_path: Path) -> N
     assert f"{bad}:5: engine.kv: '4bit' is not one of auto, full, 8bit" in text
     assert f"{bad}:6: engine.compile: 'maybe' is not one of auto, always, never" in text
     assert f"{bad}:7: engine.codec: 'float16' is not one of auto, float32, bfloat16" in text
+    assert f"{bad}:8: engine.kernels: 'fast' is not one of auto, torch" in text
     st = write_station(tmp_path / "st", "a.yaml", """
         name: A
         mount: /a.mp3

@@ -84,7 +84,8 @@ def _load() -> str | None:
         # (a systemd unit, `.venv/bin/python -m ...`).
         os.environ["PATH"] = os.pathsep.join([*_ninja_dirs(), path])
         source = SOURCE.read_bytes()
-        name = "radio_cpu_" + hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:12]
+        key = source + " ".join([*COMPILE_FLAGS, torch.__version__]).encode()  # a new PyTorch builds anew
+        name = "radio_cpu_" + hashlib.sha256(key).hexdigest()[:12]
         load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: PyTorch's kernels serve
