@@ -293,7 +293,8 @@ class MusicgenModel:
         self.native_attention = self.native and self.decoder == "dynamic" and head_size in native_kernels.HEAD_SIZES
         # auto: the 8-bit cache where the decoder runs in bf16 (the CPU defaults; float32 is a choice of exactness)
         self.kv = resolve_kv(kv, self.native_attention and self.dtype == torch.bfloat16)
-        self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv, self.native)
+        self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv,
+                                        self.native_attention)
         if codec not in CODEC:
             raise ModelError(f"unknown codec {codec!r}: use one of {', '.join(CODEC)}")
         # EnCodec in bf16 where the decoder runs in it on a CPU (measured there; a card's EnCodec is not)
@@ -341,6 +342,11 @@ class MusicgenModel:
                                      layer)
         decoder.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         return decoder
+
+    @property
+    def native_in_use(self) -> bool:
+        """Do radio's CPU kernels (:mod:`.native`) serve this model's weights or its 8-bit cache?"""
+        return self.native and (self.weights in ("int8", "int4") or (self.native_attention and self.kv == "8bit"))
 
     @property
     def compile(self) -> bool:
@@ -467,7 +473,7 @@ class MusicgenModel:
         slots = self.slots
         kernels = ((f"{self.weights}-weight-only" if self.weights in ("int8", "int4") else "onednn-packed")
                    if self.packed else "stock")
-        if self.native and (self.weights in ("int8", "int4") or self.kv == "8bit"):
+        if self.native_in_use:
             kernels += " (radio's VNNI kernels)"
         return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "kv": self.kv,
                 "channels": self.channels, "codec": self.codec.dtype,

@@ -412,7 +412,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
                   weights=getattr(model, "weights", "dense"), kv=getattr(model, "kv", "full"),
                   compiled=bool(getattr(model, "compile", False)), codec=_codec(model),
-                  kernels="native" if getattr(model, "native", False) else "torch",
+                  kernels="native" if getattr(model, "native_in_use", False) else "torch",
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
 
@@ -637,7 +637,7 @@ def _dtype_name(model: MusicgenModel) -> str:
     quantized weights or 8-bit cache: ``bfloat16+int8``, ``bfloat16+int4+kv8``,
     ``bfloat16+int4+kv8+compiled+encodec-bf16+native``."""
     weights = getattr(model, "weights", "dense")
-    native = getattr(model, "native", False) and (weights in ("int8", "int4") or getattr(model, "kv", "") == "8bit")
+    native = getattr(model, "native_in_use", False)
     return (str(model.dtype).replace("torch.", "") + (f"+{weights}" if weights in ("int8", "int4") else "")
             + ("+kv8" if getattr(model, "kv", "full") == "8bit" else "")
             + ("+compiled" if getattr(model, "compile", False) else "")
