@@ -223,6 +223,11 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& s
   TORCH_CHECK(w.numel() == (bits == 8 ? K * out_features : out_features / BLOCK * (K / group) * (group / 8 + 1) * 64),
               "radio_cpu::linear: weight size");
   TORCH_CHECK(w.is_contiguous() && scales.is_contiguous() && extra.is_contiguous(), "radio_cpu::linear: layout");
+  TORCH_CHECK(bits == 4 ? w.scalar_type() == at::kByte
+                        : (w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
+                           scales.numel() == out_features && extra.scalar_type() == at::kInt &&
+                           extra.numel() == out_features),
+              "radio_cpu::linear: operands as native.pack8_codes / pack4_codes make them");
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
   const Rows r = quantize_rows(x);
