@@ -25,7 +25,8 @@ CMD ["icecast2", "-c", "/etc/icecast2/icecast.xml"]
 
 FROM ${BASE} AS radio
 ARG TORCH_INDEX_URL=""
-# g++: PyTorch's compiler builds the CPU decode step's layer (engine.compile) at load; its code is cached in /cache.
+# g++: PyTorch's compiler builds the CPU decode step's layer (engine.compile), and PyTorch's extension builder
+# radio's CPU kernels (engine.kernels), at load; both are cached in /cache.
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         ffmpeg libshout-dev pkg-config gcc g++ python3-venv python3-dev icecast2 \
     && rm -rf /var/lib/apt/lists/*
