@@ -4,12 +4,12 @@ an 8-bit KV cache, for CPUs with AVX-512 and its VNNI instructions (Intel since 
 Why: a decode step multiplies a couple of rows by every weight. PyTorch's CPU weight-only kernels turn each
 weight back into a float before they multiply it; on a small machine that arithmetic, not memory, sets their
 speed, and it grows with every row (each station adds two). These kernels quantize each row of activations to
-int8 instead (one scale per row) and multiply with ``vpdpbusd`` (64 multiply-adds an instruction), so the
-weights are read at close to memory speed and more rows cost little. PyTorch's compiler reads an 8-bit cache
+int8 instead (one scale per row) and multiply with ``vpdpbusd`` (64 multiply-adds an instruction), so reading
+the weights sets the pace again and more rows cost little. PyTorch's compiler reads an 8-bit cache
 at a third of the speed it reads a bf16 one; ``attend8`` reads it as bytes.
 
 The library is built once per machine with PyTorch's extension builder (g++ and ninja; the build is cached in
-``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default; a few seconds) the first time a model asks
+``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default; ~15 s on two cores) the first time a model asks
 for it, and used only where it loads and agrees with the float math on a probe. Anything else (another CPU, no
 compiler, a failed build) leaves the model on PyTorch's kernels and says why once (:func:`why_not`).
 ``RADIO_NATIVE_KERNELS=0`` keeps them off.
@@ -54,7 +54,9 @@ def available() -> bool:
             _state["ok"] = reason is None
             if reason is not None:
                 _state["why"] = reason
-                logger.info("radio's CPU kernels are off: %s; PyTorch's kernels serve", reason)
+                # a CPU without the instructions is expected; a failed build or probe on one with them is not
+                log = logger.info if reason.startswith(("this CPU", "built for", "RADIO_")) else logger.warning
+                log("radio's CPU kernels are off: %s; PyTorch's kernels serve", reason)
         return bool(_state["ok"])
 
 
