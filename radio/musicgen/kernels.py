@@ -175,11 +175,9 @@ class QuantLinear(nn.Module):
         self.kernel = ("native" if kernel == "native" and native.fits(self.out_features, self.in_features)
                        and native.available() else "torch")
         self.register_buffer("extra", None, persistent=False)  # native: 8-bit codes' sums, or 4-bit lows
-        w = linear.weight.detach().float()
         with torch.no_grad():
             if bits == 8:
-                scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-                q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
+                q, scale = native.quantize8(linear.weight)
                 if self.kernel == "native":
                     packed, scales, extra = native.pack8_codes(q, scale)
                     self.register_buffer("extra", extra, persistent=False)
@@ -188,19 +186,15 @@ class QuantLinear(nn.Module):
                 self.register_buffer("weight", packed, persistent=False)
                 self.register_buffer("scales", scales, persistent=False)
             elif bits == 4:
-                g = w.reshape(self.out_features, self.in_features // self.group, self.group)
-                lo, hi = g.amin(-1), g.amax(-1)
-                scale = ((hi - lo) / 15).clamp(min=1e-12)
-                q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-                q = q.reshape(self.out_features, -1)
+                codes, scale, lo = native.quantize4(linear.weight, self.group)
                 if self.kernel == "native":
-                    packed, scales, extra = native.pack4_codes(q.to(torch.uint8), scale, lo)
+                    packed, scales, extra = native.pack4_codes(codes, scale, lo)
                     self.register_buffer("weight", packed, persistent=False)
                     self.register_buffer("scales", scales, persistent=False)
                     self.register_buffer("extra", extra, persistent=False)
                     self.unpackable = True
                 else:
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
                     # the kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale
                     sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
                     self.register_buffer("weight", packed, persistent=False)
@@ -208,7 +202,7 @@ class QuantLinear(nn.Module):
                     # The packed layout is the kernel's (and may differ by CPU): read back only where it reads as
                     # known.
                     unpacked = _int4_unpack(packed, self.out_features, self.in_features)
-                    self.unpackable = unpacked is not None and torch.equal(unpacked, q.to(torch.uint8))
+                    self.unpackable = unpacked is not None and torch.equal(unpacked, codes)
             else:
                 raise ValueError(f"{bits}-bit weights are not supported")
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None

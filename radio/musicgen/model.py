@@ -215,10 +215,13 @@ class MusicgenModel:
             self.dtype = torch.bfloat16  # the weight-only kernels take bf16 activations
         if kernels not in KERNELS:
             raise ModelError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
-        # radio's own CPU kernels (.native): built and checked on first use; PyTorch's where they cannot be
+        # radio's own CPU kernels (.native): built and checked on first use, by a model that can use them
+        # (quantized weights, or an 8-bit cache: bf16 or asked for); PyTorch's where they cannot be
         from . import native as native_kernels
 
-        self.native = kernels == "auto" and self.device == "cpu" and native_kernels.available()
+        self.native = (kernels == "auto" and self.device == "cpu"
+                       and (self.weights in ("int8", "int4") or self.dtype == torch.bfloat16 or kv == "8bit")
+                       and native_kernels.available())
         source = model_source(name)
         logger.info("loading model %s on %s (%s)", source, self.device, str(self.dtype).replace("torch.", ""))
         try:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HEAD_SIZES", "attend8", "available", "fits", "linear", "pack4", "pack8", "unpack", "why_not"]
+__all__ = ["HEAD_SIZES", "attend8", "available", "fits", "linear", "pack4", "pack8", "quantize4", "quantize8", "unpack",
+           "why_not"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,8 @@ def _ninja_dirs() -> list[str]:
 
 
 def _register_fakes() -> None:
-    """Shapes for PyTorch's compiler (the compiled decode layer calls the ops as they are)."""
-    if _state.get("fakes"):
-        return
+    """Shapes for PyTorch's compiler (the compiled decode layer calls the ops as they are). Once: :func:`_load`
+    runs once a process."""
 
     @torch.library.register_fake("radio_cpu::linear")
     def _linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, extra: torch.Tensor,
@@ -122,8 +122,6 @@ def _register_fakes() -> None:
     def _attend8_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         return q.new_empty(q.shape)
-
-    _state["fakes"] = True
 
 
 def _probe() -> str | None:
@@ -156,12 +154,29 @@ def _probe() -> str | None:
     return None
 
 
-def pack8(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A float weight (out, in) as the 8-bit kernel's operands (per-channel scales, absolute maximum / 127),
-    and the weight they stand for (dequantized, float32)."""
+def quantize8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (out, in) as int8 codes and a float32 scale per output channel (absolute maximum / 127): the
+    8-bit quantization of every kernel (PyTorch's and radio's)."""
     w = weight.detach().float()
     scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight (out, in) as 4-bit codes (uint8 0..15) with a float32 scale and low per ``group`` inputs and
+    output channel (out, groups): weight ~ code * scale + low. The 4-bit quantization of every kernel."""
+    n, k = weight.shape
+    g = weight.detach().float().reshape(n, k // group, group)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return codes, scale, low
+
+
+def pack8(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A float weight (out, in) as the 8-bit kernel's operands, and the weight they stand for (dequantized,
+    float32)."""
+    q, scale = quantize8(weight)
     return pack8_codes(q, scale), q.float() * scale[:, None]
 
 
@@ -177,10 +192,7 @@ def pack4(weight: torch.Tensor, group: int) -> tuple[tuple[torch.Tensor, torch.T
     """A float weight (out, in) as the 4-bit kernel's operands (asymmetric, ``group`` inputs per scale), and the
     weight they stand for (dequantized, float32)."""
     n, k = weight.shape
-    g = weight.detach().float().reshape(n, k // group, group)
-    low, high = g.amin(-1), g.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    codes = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    codes, scale, low = quantize4(weight, group)
     scale, low = scale.to(torch.bfloat16), low.to(torch.bfloat16)
     dense = (codes.view(n, k // group, group).float() * scale.float()[..., None] + low.float()[..., None])
     return pack4_codes(codes, scale, low), dense.view(n, k)

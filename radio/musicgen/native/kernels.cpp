@@ -72,15 +72,10 @@ Rows quantize_rows(const at::Tensor& x) {
   Rows r;
   r.q.resize(M * K);
   r.scale.resize(M);
-  // Denormal inputs (a GELU's far tail) cost the CPU a microcode assist each in float arithmetic, ~100 cycles;
-  // they round to 0 here anyway, so this thread treats them as 0 while it quantizes.
-  const unsigned int csr = _mm_getcsr();
-  _mm_setcsr(csr | 0x8040);  // flush to zero, denormals are zero
   if (x.scalar_type() == at::kFloat)
     quantize(x.data_ptr<float>(), M, K, r);
   else
     quantize(x.data_ptr<c10::BFloat16>(), M, K, r);
-  _mm_setcsr(csr);
   return r;
 }
 
