@@ -305,6 +305,14 @@ class MusicgenModel:
         self._decoder: SlotDecoder | DynamicDecoder = self._make_decoder(seed)
         logger.info("decode path: %s%s", self.decoder,
                     f" ({self.slots.kernels} kernels)" if self.slots is not None else "")
+        from .resident import release_checkpoint, resident_bytes
+
+        # the tensors still in the checkpoint's file map (T5, float32 layers) get memory of their own: the map's
+        # pages leave the resident set, and the heap hands back what quantizing and converting freed
+        copied = release_checkpoint(model)
+        rss = resident_bytes()
+        logger.info("model resident: %s (%.0f MB copied out of the checkpoint's file map)",
+                    f"{rss / 2**20:.0f} MB process RSS" if rss is not None else "RSS unknown", copied / 2**20)
 
     def _make_decoder(self, seed: int | None) -> "SlotDecoder | DynamicDecoder":
         """The decode path: ``static`` (fixed KV slots, the step captured as a CUDA graph) or ``dynamic`` (rows in

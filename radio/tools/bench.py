@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import Sampling
 from ..musicgen.model import ContinuationRequest, MusicgenModel, cache_keyword, resolve_device, resolve_dtype
+from ..musicgen.resident import resident_bytes, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,9 @@ class RssSampler:
 
     @staticmethod
     def rss() -> int:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        now = resident_bytes()
+        if now is not None:
+            return now
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -657,6 +655,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
     bare_steps: dict[str, float] = {}
     window_seconds = max(3 * context_seconds, context_seconds + 2 * frames / 50 + 1)
     kernels: dict[str, str] = {}
+    loaded_rss: dict[str, float] = {}  # MB resident right after each model's load (the ones before it freed)
     capacities: dict[str, int] = {}
     wanted: list[str] = []
     for dtype in dtypes:  # "auto" may resolve to a dtype already listed
@@ -680,6 +679,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
         settings = [(w, k, c, e, n) for w in weights_list for k in kv_list for c in compile_list for e in codec_list
                     for n in kernels_list]
         for weights, kv, compile, codec, native in settings if "ours" in scenarios else ():
+            _free()
             # the engine's window: a station's cache cycles from context_seconds up to 3 x context_seconds (and
             # at least context + 2 chunks, as the engine's config demands)
             m = MusicgenModel(model_dir, device="auto", dtype=dtype, seed=0, window_seconds=window_seconds,
@@ -689,6 +689,7 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
             if name in kernels:
                 del m
                 continue  # another weights setting resolved to one already measured
+            loaded_rss[name] = (resident_bytes() or 0) / 2**20
             kernels[name] = str(m.describe()["kernels"]) + f", {m.decoder} decoder" + (
                 f", {m.slots.kernels} kernels" if m.slots is not None else "") + (
                 f", EnCodec bf16 ({m.codec.snr_db:.1f} dB SNR against float32)" if m.codec.dtype == "bfloat16"
@@ -730,10 +731,20 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
                            "context_seconds": context_seconds, "window_seconds": window_seconds,
                            "top_k": SAMPLING.top_k, "first_chunk_seconds": first_seconds,
                            "ours_linear_kernels": kernels},
+              "loaded_rss_mb": loaded_rss,
               "results": [asdict(r) for r in results], "raw_decode_step_seconds": raw_steps,
               "bare_decode_step_seconds": bare_steps, "capacity_mounts": capacities}
     report["ratios"] = ratios(results, raw_steps, first_seconds, bare_steps)
     return report
+
+
+def _free() -> None:
+    """Let the models measured before go (they hold reference cycles) and hand their pages back, so that a
+    model's RSS after loading is its own (and the process's)."""
+    import gc
+
+    gc.collect()
+    trim_heap()
 
 
 def weight_quality(model_dir: str, weights: tuple[str, ...], frames: int = 300,
@@ -936,6 +947,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{a['cores']:.2f} cores" + (f"; a listener on an idle mount: station awake after "
                                                    f"{a['wake_seconds']} s, fresh bytes after "
                                                    f"{a['first_fresh_bytes_seconds']} s" if "wake_seconds" in a else ""))
+    for name, mb in report.get("loaded_rss_mb", {}).items():
+        lines.append(f"resident   {name}: {mb:.0f} MB RSS right after loading")
     lines.append("")
     for k, v in report.get("capacity_mounts", {}).items():
         lines.append(f"capacity ({k}): {v} mounts each at >= 1.0x real time")

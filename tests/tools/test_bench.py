@@ -38,6 +38,9 @@ def test_bench_tiny_prints_a_table_and_writes_json(tmp_path: Path) -> None:
             assert r["reset_seconds"] is not None and r["reset_seconds"] > 0  # a prefill, timed
     assert set(report["bare_decode_step_seconds"]) == set(report["raw_decode_step_seconds"])
     assert report["machine"]["cores"] >= 1
+    ours = {r["dtype"] for r in report["results"] if r["scenario"] == "ours"}
+    assert set(report["loaded_rss_mb"]) == ours and all(mb > 0 for mb in report["loaded_rss_mb"].values())
+    assert "RSS right after loading" in proc.stdout
     assert {r["weights"] for r in report["results"] if r["scenario"] == "ours"} >= {"int8"}
     q = report["weight_quality"]["int8"]
     assert 0 < q["logits_rel_error"] < 1 and 0 < q["top1_agreement"] <= 1 and q["frames"] > 0
