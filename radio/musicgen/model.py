@@ -278,11 +278,12 @@ class MusicgenModel:
             self.weights = "dense"
             self.text.set_dtype(torch.float32)
         # Last: packing fixes the decoder's dtype. Every caller (our loop, generate) then uses the packed layers.
-        from .kernels import accelerate, quantize_linears
+        from .kernels import accelerate, join_projections, quantize_linears
 
         if self.weights in ("int8", "int4"):
             n = quantize_linears(model.decoder, 8 if self.weights == "int8" else 4,
                                  "native" if self.native else "torch")
+            join_projections(model.decoder)  # radio's kernels: q, k and v as one product
             logger.info("decoder: %d linear layers with %s weights (%s kernels)", n, self.weights,
                         "radio's" if self.native else "PyTorch's")
             self.packed = n > 0

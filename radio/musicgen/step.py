@@ -282,17 +282,22 @@ def layer_step(layer: Any, h: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     d) at ``(rows, columns)`` (:class:`WriteAt`), packed when the cache is 8-bit (read through ``scratch``
     upcast buffers, or none when compiled: :func:`_attend8`); ``uncond`` is the layer's cross-attention output
     for the unconditional rows; ``qkv`` the self-attention's three projections as one weight
-    (:class:`DecoderParts`), if made. ``kernels``: ``eager`` (transformers' math), ``sdpa`` (PyTorch's fused
-    attention: CUDA) or ``native`` (an 8-bit cache read by radio's CPU kernel, :mod:`.native`; a full cache as
-    eager). Tensors and constants only, so that one compiled copy serves every layer."""
+    (:class:`DecoderParts`), if made; a self-attention with a ``qkv_proj`` (radio's quantized kernels:
+    :func:`.kernels.join_projections`) calls that one product in place of the three. ``kernels``: ``eager``
+    (transformers' math), ``sdpa`` (PyTorch's fused attention: CUDA) or ``native`` (an 8-bit cache read by radio's
+    CPU kernel, :mod:`.native`; a full cache as eager). Tensors and constants only, so that one compiled copy
+    serves every layer."""
     sdpa = kernels == "sdpa"
     attn = layer.self_attn
     H, d = attn.num_heads, attn.head_dim
     n_rows = h.shape[0]
     residual = h
     y = layer.self_attn_layer_norm(h)
+    joined = getattr(attn, "qkv_proj", None)  # radio's quantized kernels: the three as one (kernels.py)
     if qkv is not None:
         q, k_new, v_new = torch.nn.functional.linear(y, qkv).view(n_rows, 3, H * d).unbind(1)
+    elif joined is not None:
+        q, k_new, v_new = joined(y).view(n_rows, 3, H * d).unbind(1)
     else:
         q, k_new, v_new = attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)
     k_new, v_new = k_new.reshape(n_rows, H, d), v_new.reshape(n_rows, H, d)

@@ -136,3 +136,58 @@ def test_linear_layers_keep_pytorchs_kernel_where_the_shape_does_not_suit() -> N
 
     odd = QuantLinear(nn.Linear(64, 40), 8, "native")  # 40 outputs: not blocks of 16
     assert odd.kernel == "torch" and not native.fits(40, 64) and native.fits(48, 64)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+def test_q_k_and_v_joined_give_the_three_products_and_hold_the_weights_once(bits: int) -> None:
+    from radio.musicgen.kernels import QuantLinear, join_projections
+
+    gen = torch.Generator().manual_seed(3)
+    attn = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        dense = nn.Linear(128, 64, bias=False)
+        with torch.no_grad():
+            dense.weight.copy_(torch.randn(64, 128, generator=gen) * 0.05)
+        setattr(attn, name, QuantLinear(dense, bits, "native"))
+    layer = nn.Module()
+    layer.self_attn = attn
+    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
+    apart = [getattr(attn, name)(x) for name in ("q_proj", "k_proj", "v_proj")]
+
+    assert join_projections(layer) == 1
+    joined = attn.qkv_proj(x)
+
+    assert joined.shape == (3, 192)
+    assert torch.equal(joined, torch.cat(apart, dim=1))  # the same integer products, one rounding of x
+    assert all(torch.equal(getattr(attn, name)(x), want) for name, want in zip(("q_proj", "k_proj", "v_proj"), apart))
+    base = attn.qkv_proj.weight.untyped_storage().data_ptr()
+    assert all(getattr(attn, name).weight.untyped_storage().data_ptr() == base for name in ("q_proj", "k_proj"))
+    torch_kernel = nn.Module()
+    torch_kernel.self_attn = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(torch_kernel.self_attn, name, QuantLinear(nn.Linear(128, 64, bias=False), bits, "torch"))
+    assert join_projections(torch_kernel) == 0 and not hasattr(torch_kernel.self_attn, "qkv_proj")
+
+
+@needs_native
+def test_a_quantized_model_on_radios_kernels_steps_with_the_joined_projections(tiny_model_dir: Path) -> None:
+    """The tiny model's decoder layers get one q/k/v product each; its eager steps continue a context exactly
+    as the three products do, and its compiled steps (which call the joined one too) alike."""
+    from unittest import mock
+
+    from radio.musicgen import kernels
+
+    greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
+    with mock.patch.object(kernels, "join_projections", return_value=0):
+        apart = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+    models = [MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile=c) for c in ("never", "always")]
+    assert all(hasattr(layer.self_attn, "qkv_proj") for layer in models[0].model.decoder.model.decoder.layers)
+    assert not hasattr(apart.model.decoder.model.decoder.layers[0].self_attn, "qkv_proj")
+    assert models[1].compile
+    context = np.random.default_rng(2).integers(0, apart.vocab_size, (apart.num_codebooks, 30))
+    request = ContinuationRequest(context, "slow strings", greedy, key="a")
+    want = apart.continue_batch([request], 20)[0].codes
+    eager, compiled = (m.continue_batch([request], 20)[0].codes for m in models)
+    assert np.array_equal(eager, want)
+    assert float((compiled == want).mean()) > 0.8
