@@ -168,7 +168,7 @@ class Daemon:
                                           engine=replace(self.config.engine, weights=spec.weights)))
 
     def _estimate(self, spec: ModelSpec) -> int | None:
-        return estimate_model_bytes(spec.name, spec.dtype, self.config.device)
+        return estimate_model_bytes(spec.name, spec.dtype, self.config.device, spec.weights)
 
     def add_station(self, sc: StationConfig, rng: random.Random | None = None) -> Station:
         """Start a station; its model is loaded first if no station uses it yet (raises ModelError)."""

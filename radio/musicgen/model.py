@@ -162,10 +162,11 @@ def model_source(name: str) -> str:
     return name
 
 
-def estimate_model_bytes(name: str, dtype: str = "auto", device: str = "cpu") -> int | None:
-    """Memory a checkpoint will take once loaded (weights in the dtype policy: decoder in ``dtype``, text
-    encoder and EnCodec in fp32), read from its config alone by building the model on the meta device.
-    None when the config cannot be read (the load itself will then report why)."""
+def estimate_model_bytes(name: str, dtype: str = "auto", device: str = "cpu", weights: str = "auto") -> int | None:
+    """Memory a checkpoint will take once loaded (weights in the dtype policy: decoder in ``dtype``, its linear
+    layers' weights in ``weights`` (int8: a byte each, int4: half of one, plus their scales), text encoder and
+    EnCodec in fp32), read from its config alone by building the model on the meta device. None when the config
+    cannot be read (the load itself will then report why)."""
     import torch
     from transformers import MusicgenConfig, MusicgenForConditionalGeneration
 
@@ -173,14 +174,23 @@ def estimate_model_bytes(name: str, dtype: str = "auto", device: str = "cpu") ->
         config = MusicgenConfig.from_pretrained(model_source(name))
         with torch.device("meta"):
             skeleton = MusicgenForConditionalGeneration(config)
-        size = torch.tensor([], dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
+        where = resolve_device(device)
+        torch_dtype = resolve_dtype(weights if weights in ("float32", "bfloat16") else dtype, where)
+        held = resolve_weights(weights, where, torch_dtype)
+        size = torch.tensor([], dtype=torch.bfloat16 if held in ("int8", "int4") else torch_dtype).element_size()
     except Exception as exc:  # noqa: BLE001 - an estimate is optional; the load reports real errors
         logger.debug("no size estimate for %s: %s", name, exc)
         return None
     total = sum(p.numel() for p in skeleton.parameters())
     decoder = sum(p.numel() for p in skeleton.decoder.parameters())
     buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())
-    return decoder * size + (total - decoder) * 4 + buffers
+    linears = [m for m in skeleton.decoder.modules() if type(m) is torch.nn.Linear]
+    linear, channels = sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
+    # int8: a byte per weight and 8 per output channel; int4: half a byte and 4 per group of 64 (scale and low)
+    quantized = {"int8": linear + 8 * channels, "int4": linear // 2 + 4 * linear // 64}.get(held)
+    if quantized is None:
+        return decoder * size + (total - decoder) * 4 + buffers
+    return (decoder - linear) * size + quantized + (total - decoder) * 4 + buffers
 
 
 def cache_keyword(module) -> str:
@@ -308,9 +318,11 @@ class MusicgenModel:
                     f" ({self.slots.kernels} kernels)" if self.slots is not None else "")
         from .resident import release_checkpoint, resident_bytes
 
-        # the tensors still in the checkpoint's file map (T5, float32 layers) get memory of their own: the map's
-        # pages leave the resident set, and the heap hands back what quantizing and converting freed
-        copied = release_checkpoint(model)
+        # the tensors still in the checkpoint's file map (T5) get memory of their own: the map's pages leave the
+        # resident set, and the heap hands back what quantizing and converting freed. Not for a float32 decoder:
+        # there something outside the modules' tensors (not found) keeps the map, and copies would only add to
+        # it (musicgen-small: 3.7 -> 4.9 GB)
+        copied = release_checkpoint(model) if self.dtype != torch.float32 else 0
         rss = resident_bytes()
         logger.info("model resident: %s (%.0f MB copied out of the checkpoint's file map)",
                     f"{rss / 2**20:.0f} MB process RSS" if rss is not None else "RSS unknown", copied / 2**20)
@@ -368,9 +380,17 @@ class MusicgenModel:
         return layer is not None and getattr(layer, "failed", None) is None
 
     def memory_bytes(self) -> int:
-        """Weights, buffers and the decode state's KV cache, in bytes."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) + self.decode_state_bytes()
+        """Weights, buffers and the decode state's KV cache, in bytes: each block of memory once (the joined
+        q/k/v products' parts are views of them; oneDNN's packed weights, opaque, by their size)."""
+        blocks: dict[tuple[str, int], int] = {}
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t.is_mkldnn:
+                blocks["opaque", id(t)] = t.numel() * t.element_size()
+            else:
+                storage = t.untyped_storage()
+                key = ("memory", storage.data_ptr())
+                blocks[key] = max(blocks.get(key, 0), storage.nbytes())
+        return sum(blocks.values()) + self.decode_state_bytes()
 
     def _set_decoder_dtype(self, dtype) -> None:  # dtype: torch.dtype
         """The decoder is where the time goes; text encoder and EnCodec stay fp32 (run rarely, quality-critical)."""
