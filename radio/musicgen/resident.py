@@ -2,9 +2,9 @@
 
 ``from_pretrained`` maps a safetensors checkpoint into memory and hands out tensors that are views of the map
 wherever it does not convert them (musicgen-small's T5 encoder stays float32, as stored). One such view keeps
-the whole map alive, and every page the load read stays in the process's resident
-set: musicgen-small's 2.2 GB file stayed resident beside an int8 decoder of 0.35 GB (RSS 3.9 GB; 1.4 GB once
-released, measured on a 2-core AMD EPYC, 2026-12-02). Those pages are clean and the kernel may drop them under
+the whole map alive, and every page the load read stays in the process's resident set: musicgen-small's 2.2 GB
+file stayed resident beside an int8 decoder of 0.35 GB (RSS after loading 3.9 GB; 1.5 GB once released,
+measured on a 2-core AMD EPYC, 2026-12-02). Those pages are clean and the kernel may drop them under
 pressure, but an operator reads RSS, and a machine sized by it buys memory the model does not need.
 
 :func:`release_checkpoint` copies the tensors that still live in a file map into the process's own memory (the
