@@ -8,19 +8,20 @@ measured on a 2-core AMD EPYC, 2026-12-02). Those pages are clean and the kernel
 pressure, but an operator reads RSS, and a machine sized by it buys memory the model does not need.
 
 :func:`release_checkpoint` copies the tensors that still live in a file map into the process's own memory (the
-map closes with its last view) and hands the heap's free pages back to the system (:func:`trim_heap`: the
-quantization and the dtype changes free the dense weights they replaced, which the C allocator otherwise keeps).
+map closes with its last view) and hands the heap's free pages back to the system (``radio.native.trim``: the
+quantization and the dtype changes free the dense weights they replaced, which the C allocator otherwise
+keeps).
 The model does so for every dtype but float32, whose map something outside the modules' tensors keeps (not
 found), so that copies would only add to it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 from typing import Any
+
+from ..native import trim
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +75,8 @@ def release_checkpoint(module: Any) -> int:
         seen.add(id(tensor))
         tensor.data = tensor.data.clone()  # in place on the Parameter/buffer object: tied weights stay tied
         copied += tensor.numel() * tensor.element_size()
-    trim_heap()
+    trim()
     return copied
-
-
-def trim_heap() -> bool:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim this way
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
 
 
 def resident_bytes(path: str = "/proc/self/status") -> int | None:

@@ -33,7 +33,8 @@ import numpy as np
 
 from ..config import Sampling
 from ..musicgen.model import ContinuationRequest, MusicgenModel, cache_keyword, resolve_device, resolve_dtype
-from ..musicgen.resident import resident_bytes, trim_heap
+from ..musicgen.resident import resident_bytes
+from ..native import trim
 
 logger = logging.getLogger(__name__)
 
@@ -744,7 +745,7 @@ def _free() -> None:
     import gc
 
     gc.collect()
-    trim_heap()
+    trim()
 
 
 def weight_quality(model_dir: str, weights: tuple[str, ...], frames: int = 300,
