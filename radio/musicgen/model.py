@@ -307,6 +307,7 @@ class MusicgenModel:
         self.native_attention = self.native and self.decoder == "dynamic" and head_size in native_kernels.HEAD_SIZES
         # auto: the 8-bit cache where the decoder runs in bf16 (the CPU defaults; float32 is a choice of exactness)
         self.kv = resolve_kv(kv, self.native_attention and self.dtype == torch.bfloat16)
+        self._compile_setting = compile
         self._compile = resolve_compile(compile, self.device, self.dtype, self.decoder, self.kv,
                                         self.native_attention)
         if codec not in CODEC:
@@ -358,7 +359,12 @@ class MusicgenModel:
                                 num_codebooks=self.num_codebooks, pad=self.pad_id, dtype=self.dtype,
                                 device=self.device, kv8=self.kv == "8bit")
             layer = None
-            if self._compile:
+            if parts.native and self.weights in ("int8", "int4") and self._compile_setting != "always":
+                from .native.layers import LayerStack
+
+                stack = LayerStack.of(parts)  # radio's layer loop: every layer of a step in one call
+                parts.stack = stack if stack is not None and stack.works(parts) else None
+            if self._compile and parts.stack is None:
                 from .compiled import compile_layer
 
                 layer = compile_layer(parts, self.dtype, self.device, kv8=self.kv == "8bit")
@@ -371,6 +377,13 @@ class MusicgenModel:
     def native_in_use(self) -> bool:
         """Do radio's CPU kernels (:mod:`.native`) serve this model's weights or its 8-bit cache?"""
         return self.native and (self.weights in ("int8", "int4") or (self.native_attention and self.kv == "8bit"))
+
+    @property
+    def layer_loop(self) -> bool:
+        """Does the decode step run its layers as one call of radio's kernels (:mod:`.native.layers`; false where
+        they do not suit the model, it was not wanted (``compile: always``), or it failed since)?"""
+        stack = getattr(getattr(self._decoder, "parts", None), "stack", None)
+        return stack is not None and stack.failed is None
 
     @property
     def compile(self) -> bool:
@@ -509,8 +522,8 @@ class MusicgenModel:
             kernels += " (radio's VNNI kernels)"
         return {"device": self.device, "decoder": self.decoder, "weights": self.weights, "kv": self.kv,
                 "channels": self.channels, "codec": self.codec.dtype,
-                "kernels": slots.kernels if slots is not None else kernels + (", compiled layers" if self.compile
-                                                                             else ""),
+                "kernels": slots.kernels if slots is not None else kernels + (
+                    ", compiled layers" if self.compile else ", radio's layer loop" if self.layer_loop else ""),
                 "batch_limit": self.batch_limit, "decode_state_bytes": self.state_bytes,
                 "slots_used": sum(k is not None for k in list(slots.keys)) if slots is not None else None,
                 "slot_bytes": slots.bytes_per_slot() if slots is not None else None}

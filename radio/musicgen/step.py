@@ -27,6 +27,7 @@ long as the slots, so on CUDA it is captured once per batch bucket as a CUDA gra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,6 +38,8 @@ from . import native
 from .decoding import kv8_pack, kv8_unpack
 from .fused import add_norm, decode_attention
 from .sampling import guide, sample
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class DecoderParts:
     qkv: list[torch.Tensor] | None = None  # per layer (3D, D): q, k, v projections as one product (CUDA)
     heads_w: torch.Tensor | None = None  # (K*V, D): the K heads as one product (CUDA)
     native: bool = False  # the dynamic path attends over an 8-bit cache with radio's CPU kernel (.native)
+    stack: Any = None  # the dynamic path's layers as one call of radio's kernels (.native.layers.LayerStack)
 
     @classmethod
     def of(cls, causal_lm: Any, positions: torch.Tensor, fuse_qkv: bool = False) -> "DecoderParts":
@@ -189,7 +193,8 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
     not be contiguous, which costs a CPU matmul a copy of its operand) with the columns outside
     ``[offset, length]`` masked. Returns the float logits (physical rows, K, V). An 8-bit cache (int8 buffers of
     ``decoding.kv8_pack``ed rows) is read by :func:`_attend8`, with ``scratch`` its upcast buffers. ``layer``: the
-    function that runs one layer (:func:`layer_step`, or a compiled copy of it: :mod:`.compiled`).
+    function that runs one layer (:func:`layer_step`, or a compiled copy of it: :mod:`.compiled`); where the
+    model has radio's layer loop (``parts.stack``: :mod:`.native.layers`) it runs them all instead.
 
     The same layers as the slot path's step (:func:`run_layers`), so the two are one decode step over two KV
     layouts."""
@@ -202,8 +207,19 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
     dtype = h.dtype
     cols = torch.arange(capacity, device=tok.device)
     live = (cols[None, :] >= phys_offsets[:, None]) & (cols[None, :] <= length)
-    self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
     rows = torch.arange(B * mult, device=tok.device)
+    stack = parts.stack
+    if stack is not None and stack.failed is None:
+        try:
+            h_all = stack(h, kv, prompts.xk, prompts.xv, torch.full_like(rows, length),
+                          torch.where(live, 0.0, torch.finfo(torch.float32).min), prompts.bias.reshape(B, -1).float(),
+                          cfg)
+            return logits_of(parts, parts.final_norm(h_all))
+        except RuntimeError as exc:  # the layers below write the step's keys and values again
+            stack.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            logger.warning("radio's layer loop failed (%s); this model runs its layers one by one from now on",
+                           stack.failed)
+    self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
     at = WriteAt(rows, torch.full_like(rows, length), self_bias, prompts.bias, "halves" if cfg else "conditional")
 
     def caches(i: int) -> LayerCaches:  # rows [0, B) conditional, [B, 2B) unconditional

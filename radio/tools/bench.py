@@ -71,6 +71,7 @@ class Result:
     weights: str = "dense"  # how the decoder's linear weights are held: dense (the dtype), int8, int4
     kv: str = "full"  # how the dynamic path's KV cache is held: full (the dtype) or 8bit
     compiled: bool = False  # the CPU step's layer compiled (musicgen/compiled.py)
+    layer_loop: bool = False  # the CPU step's layers as one call of radio's kernels (musicgen/native/layers.py)
     codec: str = "float32"  # EnCodec's dtype (musicgen/codec.py)
     kernels: str = "torch"  # the CPU kernels of quantized weights and an 8-bit cache: torch, or radio's (native)
 
@@ -411,6 +412,7 @@ def bench_ours(model: MusicgenModel, mounts: int, frames: int, chunks: int, firs
     return Result("ours", _dtype_name(model), mounts, audio / charged, wall / steps, ttfa, rss.peak / 2**20,
                   weights=getattr(model, "weights", "dense"), kv=getattr(model, "kv", "full"),
                   compiled=bool(getattr(model, "compile", False)), codec=_codec(model),
+                  layer_loop=bool(getattr(model, "layer_loop", False)),
                   kernels="native" if getattr(model, "native_in_use", False) else "torch",
                   reset_seconds=reset, realtime_per_mount=audio / charged / mounts, state_bytes_per_mount=state_bytes,
                   peak_device_mb=_device_peak_mb(model), breakdown=breakdown, step_anatomy=anatomy)
@@ -632,14 +634,15 @@ def _codec(model: MusicgenModel) -> str:
 
 def _dtype_name(model: MusicgenModel) -> str:
     """The model's decoder dtype, its weights where they are quantized, its KV cache where it is 8-bit, whether
-    its step's layer is compiled, whether EnCodec runs in bf16 and whether radio's own CPU kernels serve the
-    quantized weights or 8-bit cache: ``bfloat16+int8``, ``bfloat16+int4+kv8``,
-    ``bfloat16+int4+kv8+compiled+encodec-bf16+native``."""
+    its step's layer is compiled (or its layers run as radio's loop), whether EnCodec runs in bf16 and whether
+    radio's own CPU kernels serve the quantized weights or 8-bit cache: ``bfloat16+int8``, ``bfloat16+int4+kv8``,
+    ``bfloat16+int4+kv8+compiled+encodec-bf16+native``, ``bfloat16+int8+kv8+loop+encodec-bf16+native``."""
     weights = getattr(model, "weights", "dense")
     native = getattr(model, "native_in_use", False)
     return (str(model.dtype).replace("torch.", "") + (f"+{weights}" if weights in ("int8", "int4") else "")
             + ("+kv8" if getattr(model, "kv", "full") == "8bit" else "")
             + ("+compiled" if getattr(model, "compile", False) else "")
+            + ("+loop" if getattr(model, "layer_loop", False) else "")
             + ("+encodec-bf16" if _codec(model) == "bfloat16" else "") + ("+native" if native else ""))
 
 
@@ -725,6 +728,9 @@ def run_bench(model_dir: str, mounts: list[int], frames: int = 100, chunks: int 
     if quality and "auto" in kernels_list and "torch" in kernels_list:
         for w in tuple(w for w in weights_list if w in ("int8", "int4")) or ("int8", "int4"):
             qualities[f"{w}-native"] = kernels_quality(model_dir, w, progress=progress)
+    if quality and "auto" in kernels_list and "auto" in compile_list and "always" in compile_list:
+        for w in tuple(w for w in weights_list if w in ("int8", "int4")) or ("int8", "int4"):
+            qualities[f"{w}-loop"] = loop_quality(model_dir, w, progress=progress)
     report = {"date": time.strftime("%Y-%m-%d"), "model": model_dir, "machine": machine_info(), "outputs": outputs,
               "weight_quality": qualities,
               "audience": audience,
@@ -805,6 +811,16 @@ def kernels_quality(model_dir: str, weights: str, frames: int = 200,
     progress(f"quality: {weights} weights on radio's kernels over {frames} frames")
     return path_quality(model_dir, {"weights": weights, "kv": "full", "compile": "never", "kernels": "torch"},
                         {"weights": weights, "kv": "full", "compile": "never", "kernels": "auto"}, frames)
+
+
+def loop_quality(model_dir: str, weights: str, frames: int = 200,
+                 progress: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+    """How far radio's layer loop (float32 between the products) moves the dynamic path's logits from the compiled
+    layers (bf16 between the ops), with the same quantized ``weights`` on radio's kernels and the 8-bit cache:
+    :func:`path_quality`. (Where the loop cannot serve, both are the compiled layers.)"""
+    progress(f"quality: {weights} weights, radio's layer loop over {frames} frames")
+    return path_quality(model_dir, {"weights": weights, "kv": "8bit", "compile": "always"},
+                        {"weights": weights, "kv": "8bit", "compile": "auto"}, frames)
 
 
 def compile_quality(model_dir: str, frames: int = 200,
@@ -937,6 +953,8 @@ def format_table(report: dict[str, Any]) -> str:
         what = {"kv8": "8bit KV cache vs full", "compiled": "compiled layers vs eager"}.get(w, f"{w} weights vs bf16")
         if w.endswith("-native"):
             what = f"{w[:-7]} weights, radio's kernels vs PyTorch's"
+        if w.endswith("-loop"):
+            what = f"{w[:-5]} weights, radio's layer loop vs compiled layers"
         lines.append(f"quality    {what} over {q['frames']} frames: logits error "
                      f"{q['logits_rel_error']:.4f}, top-1 agreement {q['top1_agreement']:.3f}, "
                      f"greedy codes agreement {q['greedy_code_agreement']:.3f}")

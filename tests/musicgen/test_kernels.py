@@ -151,7 +151,7 @@ def test_quantized_weights_stay_within_a_bound_of_the_dense_model(tiny_model_dir
     dense = MusicgenModel(str(tiny_model_dir), weights="bfloat16", seed=0, compile="never")
     quant = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, compile="never", kernels=kernels)
     assert quant.weights == weights and dense.weights == "bfloat16"
-    suffix = " (radio's VNNI kernels)" if kernels == "auto" else ""
+    suffix = " (radio's VNNI kernels), radio's layer loop" if kernels == "auto" else ""
     assert quant.describe()["weights"] == weights and quant.describe()["kernels"] == f"{weights}-weight-only{suffix}"
     layers = [m for m in quant.model.decoder.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.bits == int(weights[3:]) for m in layers)

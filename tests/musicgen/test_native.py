@@ -3,6 +3,7 @@ model where they work and left where they do not."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from radio.config import Sampling
 from radio.musicgen import native
 from radio.musicgen.decoding import kv8_pack
 from radio.musicgen.model import ContinuationRequest, MusicgenModel, resolve_kv
+from radio.musicgen.native.layers import LayerStack
 from radio.musicgen.step import _attend8
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"radio's CPU kernels are off: {native.why_not()}")
@@ -179,15 +181,82 @@ def test_a_quantized_model_on_radios_kernels_steps_with_the_joined_projections(t
     from radio.musicgen import kernels
 
     greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
-    with mock.patch.object(kernels, "join_projections", return_value=0):
-        apart = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
-    models = [MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile=c) for c in ("never", "always")]
+    with mock.patch.object(LayerStack, "of", return_value=None):  # the layers one by one, not radio's loop
+        with mock.patch.object(kernels, "join_projections", return_value=0):
+            apart = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+        eager = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+    models = [eager, MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="always")]
     assert all(hasattr(layer.self_attn, "qkv_proj") for layer in models[0].model.decoder.model.decoder.layers)
     assert not hasattr(apart.model.decoder.model.decoder.layers[0].self_attn, "qkv_proj")
-    assert models[1].compile
+    assert models[1].compile and not models[1].layer_loop and not eager.layer_loop
     context = np.random.default_rng(2).integers(0, apart.vocab_size, (apart.num_codebooks, 30))
     request = ContinuationRequest(context, "slow strings", greedy, key="a")
     want = apart.continue_batch([request], 20)[0].codes
     eager, compiled = (m.continue_batch([request], 20)[0].codes for m in models)
     assert np.array_equal(eager, want)
     assert float((compiled == want).mean()) > 0.8
+
+
+@needs_native
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_the_layer_loop_computes_the_eager_layers_and_their_cache_writes(tiny_model_dir: Path, weights: str) -> None:
+    """radio's layer loop (every decoder layer of a step in one call) against the model's eager layers on the
+    same random rows, caches and prompts, one station and two: the output and each layer's key/value write agree
+    to the activations' rounding; a wrong layer norm or a wrong unconditional constant in the loop breaks it."""
+    model = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, compile="never")
+    parts = model.decode_path.parts
+    stack = parts.stack
+    assert model.layer_loop and isinstance(stack, LayerStack) and not model.compile
+    assert "radio's layer loop" in str(model.describe()["kernels"])
+    errors = [stack._probe(parts, stations) for stations in (1, 2)]
+    assert max(errors) < 0.03, errors
+    assert stack.nbytes() == sum(t.numel() * 4 for t in (*stack.norms, stack.uncond))
+
+    norms = [t.clone() for t in stack.norms]
+    norms[6] = norms[6] * 1.5  # the second layer's self-attention norm
+    assert LayerStack(**{**vars(stack), "norms": norms})._probe(parts, 1) > 0.1
+    assert not LayerStack(**{**vars(stack), "norms": norms}).works(parts)
+    skewed = stack.uncond + torch.linspace(-1, 1, stack.uncond.shape[1])  # (a constant would leave the norms as are)
+    assert LayerStack(**{**vars(stack), "uncond": skewed})._probe(parts, 2) > 0.1
+
+
+@needs_native
+def test_a_model_with_the_layer_loop_continues_as_its_layers_do_and_falls_back_when_it_fails(
+        tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """int8 weights and an 8-bit cache: the model with radio's layer loop continues a context greedily like the
+    same model stepping its layers one by one (the loop keeps the activations in float32 between the products,
+    so a few codes move); a loop that fails mid-chunk leaves the model on its layers for good, the chunk whole."""
+    from unittest import mock
+
+    from radio.musicgen.native import layers as layers_module
+
+    greedy = Sampling(temperature=0.0, top_k=250, guidance=3.0)
+    with mock.patch.object(LayerStack, "of", return_value=None):
+        apart = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+    loop = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+    assert loop.layer_loop and not apart.layer_loop
+    rng = np.random.default_rng(4)
+    requests = [ContinuationRequest(rng.integers(0, loop.vocab_size, (loop.num_codebooks, 30 + 9 * i)), prompt,
+                                    greedy, key=f"s{i}") for i, prompt in enumerate(["slow strings", "fast drums"])]
+    want = [r.codes for r in apart.continue_batch(requests, 24)]
+    got = [r.codes for r in loop.continue_batch(requests, 24)]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert float(np.mean([(g == w).mean() for g, w in zip(got, want)])) > 0.8
+
+    calls = {"n": 0}
+    real = layers_module.decode_layers
+
+    def fails_later(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("radio_cpu::decode_layers: out of memory")
+        return real(*args)  # type: ignore[arg-type]
+
+    model = MusicgenModel(str(tiny_model_dir), weights="int8", seed=0, compile="never")
+    with caplog.at_level(logging.WARNING, logger="radio.musicgen.step"):
+        with mock.patch.object(layers_module, "decode_layers", fails_later):
+            out = model.continue_batch(requests[:1], 20)[0]
+    assert calls["n"] == 4 and not model.layer_loop
+    assert "radio's layer loop failed" in caplog.text and "out of memory" in caplog.text
+    assert out.codes.shape[1] == 20 and out.pcm.size > 0 and np.isfinite(out.pcm).all()
+    assert "radio's layer loop" not in str(model.describe()["kernels"])

@@ -1,5 +1,6 @@
-"""radio's own CPU kernels (``kernels.cpp``): integer dot products for 8- and 4-bit weights, and attention over
-an 8-bit KV cache, for CPUs with AVX-512 and its VNNI instructions (Intel since Cascade Lake, AMD since Zen 4).
+"""radio's own CPU kernels (``kernels.cpp``): integer dot products for 8- and 4-bit weights, attention over an
+8-bit KV cache, and a decode step's decoder layers made of the two (:mod:`.layers`), for CPUs with AVX-512 and
+its VNNI instructions (Intel since Cascade Lake, AMD since Zen 4).
 
 Why: a decode step multiplies a couple of rows by every weight. PyTorch's CPU weight-only kernels turn each
 weight back into a float before they multiply it; on a small machine that arithmetic, not memory, sets their
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HEAD_SIZES", "attend8", "available", "fits", "linear", "pack4", "pack8", "quantize4", "quantize8", "unpack",
-           "why_not"]
+__all__ = ["HEAD_SIZES", "attend8", "available", "decode_layers", "fits", "linear", "pack4", "pack8", "quantize4",
+           "quantize8", "unpack", "why_not"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,3 +254,14 @@ def attend8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     columns, d + 4) with the additive mask ``bias`` (rows, columns): (rows, H, d) in q's dtype. Columns the mask
     holds at the dtype's minimum are not read."""
     return torch.ops.radio_cpu.attend8(q, k, v, bias, scaling)
+
+
+def decode_layers(h: torch.Tensor, norms: list[torch.Tensor], weights: list[torch.Tensor], kc: list[torch.Tensor],
+                  vc: list[torch.Tensor], xk: list[torch.Tensor], xv: list[torch.Tensor], uncond: torch.Tensor,
+                  columns: torch.Tensor, self_bias: torch.Tensor, cross_bias: torch.Tensor, heads: int, ffn: int,
+                  eps: float, scaling: float, halves: bool) -> torch.Tensor:
+    """A decode step's decoder layers in one call (:class:`.layers.LayerStack` holds the operands): rows h
+    (R, D) of one new token each -> (R, D) before the final norm; each layer's new key and value written into its
+    8-bit cache kc[i], vc[i] (R, H, columns, d + 4) at ``columns`` (R,)."""
+    return torch.ops.radio_cpu.decode_layers(h, norms, weights, kc, vc, xk, xv, uncond, columns, self_bias,
+                                             cross_bias, heads, ffn, eps, scaling, halves)

@@ -13,10 +13,12 @@
 //     made each thread follow three streams, and the step slower.)
 // attend8: one query per row over an 8-bit KV cache (decoding.kv8_pack: each token's d int8 numbers, then its
 //   float32 scale), with an additive mask; columns the mask removes are not read.
+// decode_layers: a decode step's decoder layers in one call, made of the two (native/layers.py holds its operands).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -206,23 +208,37 @@ void linear_all(const Weights& W, const Rows& r, int64_t M, T* out) {
   }
 }
 
+void check_packed(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& extra, int64_t out_features,
+                  int64_t K, int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 8 || bits == 4, "radio_cpu: 8 or 4 bits");
+  TORCH_CHECK(K % 8 == 0 && out_features % BLOCK == 0, "radio_cpu: in % 8 and out % 16 must be 0");
+  TORCH_CHECK(bits == 8 || (group % 8 == 0 && K % group == 0), "radio_cpu: group");
+  TORCH_CHECK(w.numel() == (bits == 8 ? K * out_features : out_features / BLOCK * (K / group) * (group / 8 + 1) * 64),
+              "radio_cpu: weight size");
+  TORCH_CHECK(w.is_contiguous() && scales.is_contiguous() && extra.is_contiguous(), "radio_cpu: layout");
+  TORCH_CHECK(bits == 4 ? w.scalar_type() == at::kByte
+                        : (w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
+                           scales.numel() == out_features && extra.scalar_type() == at::kInt &&
+                           extra.numel() == out_features),
+              "radio_cpu: operands as native.pack8_codes / pack4_codes make them");
+}
+
+// x (M, K) float32 times a packed weight into out (M, N) float32: the layer loop's product.
+void product(const float* x, int64_t M, const Weights& W, float* out) {
+  Rows r;
+  r.q.resize(M * W.K);
+  r.scale.resize(M);
+  quantize(x, M, W.K, r);
+  linear_all<float>(W, r, M, out);
+}
+
 at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& extra,
                   int64_t out_features, int64_t bits, int64_t group) {
   TORCH_CHECK(x_.dim() == 2, "radio_cpu::linear: x must be a (rows, in) matrix");
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16, "radio_cpu::linear: float or bf16");
   const at::Tensor x = x_.contiguous();
-  TORCH_CHECK(bits == 8 || bits == 4, "radio_cpu::linear: 8 or 4 bits");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % 8 == 0 && out_features % BLOCK == 0, "radio_cpu::linear: in % 8 and out % 16 must be 0");
-  TORCH_CHECK(bits == 8 || (group % 8 == 0 && K % group == 0), "radio_cpu::linear: group");
-  TORCH_CHECK(w.numel() == (bits == 8 ? K * out_features : out_features / BLOCK * (K / group) * (group / 8 + 1) * 64),
-              "radio_cpu::linear: weight size");
-  TORCH_CHECK(w.is_contiguous() && scales.is_contiguous() && extra.is_contiguous(), "radio_cpu::linear: layout");
-  TORCH_CHECK(bits == 4 ? w.scalar_type() == at::kByte
-                        : (w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
-                           scales.numel() == out_features && extra.scalar_type() == at::kInt &&
-                           extra.numel() == out_features),
-              "radio_cpu::linear: operands as native.pack8_codes / pack4_codes make them");
+  check_packed(w, scales, extra, out_features, K, bits, group);
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
   const Rows r = quantize_rows(x);
@@ -249,6 +265,18 @@ inline __m512 exp_neg(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
+}
+
+// p[i] = exp(p[i] - top) for n scores whose maximum is top; returns 1 / their sum (0 where n is 0).
+inline float softmax_weights(float* p, int64_t n, float top) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 rest = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, p + i), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(p + i, rest, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(rest, e));
+  }
+  return n ? 1.f / _mm512_reduce_add_ps(sum) : 0.f;
 }
 
 inline __m512 int8x16(const int8_t* p) {
@@ -283,14 +311,7 @@ void attend_pair(const float* q, float scaling, const int8_t* k, const int8_t* v
   }
   const int64_t n = static_cast<int64_t>(scores.size());
   float* p = scores.data();
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 rest = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, p + i), _mm512_set1_ps(top)));
-    _mm512_mask_storeu_ps(p + i, rest, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(rest, e));
-  }
-  const float inv = n ? 1.f / _mm512_reduce_add_ps(sum) : 0.f;
+  const float inv = softmax_weights(p, n, top);
   for (int64_t j = 0; j < n; ++j) {
     const int8_t* vt = v + static_cast<int64_t>(live[j]) * stride;
     float scale;
@@ -352,14 +373,215 @@ at::Tensor attend8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+// -- decode_layers: a decode step's decoder layers in one call ----------------------------------------------------
+// The dynamic layout's step (step.row_logits) with radio's products and an 8-bit cache: R rows of one new token
+// each through every layer, in float32 between the products (the eager step rounds to bf16 after each). Called
+// from Python once a step instead of once a layer: a compiled layer's call costs ~150 us around its C++ loops
+// (the compiler's Python wrapper and guards), ~4 ms of a 20 ms step on two cores.
+
+void layer_norm(const float* x, int64_t R, int64_t D, const float* w, const float* b, float eps, float* y) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * D;
+    float* yr = y + r * D;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t k = 0; k < D; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xr + k));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / static_cast<float>(D));
+    __m512 v = _mm512_setzero_ps();
+    for (int64_t k = 0; k < D; k += 16) {
+      const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(xr + k), mean);
+      v = _mm512_fmadd_ps(c, c, v);
+    }
+    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(v) / static_cast<float>(D) + eps));
+    for (int64_t k = 0; k < D; k += 16) {
+      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + k), mean), rstd);
+      _mm512_storeu_ps(yr + k, _mm512_fmadd_ps(c, _mm512_loadu_ps(w + k), _mm512_loadu_ps(b + k)));
+    }
+  }
+}
+
+void add_rows(float* h, const float* x, int64_t R, int64_t D, int64_t ldx) {  // h (R, D) += x (R, D; row stride ldx)
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < D; k += 16)
+      _mm512_storeu_ps(h + r * D + k, _mm512_add_ps(_mm512_loadu_ps(h + r * D + k), _mm512_loadu_ps(x + r * ldx + k)));
+}
+
+// One token of one head as decoding.kv8_pack packs it: d int8 numbers (x / scale rounded half up), then the
+// float32 scale (absolute maximum / 127).
+void kv8_write(const float* x, int64_t d, int8_t* dst) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = std::max(amax / 127.f, 1e-12f);
+  for (int64_t i = 0; i < d; ++i)
+    dst[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::floor(x[i] / scale + 0.5f))));
+  std::memcpy(dst + d, &scale, sizeof(float));
+}
+
+// One (row, head) of the cross-attention: q (d floats) over S prompt tokens k, v (T: float or bf16; token t at
+// t * stride, d contiguous numbers) with an additive mask.
+template <typename T>
+void cross_pair(const float* q, float scaling, const T* k, const T* v, int64_t stride, const float* bias, int64_t S,
+                int64_t d, std::vector<float>& scores, float* out) {
+  scores.resize(S);
+  float top = -INFINITY;
+  for (int64_t t = 0; t < S; ++t) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + t * stride + i, 0xFFFF), acc);
+    scores[t] = _mm512_reduce_add_ps(acc) * scaling + bias[t];
+    top = std::max(top, scores[t]);
+  }
+  const float inv = softmax_weights(scores.data(), S, top);
+  for (int64_t i = 0; i < d; i += 16) {
+    __m512 o = _mm512_setzero_ps();
+    for (int64_t t = 0; t < S; ++t)
+      o = _mm512_fmadd_ps(_mm512_set1_ps(scores[t] * inv), load16(v + t * stride + i, 0xFFFF), o);
+    _mm512_storeu_ps(out + i, o);
+  }
+}
+
+// Product ``index``'s packed weight (bits by its dtype; a 4-bit one's group by its width: 64 + 8 x group bytes).
+Weights packed_at(at::TensorList weights, int64_t index, int64_t K, int64_t N) {
+  const at::Tensor& w = weights[index * 3];
+  const int64_t bits = w.scalar_type() == at::kChar ? 8 : 4;
+  const int64_t group = bits == 8 ? 8 : (w.dim() == 3 ? (w.size(2) - 64) / 8 : 0);
+  check_packed(w, weights[index * 3 + 1], weights[index * 3 + 2], N, K, bits, group);
+  return Weights{w, weights[index * 3 + 1], weights[index * 3 + 2], bits, group, K, N};
+}
+
+at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::TensorList weights, at::TensorList kc,
+                         at::TensorList vc, at::TensorList xk, at::TensorList xv, const at::Tensor& uncond,
+                         const at::Tensor& columns, const at::Tensor& self_bias, const at::Tensor& cross_bias,
+                         int64_t heads, int64_t ffn, double eps, double scaling, bool halves) {
+  const int64_t L = static_cast<int64_t>(kc.size());
+  TORCH_CHECK(h_in.dim() == 2 && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kBFloat16),
+              "radio_cpu::decode_layers: h (rows, width) float or bf16");
+  const int64_t R = h_in.size(0), D = h_in.size(1), d = heads > 0 ? D / heads : 0, F = ffn;
+  const int64_t n = halves ? R / 2 : R;
+  const PairFn fn = pair_fn(d);
+  TORCH_CHECK(fn != nullptr && d * heads == D && D % 16 == 0 && F % 16 == 0 && (!halves || R % 2 == 0),
+              "radio_cpu::decode_layers: widths");
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 6 * L && static_cast<int64_t>(weights.size()) == 18 * L &&
+                  static_cast<int64_t>(vc.size()) == L && static_cast<int64_t>(xk.size()) == L &&
+                  static_cast<int64_t>(xv.size()) == L,
+              "radio_cpu::decode_layers: per layer 6 norm tensors, 6 products of 3 tensors, 4 caches");
+  for (const at::Tensor& t : norms)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == D,
+                "radio_cpu::decode_layers: norms");
+  TORCH_CHECK(uncond.scalar_type() == at::kFloat && uncond.is_contiguous() && uncond.numel() == L * D,
+              "radio_cpu::decode_layers: uncond (layers, width) float");
+  TORCH_CHECK(columns.scalar_type() == at::kLong && columns.is_contiguous() && columns.numel() == R,
+              "radio_cpu::decode_layers: columns (rows,) int64");
+  const int64_t W = L ? kc[0].size(2) : 0;
+  TORCH_CHECK(self_bias.scalar_type() == at::kFloat && self_bias.is_contiguous() && self_bias.dim() == 2 &&
+                  self_bias.size(0) == R && self_bias.size(1) == W,
+              "radio_cpu::decode_layers: self_bias (rows, columns) float");
+  const int64_t S = L ? xk[0].size(2) : 0;
+  TORCH_CHECK(cross_bias.scalar_type() == at::kFloat && cross_bias.is_contiguous() && cross_bias.dim() == 2 &&
+                  cross_bias.size(0) == n && cross_bias.size(1) == S,
+              "radio_cpu::decode_layers: cross_bias (conditional rows, prompt) float");
+  const int64_t* col = columns.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(col[r] >= 0 && col[r] < W, "radio_cpu::decode_layers: column");
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor &k = kc[i], &v = vc[i];
+    TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kChar && v.sizes() == k.sizes() && v.strides() == k.strides() &&
+                    k.size(0) == R && k.size(1) == heads && k.size(2) == W && k.size(3) == d + 4 &&
+                    k.stride(3) == 1 && k.stride(2) == d + 4,
+                "radio_cpu::decode_layers: 8-bit caches (rows, heads, columns, head size + 4) alike");
+    const at::Tensor &a = xk[i], &b = xv[i];
+    TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.strides() == b.strides() && a.size(0) == n &&
+                    a.size(1) == heads && a.size(2) == S && a.size(3) == d && a.stride(3) == 1 &&
+                    a.scalar_type() == b.scalar_type() &&
+                    (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+                "radio_cpu::decode_layers: prompt keys and values (conditional rows, heads, prompt, head size)");
+  }
+  std::vector<Weights> W6;
+  W6.reserve(6 * L);
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t shapes[6][2] = {{D, 3 * D}, {D, D}, {D, D}, {D, D}, {D, F}, {F, D}};  // (in, out)
+    for (int64_t j = 0; j < 6; ++j) W6.push_back(packed_at(weights, i * 6 + j, shapes[j][0], shapes[j][1]));
+  }
+
+  const auto opts = h_in.options().dtype(at::kFloat);
+  at::Tensor h = h_in.to(at::kFloat).contiguous().clone();
+  at::Tensor y = at::empty({R, D}, opts), qkv = at::empty({R, 3 * D}, opts), a = at::empty({R, D}, opts);
+  at::Tensor o = at::empty({R, D}, opts), f = at::empty({R, F}, opts);
+  float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *ap = a.data_ptr<float>();
+  float *op = o.data_ptr<float>(), *fp = f.data_ptr<float>();
+  const float* sb = self_bias.data_ptr<float>();
+  const float* cb = cross_bias.data_ptr<float>();
+  const float s = static_cast<float>(scaling), e = static_cast<float>(eps);
+  for (int64_t i = 0; i < L; ++i) {
+    const float* ln[6];
+    for (int j = 0; j < 6; ++j) ln[j] = norms[i * 6 + j].data_ptr<float>();
+    const Weights* P = W6.data() + i * 6;
+    // self-attention: the new key and value into the cache, then the row's columns the mask leaves
+    layer_norm(hp, R, D, ln[0], ln[1], e, yp);
+    product(yp, R, P[0], qp);
+    int8_t* kp = kc[i].data_ptr<int8_t>();
+    int8_t* vp = vc[i].data_ptr<int8_t>();
+    const int64_t s0 = kc[i].stride(0), s1 = kc[i].stride(1);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        const int64_t at_ = r * s0 + hh * s1 + col[r] * (d + 4);
+        kv8_write(qp + r * 3 * D + D + hh * d, d, kp + at_);
+        kv8_write(qp + r * 3 * D + 2 * D + hh * d, d, vp + at_);
+      }
+    at::parallel_for(0, R * heads, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> scores;
+      std::vector<int32_t> live;
+      scores.reserve(W);
+      live.reserve(W);
+      for (int64_t pair = p0; pair < p1; ++pair) {
+        const int64_t r = pair / heads, hh = pair % heads;
+        fn(qp + r * 3 * D + hh * d, s, kp + r * s0 + hh * s1, vp + r * s0 + hh * s1, d + 4, sb + r * W, W, scores,
+           live, ap + r * D + hh * d);
+      }
+    });
+    product(ap, R, P[1], op);
+    add_rows(hp, op, R, D, D);
+    // cross-attention: the conditional rows over their prompts; the unconditional rows add the layer's constant
+    layer_norm(hp, R, D, ln[2], ln[3], e, yp);
+    product(yp, n, P[2], op);
+    const at::Tensor &xki = xk[i], &xvi = xv[i];
+    const int64_t c0 = xki.stride(0), c1 = xki.stride(1), c2 = xki.stride(2);
+    const bool bf = xki.scalar_type() == at::kBFloat16;
+    at::parallel_for(0, n * heads, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> scores;
+      for (int64_t pair = p0; pair < p1; ++pair) {
+        const int64_t r = pair / heads, hh = pair % heads, base = r * c0 + hh * c1;
+        if (bf)
+          cross_pair(op + r * D + hh * d, s, xki.data_ptr<c10::BFloat16>() + base,
+                     xvi.data_ptr<c10::BFloat16>() + base, c2, cb + r * S, S, d, scores, ap + r * D + hh * d);
+        else
+          cross_pair(op + r * D + hh * d, s, xki.data_ptr<float>() + base, xvi.data_ptr<float>() + base, c2,
+                     cb + r * S, S, d, scores, ap + r * D + hh * d);
+      }
+    });
+    product(ap, n, P[3], op);
+    add_rows(hp, op, n, D, D);
+    if (halves) add_rows(hp + n * D, uncond.data_ptr<float>() + i * D, R - n, D, 0);
+    // feed-forward
+    layer_norm(hp, R, D, ln[4], ln[5], e, yp);
+    product(yp, R, P[4], fp);
+    at::gelu_(f);
+    product(fp, R, P[5], op);
+    add_rows(hp, op, R, D, D);
+  }
+  return h_in.scalar_type() == at::kFloat ? h : h.to(h_in.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(radio_cpu, m) {
   m.def("linear(Tensor x, Tensor w, Tensor scales, Tensor extra, int out_features, int bits, int group) -> Tensor");
   m.def("attend8(Tensor q, Tensor k, Tensor v, Tensor bias, float scaling) -> Tensor");
+  m.def("decode_layers(Tensor h, Tensor[] norms, Tensor[] weights, Tensor(a!)[] kc, Tensor(b!)[] vc, Tensor[] xk, "
+        "Tensor[] xv, Tensor uncond, Tensor columns, Tensor self_bias, Tensor cross_bias, int heads, int ffn, "
+        "float eps, float scaling, bool halves) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(radio_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("attend8", &attend8);
+  m.impl("decode_layers", &decode_layers);
 }
