@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU kernels of quantized weights and an 8-bit cache, e.g. torch,auto to measure PyTorch's "
                             "and radio's (default auto)")
     bench.add_argument("--compile", default="auto",
-                       help="the CPU step's layer compiled, e.g. always,never to measure both (default auto)")
+                       help="the CPU step's layer compiled, e.g. always,never to measure both (default auto); "
+                            "with --quality, auto,always also measures radio's layer loop against the compiled layers")
     bench.add_argument("--scenarios", default="prototype,generate,ours")
     bench.add_argument("--context-seconds", type=float, default=10.0,
                        help="engine context kept per station; the window is 3x this (default 10 -> 30 s)")

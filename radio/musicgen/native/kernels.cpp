@@ -33,6 +33,14 @@ namespace {
 
 constexpr int64_t BLOCK = 16;  // output channels per block
 constexpr int MAX_ROWS = 8;    // rows per pass over the weights (one accumulator per row)
+// Software prefetch, this far ahead of the loads: the weights' stream (bytes) and the cache's columns. Without it
+// the products and the attention read at 20-27 GB/s (int4 at six rows: 10), with it at 30-38, of the ~34 GB/s a
+// plain sum reads on a 2-core AMD EPYC VM (2026-12-02; the hardware prefetcher alone falls behind there).
+constexpr int64_t AHEAD_BYTES = 4096;
+constexpr int64_t AHEAD_COLUMNS = 64;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 
 struct Rows {                // the activations, quantized per row
   std::vector<int8_t> q;     // (M, K): round(x / scale), in [-127, 127]
@@ -104,6 +112,7 @@ void int8_block(const int8_t* w, int64_t K, const uint8_t* xu, const float* sx, 
   }
 #pragma GCC unroll 4
   for (int64_t j = 0; j < K / 4; ++j) {
+    prefetch(w + j * 64 + AHEAD_BYTES);
     const __m512i wv = _mm512_loadu_si512(w + j * 64);
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(x32[m][j]), wv);
   }
@@ -134,6 +143,7 @@ void int4_block(const uint8_t* w, int64_t K, int64_t group, const int8_t* xq, co
     const int64_t j0 = g * per_group * 2;
 #pragma GCC unroll 4
     for (int64_t j = 0; j < per_group; ++j) {
+      prefetch(wg + j * 64 + AHEAD_BYTES);
       const __m512i v = _mm512_loadu_si512(wg + j * 64);
       const __m512i lo = _mm512_and_si512(v, nib);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
@@ -300,6 +310,7 @@ void attend_pair(const float* q, float scaling, const int8_t* k, const int8_t* v
   for (int64_t t = 0; t < W; ++t) {
     if (bias[t] < -6e4f) continue;  // masked (the mask holds its dtype's minimum): the softmax gives it nothing
     const int8_t* kt = k + t * stride;
+    prefetch(kt + AHEAD_COLUMNS * stride);  // past the row's last column: the next (row, head)'s, or nothing
     __m512 acc = _mm512_mul_ps(qv[0], int8x16(kt));
     for (int i = 1; i < NV; ++i) acc = _mm512_fmadd_ps(qv[i], int8x16(kt + 16 * i), acc);
     float scale;
@@ -314,6 +325,7 @@ void attend_pair(const float* q, float scaling, const int8_t* k, const int8_t* v
   const float inv = softmax_weights(p, n, top);
   for (int64_t j = 0; j < n; ++j) {
     const int8_t* vt = v + static_cast<int64_t>(live[j]) * stride;
+    if (j + AHEAD_COLUMNS < n) prefetch(v + static_cast<int64_t>(live[j + AHEAD_COLUMNS]) * stride);
     float scale;
     std::memcpy(&scale, vt + D, sizeof(float));
     const __m512 w = _mm512_set1_ps(p[j] * inv * scale);
