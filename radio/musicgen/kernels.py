@@ -150,9 +150,11 @@ def accelerate(module: nn.Module, device: str, dtype: torch.dtype) -> bool:
 # ``_weight_int4pack_mm_for_cpu``: int4 in groups, packed once by ``_convert_weight_to_int4pack_for_cpu``) take bf16
 # activations. Measured on a 2-core Zen 4 over 48 layers of 1024x4096 (out of cache), 2 rows: bf16 packed 225 us a
 # layer, int8 151 us, int4 87 us.
-# Layers called with more rows than this (prefills) multiply a dense copy of their weight made for the call: the
-# GEMM is arithmetic-bound there, where the weight-only kernels are slow (2-core Zen 4, a 4096x1024 layer at 1000
-# rows: int4 kernel 29-35 ms, dequantize ~3 ms + bf16 GEMM ~11 ms).
+# Layers on PyTorch's kernels called with more rows than this (prefills) multiply a dense copy of their weight made
+# for the call: the GEMM is arithmetic-bound there, where those weight-only kernels are slow (2-core Zen 4, a
+# 4096x1024 layer at 1000 rows: int4 kernel 29-35 ms, dequantize ~3 ms + bf16 GEMM ~11 ms). radio's kernel takes
+# a prefill's rows itself, in tiles that stay in cache (the same layer: 10.6 ms int8, 9.9 int4, against 10.8 for
+# the bf16 GEMM alone; a 10 s reset of musicgen-small int8 1.77 -> 1.50 s, 2-core AMD EPYC, 2026-12-02).
 DEQUANTIZE_ROWS = {8: 64, 4: 128}
 INT4_BLOCK = 64  # the CPU int4 packing's block of output channels (see _int4_unpack)
 INT4_GROUPS = (64, 32)  # inputs per int4 scale: 64 where the layer's width allows, else 32
@@ -250,10 +252,10 @@ class QuantLinear(nn.Module):
         rows = flat.shape[0]
         if rows > EXACT_ROWS or not flat.is_contiguous():
             flat, rows = padded_rows(flat, self.in_features)
-        if flat.shape[0] > DEQUANTIZE_ROWS[self.bits] and self.unpackable:
-            y = torch.nn.functional.linear(flat, self.dense().to(flat.dtype))  # a prefill: see DEQUANTIZE_ROWS
-        elif self.extra is not None:
+        if self.extra is not None:  # radio's kernel, a step's rows or a prefill's (it tiles many rows)
             y = native.linear(flat, (self.weight, self.scales, self.extra), self.out_features, self.bits, self.group)
+        elif flat.shape[0] > DEQUANTIZE_ROWS[self.bits] and self.unpackable:
+            y = torch.nn.functional.linear(flat, self.dense().to(flat.dtype))  # a prefill: see DEQUANTIZE_ROWS
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         else:

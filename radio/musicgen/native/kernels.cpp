@@ -169,51 +169,83 @@ struct Weights {
   int64_t bits, group, K, N;
 };
 
-template <typename T, int MR>
-void linear_rows(const Weights& W, const Rows& r, int64_t m0, T* out) {
-  const int64_t K = W.K, N = W.N, NB = N / BLOCK;
-  if (W.bits == 8) {
-    std::vector<uint8_t> xu(MR * K);
-    for (int64_t i = 0; i < MR * K; ++i) xu[i] = static_cast<uint8_t>(r.q[m0 * K + i] + 128);
-    const int8_t* wp = W.w.data_ptr<int8_t>();
-    const float* sw = W.scales.data_ptr<float>();
-    const int32_t* ws = W.extra.data_ptr<int32_t>();
-    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        int8_block<MR, T>(wp + b * BLOCK * K, K, xu.data(), r.scale.data() + m0, sw + b * BLOCK, ws + b * BLOCK,
-                          out + m0 * N + b * BLOCK, N);
-    });
-  } else {
-    const int64_t groups = K / W.group;
-    std::vector<float> xsum(MR * groups);
-    for (int m = 0; m < MR; ++m)
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t sum = 0;
-        for (int64_t k = g * W.group; k < (g + 1) * W.group; ++k) sum += r.q[(m0 + m) * K + k];
-        xsum[m * groups + g] = static_cast<float>(sum);
-      }
-    const uint8_t* wp = W.w.data_ptr<uint8_t>();
-    const int64_t block_bytes = groups * (W.group / 8 + 1) * 64;
-    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        int4_block<MR, T>(wp + b * block_bytes, K, W.group, r.q.data() + m0 * K, r.scale.data() + m0,
-                          xsum.data(), out + m0 * N + b * BLOCK, N);
-    });
+template <typename T>
+using Int8Block = void (*)(const int8_t*, int64_t, const uint8_t*, const float*, const float*, const int32_t*, T*,
+                           int64_t);
+template <typename T>
+using Int4Block = void (*)(const uint8_t*, int64_t, int64_t, const int8_t*, const float*, const float*, T*, int64_t);
+
+template <typename T>
+Int8Block<T> int8_rows(int64_t rows) {  // the 8-bit block for 1..MAX_ROWS rows
+  switch (rows) {
+    case 1: return int8_block<1, T>;
+    case 2: return int8_block<2, T>;
+    case 3: return int8_block<3, T>;
+    case 4: return int8_block<4, T>;
+    case 5: return int8_block<5, T>;
+    case 6: return int8_block<6, T>;
+    case 7: return int8_block<7, T>;
+    default: return int8_block<8, T>;
   }
 }
 
 template <typename T>
+Int4Block<T> int4_rows(int64_t rows) {
+  switch (rows) {
+    case 1: return int4_block<1, T>;
+    case 2: return int4_block<2, T>;
+    case 3: return int4_block<3, T>;
+    case 4: return int4_block<4, T>;
+    case 5: return int4_block<5, T>;
+    case 6: return int4_block<6, T>;
+    case 7: return int4_block<7, T>;
+    default: return int4_block<8, T>;
+  }
+}
+
+// Rows of activations per tile: a tile's quantized rows (~256 KB) stay in a core's cache while each block of
+// weights passes over all of them, 8 rows at a time (a prefill's hundreds of rows read the weights once a tile,
+// not once per 8 rows; a decode step's few rows are one tile).
+constexpr int64_t TILE_BYTES = 256 * 1024;
+
+template <typename T>
 void linear_all(const Weights& W, const Rows& r, int64_t M, T* out) {
-  for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-    switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
-      case 1: linear_rows<T, 1>(W, r, m0, out); break;
-      case 2: linear_rows<T, 2>(W, r, m0, out); break;
-      case 3: linear_rows<T, 3>(W, r, m0, out); break;
-      case 4: linear_rows<T, 4>(W, r, m0, out); break;
-      case 5: linear_rows<T, 5>(W, r, m0, out); break;
-      case 6: linear_rows<T, 6>(W, r, m0, out); break;
-      case 7: linear_rows<T, 7>(W, r, m0, out); break;
-      default: linear_rows<T, 8>(W, r, m0, out); break;
+  const int64_t K = W.K, N = W.N, NB = N / BLOCK;
+  const int64_t tile = std::max<int64_t>(MAX_ROWS, TILE_BYTES / K / MAX_ROWS * MAX_ROWS);
+  if (W.bits == 8) {
+    std::vector<uint8_t> xu(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(r.q[i] + 128);
+    const int8_t* wp = W.w.data_ptr<int8_t>();
+    const float* sw = W.scales.data_ptr<float>();
+    const int32_t* ws = W.extra.data_ptr<int32_t>();
+    for (int64_t t0 = 0; t0 < M; t0 += tile) {
+      const int64_t t1 = std::min(M, t0 + tile);
+      at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t m0 = t0; m0 < t1; m0 += MAX_ROWS)
+            int8_rows<T>(t1 - m0)(wp + b * BLOCK * K, K, xu.data() + m0 * K, r.scale.data() + m0, sw + b * BLOCK,
+                                  ws + b * BLOCK, out + m0 * N + b * BLOCK, N);
+      });
+    }
+  } else {
+    const int64_t groups = K / W.group;
+    std::vector<float> xsum(M * groups);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * W.group; k < (g + 1) * W.group; ++k) sum += r.q[m * K + k];
+        xsum[m * groups + g] = static_cast<float>(sum);
+      }
+    const uint8_t* wp = W.w.data_ptr<uint8_t>();
+    const int64_t block_bytes = groups * (W.group / 8 + 1) * 64;
+    for (int64_t t0 = 0; t0 < M; t0 += tile) {
+      const int64_t t1 = std::min(M, t0 + tile);
+      at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t m0 = t0; m0 < t1; m0 += MAX_ROWS)
+            int4_rows<T>(t1 - m0)(wp + b * block_bytes, K, W.group, r.q.data() + m0 * K, r.scale.data() + m0,
+                                  xsum.data() + m0 * groups, out + m0 * N + b * BLOCK, N);
+      });
     }
   }
 }
