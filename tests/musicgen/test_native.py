@@ -203,9 +203,10 @@ def test_a_quantized_model_on_radios_kernels_steps_with_the_joined_projections(t
 @needs_native
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_the_layer_loop_computes_the_eager_layers_and_their_cache_writes(tiny_model_dir: Path, weights: str) -> None:
-    """radio's layer loop (every decoder layer of a step in one call) against the model's eager layers on the
-    same random rows, caches and prompts, one station and two: the output and each layer's key/value write agree
-    to the activations' rounding; a wrong layer norm or a wrong unconditional constant in the loop breaks it."""
+    """radio's layer loop (every decoder layer of a step in one call) against the model's eager layers, each
+    layer on the same random rows, caches and prompts, one station and two: its output and key/value write agree
+    to the activations' rounding; a wrong layer norm or a wrong unconditional constant in the loop breaks it; and
+    the whole loop in one call gives the layers one after another."""
     model = MusicgenModel(str(tiny_model_dir), weights=weights, seed=0, compile="never")
     parts = model.decode_path.parts
     stack = parts.stack
@@ -221,6 +222,24 @@ def test_the_layer_loop_computes_the_eager_layers_and_their_cache_writes(tiny_mo
     assert not LayerStack(**{**vars(stack), "norms": norms}).works(parts)
     skewed = stack.uncond + torch.linspace(-1, 1, stack.uncond.shape[1])  # (a constant would leave the norms as are)
     assert LayerStack(**{**vars(stack), "uncond": skewed})._probe(parts, 2) > 0.1
+
+    gen = torch.Generator().manual_seed(9)
+    H, d, rows, W, S = parts.num_heads, parts.head_dim, 4, 20, 5
+    with torch.inference_mode():
+        h = torch.randn(rows, H * d, generator=gen)  # float32: the loop's own rows between its layers
+        kv = [(kv8_pack(torch.randn(rows, H, W, d, generator=gen)), kv8_pack(torch.randn(rows, H, W, d, generator=gen)))
+              for _ in parts.layers]
+        xk = [torch.randn(2, H, S, d, generator=gen).to(torch.bfloat16) for _ in parts.layers]
+        xv = [torch.randn(2, H, S, d, generator=gen).to(torch.bfloat16) for _ in parts.layers]
+        columns, bias, cross = torch.full((rows,), 7), torch.zeros(rows, W), torch.zeros(2, S)
+        bias[:, 8:] = torch.finfo(torch.float32).min
+        one_by_one = [(k.clone(), v.clone()) for k, v in kv]
+        y = h
+        for i in range(len(parts.layers)):
+            y = stack.layer(i)(y, one_by_one[i:i + 1], xk[i:i + 1], xv[i:i + 1], columns, bias, cross, True)
+        whole = stack(h, kv, xk, xv, columns, bias, cross, True)
+    assert torch.equal(whole, y)
+    assert all(torch.equal(a, b) for pair, other in zip(kv, one_by_one) for a, b in zip(pair, other))
 
 
 @needs_native
