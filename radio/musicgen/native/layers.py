@@ -64,9 +64,6 @@ class LayerStack:
             return None
         norms: list[torch.Tensor] = []
         weights: list[torch.Tensor] = []
-        first = getattr(layers[0].self_attn, "qkv_proj", None)
-        if not isinstance(first, QuantLinear):
-            return None
         eps = float(layers[0].self_attn_layer_norm.eps)
         for layer in layers:
             for owner, name in PRODUCTS:
