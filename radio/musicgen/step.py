@@ -216,7 +216,7 @@ def row_logits(parts: DecoderParts, kv: list[tuple[torch.Tensor, torch.Tensor]],
                           cfg)
             return logits_of(parts, parts.final_norm(h_all))
         except RuntimeError as exc:  # the layers below write the step's keys and values again
-            stack.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            stack.failed = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
             logger.warning("radio's layer loop failed (%s); this model runs its layers one by one from now on",
                            stack.failed)
     self_bias = torch.where(live, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]

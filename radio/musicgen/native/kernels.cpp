@@ -366,6 +366,15 @@ void attend_pair(const float* q, float scaling, const int8_t* k, const int8_t* v
   for (int i = 0; i < NV; ++i) _mm512_storeu_ps(out + 16 * i, o[i]);
 }
 
+// An 8-bit key and value cache as attend_pair reads it: int8 (rows, heads, columns, head size + 4), each column's
+// numbers and scale contiguous, the two alike.
+void check_cache8(const at::Tensor& k, const at::Tensor& v, int64_t R, int64_t H, int64_t W, int64_t d) {
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kChar && v.sizes() == k.sizes() && v.strides() == k.strides() &&
+                  k.size(0) == R && k.size(1) == H && k.size(2) == W && k.size(3) == d + 4 && k.stride(3) == 1 &&
+                  k.stride(2) == d + 4,
+              "radio_cpu: 8-bit caches (rows, heads, columns, head size + 4) alike, each column contiguous");
+}
+
 using PairFn = void (*)(const float*, float, const int8_t*, const int8_t*, int64_t, const float*, int64_t,
                         std::vector<float>&, std::vector<int32_t>&, float*);
 
@@ -389,10 +398,7 @@ at::Tensor attend8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), W = k.size(2);
   const PairFn fn = pair_fn(D);
   TORCH_CHECK(fn != nullptr, "radio_cpu::attend8: head sizes 16, 32, ... 128");
-  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kChar && v.sizes() == k.sizes() && v.strides() == k.strides(),
-              "radio_cpu::attend8: int8 caches (rows, heads, columns, head size + 4) alike");
-  TORCH_CHECK(k.size(0) == R && k.size(1) == H && k.size(3) == D + 4 && k.stride(3) == 1 && k.stride(2) == D + 4,
-              "radio_cpu::attend8: cache layout");
+  check_cache8(k, v, R, H, W, D);
   TORCH_CHECK(bias.dim() == 2 && bias.size(0) == R && bias.size(1) == W, "radio_cpu::attend8: bias (rows, columns)");
   const at::Tensor bf = bias.to(at::kFloat).contiguous();
   const at::Tensor qf = q.to(at::kFloat).contiguous();
@@ -526,11 +532,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
   const int64_t* col = columns.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(col[r] >= 0 && col[r] < W, "radio_cpu::decode_layers: column");
   for (int64_t i = 0; i < L; ++i) {
-    const at::Tensor &k = kc[i], &v = vc[i];
-    TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kChar && v.sizes() == k.sizes() && v.strides() == k.strides() &&
-                    k.size(0) == R && k.size(1) == heads && k.size(2) == W && k.size(3) == d + 4 &&
-                    k.stride(3) == 1 && k.stride(2) == d + 4,
-                "radio_cpu::decode_layers: 8-bit caches (rows, heads, columns, head size + 4) alike");
+    check_cache8(kc[i], vc[i], R, heads, W, d);
     const at::Tensor &a = xk[i], &b = xv[i];
     TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.strides() == b.strides() && a.size(0) == n &&
                     a.size(1) == heads && a.size(2) == S && a.size(3) == d && a.stride(3) == 1 &&
@@ -546,7 +548,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList norms, at::Tenso
   }
 
   const auto opts = h_in.options().dtype(at::kFloat);
-  at::Tensor h = h_in.to(at::kFloat).contiguous().clone();
+  at::Tensor h = h_in.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // the loop's own rows
   at::Tensor y = at::empty({R, D}, opts), qkv = at::empty({R, 3 * D}, opts), a = at::empty({R, D}, opts);
   at::Tensor o = at::empty({R, D}, opts), f = at::empty({R, F}, opts);
   float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *ap = a.data_ptr<float>();

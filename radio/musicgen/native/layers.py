@@ -112,7 +112,8 @@ class LayerStack:
         try:
             error = max(self._probe(parts, stations) for stations in (1, 2))
         except Exception as exc:  # noqa: BLE001 - an op that refuses its inputs: the layers it would have had
-            logger.warning("radio's layer loop is off: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:300])
+            logger.warning("radio's layer loop is off: %s: %s", type(exc).__name__,
+                           (str(exc).strip().splitlines() or [""])[0][:300])
             return False
         if not error < 0.05:
             logger.warning("radio's layer loop is off: it disagrees with the eager layers (relative error %.3g on "
